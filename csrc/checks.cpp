@@ -1,0 +1,158 @@
+// Argument parsing, input checks and pixel layouts shared by the CPU and CUDA ops.
+#include <c10/util/SmallVector.h>
+
+#include <cmath>
+
+#include "discloss.h"
+
+namespace discloss {
+
+LossConfig make_config(int64_t max_instances, double delta_v, double delta_d, int64_t norm, double alpha,
+                       double beta, double gamma, std::optional<int64_t> ignore_index,
+                       c10::string_view normalization, c10::string_view reduction) {
+  TORCH_CHECK(max_instances >= 1, "max_instances: expected an integer >= 1, got ", max_instances);
+  TORCH_CHECK(norm == 1 || norm == 2, "norm: expected 1 or 2, got ", norm);
+  TORCH_CHECK(std::isfinite(delta_v) && delta_v >= 0, "delta_v: expected a finite value >= 0, got ", delta_v);
+  TORCH_CHECK(std::isfinite(delta_d) && delta_d >= 0, "delta_d: expected a finite value >= 0, got ", delta_d);
+  TORCH_CHECK(std::isfinite(alpha) && std::isfinite(beta) && std::isfinite(gamma),
+              "alpha, beta, gamma: expected finite weights, got ", alpha, ", ", beta, ", ", gamma);
+  LossConfig c{};
+  c.num_slots = max_instances;
+  c.delta_v = delta_v;
+  c.delta_d = delta_d;
+  c.norm = static_cast<int>(norm);
+  c.alpha = alpha;
+  c.beta = beta;
+  c.gamma = gamma;
+  c.has_ignore = ignore_index.has_value();
+  c.ignore_index = ignore_index.value_or(0);
+  if (normalization == "paper") {
+    c.normalization = Normalization::Paper;
+  } else if (normalization == "chainer") {
+    c.normalization = Normalization::Chainer;
+  } else {
+    TORCH_CHECK(false, "normalization: expected 'paper' or 'chainer', got '", std::string(normalization), "'");
+  }
+  if (reduction == "mean") {
+    c.reduction = Reduction::Mean;
+  } else if (reduction == "sum") {
+    c.reduction = Reduction::Sum;
+  } else if (reduction == "none") {
+    c.reduction = Reduction::None;
+  } else {
+    TORCH_CHECK(false, "reduction: expected 'mean', 'sum' or 'none', got '", std::string(reduction), "'");
+  }
+  TORCH_CHECK(c.normalization == Normalization::Paper || c.reduction == Reduction::Mean,
+              "reduction: the chainer normalization returns batch-level terms; expected 'mean', got '",
+              std::string(reduction), "'");
+  return c;
+}
+
+static bool is_label_type(at::ScalarType t) {
+  return t == at::kByte || t == at::kChar || t == at::kShort || t == at::kInt || t == at::kLong;
+}
+
+void check_forward_inputs(const at::Tensor& embeddings, const at::Tensor& labels, const LossConfig& c) {
+  (void)c;
+  const auto t = embeddings.scalar_type();
+  TORCH_CHECK(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble,
+              "embeddings: expected float16, bfloat16, float32 or float64, got ", t);
+  TORCH_CHECK(embeddings.dim() >= 3,
+              "embeddings: expected shape (B, E, *spatial) with at least one spatial dim, got ", embeddings.sizes());
+  TORCH_CHECK(embeddings.size(1) >= 1, "embeddings: expected an embedding dim E >= 1, got shape ",
+              embeddings.sizes());
+  TORCH_CHECK(is_label_type(labels.scalar_type()), "labels: expected uint8, int8, int16, int32 or int64, got ",
+              labels.scalar_type());
+  TORCH_CHECK(labels.dim() == embeddings.dim() - 1 && labels.size(0) == embeddings.size(0) &&
+                  labels.sizes().slice(1) == embeddings.sizes().slice(2),
+              "labels: expected shape (B, *spatial) = ", embeddings.size(0), " x ", embeddings.sizes().slice(2),
+              " to match embeddings ", embeddings.sizes(), ", got ", labels.sizes());
+  TORCH_CHECK(labels.device() == embeddings.device(), "labels: expected the device of embeddings (",
+              embeddings.device(), "), got ", labels.device());
+}
+
+void check_backward_inputs(const at::Tensor& grad_var, const at::Tensor& grad_dist, const at::Tensor& grad_reg,
+                           const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& means,
+                           const at::Tensor& counts, const at::Tensor& hinge_grad_sums, const LossConfig& c) {
+  check_forward_inputs(embeddings, labels, c);
+  const int64_t B = embeddings.size(0), E = embeddings.size(1), K = c.num_slots;
+  const auto acc = accumulate_type(embeddings.scalar_type());
+  TORCH_CHECK(means.sizes() == at::IntArrayRef({B, K, E}) && means.scalar_type() == acc,
+              "means: expected ", acc, " of shape (", B, ", ", K, ", ", E, "), got ", means.scalar_type(), " ",
+              means.sizes());
+  TORCH_CHECK(hinge_grad_sums.sizes() == means.sizes() && hinge_grad_sums.scalar_type() == acc,
+              "hinge_grad_sums: expected ", acc, " of shape ", means.sizes(), ", got ", hinge_grad_sums.scalar_type(),
+              " ", hinge_grad_sums.sizes());
+  TORCH_CHECK(counts.sizes() == at::IntArrayRef({B, K}) && counts.scalar_type() == at::kLong,
+              "counts: expected int64 of shape (", B, ", ", K, "), got ", counts.scalar_type(), " ", counts.sizes());
+  const auto shape = term_shape(c, B);
+  const std::pair<const char*, const at::Tensor*> grads[] = {
+      {"grad_var", &grad_var}, {"grad_dist", &grad_dist}, {"grad_reg", &grad_reg}};
+  for (const auto& g : grads) {
+    TORCH_CHECK(g.second->sizes() == at::IntArrayRef(shape), g.first, ": expected shape ", at::IntArrayRef(shape),
+                ", got ", g.second->sizes());
+    TORCH_CHECK(g.second->is_floating_point(), g.first, ": expected a floating point tensor, got ",
+                g.second->scalar_type());
+  }
+  for (const at::Tensor* t : {&means, &counts, &hinge_grad_sums, &grad_var, &grad_dist, &grad_reg}) {
+    TORCH_CHECK(t->device() == embeddings.device(), "backward: every tensor must be on ", embeddings.device(),
+                ", got one on ", t->device());
+  }
+}
+
+at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::vector<int64_t> term_shape(const LossConfig& c, int64_t batch) {
+  if (c.reduction == Reduction::None) return {batch};
+  return {};
+}
+
+namespace {
+struct Dim {
+  int64_t size, x, label, grad;
+};
+}  // namespace
+
+bool make_pixel_layout(const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor* grad,
+                       PixelLayout* L) {
+  *L = PixelLayout{};
+  L->batch = embeddings.size(0);
+  L->embed_dim = embeddings.size(1);
+  L->x_batch_stride = embeddings.stride(0);
+  L->x_embed_stride = embeddings.stride(1);
+  L->label_batch_stride = labels.stride(0);
+  L->grad_batch_stride = grad ? grad->stride(0) : 0;
+  L->grad_embed_stride = grad ? grad->stride(1) : 0;
+  L->num_pixels = 1;
+  for (int64_t d = 2; d < embeddings.dim(); ++d) L->num_pixels *= embeddings.size(d);
+
+  c10::SmallVector<Dim, kMaxSpatialDims> dims;
+  if (L->num_pixels > 0) {
+    for (int64_t d = 2; d < embeddings.dim(); ++d) {
+      if (embeddings.size(d) == 1) continue;
+      Dim cur{embeddings.size(d), embeddings.stride(d), labels.stride(d - 1), grad ? grad->stride(d) : 0};
+      // Merge into the previous (outer) dim when stepping over the outer dim
+      // is the same as stepping over the whole inner dim, for every operand.
+      if (!dims.empty()) {
+        Dim& outer = dims.back();
+        if (outer.x == cur.x * cur.size && outer.label == cur.label * cur.size && outer.grad == cur.grad * cur.size) {
+          outer = Dim{outer.size * cur.size, cur.x, cur.label, cur.grad};
+          continue;
+        }
+      }
+      dims.push_back(cur);
+    }
+  }
+  if (dims.empty()) dims.push_back(Dim{L->num_pixels, 1, 1, 1});  // one pixel, or none
+  if (dims.size() > static_cast<size_t>(kMaxSpatialDims)) return false;
+  L->ndim = static_cast<int>(dims.size());
+  for (int d = 0; d < L->ndim; ++d) {
+    L->sizes[d] = dims[d].size;
+    L->x_strides[d] = dims[d].x;
+    L->label_strides[d] = dims[d].label;
+    L->grad_strides[d] = dims[d].grad;
+  }
+  return true;
+}
+
+}  // namespace discloss

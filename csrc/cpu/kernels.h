@@ -1,0 +1,341 @@
+// The three streaming passes of DESIGN §3 over a chunk of pixels of one image,
+// on raw pointers. This header is compiled twice (kernels_default.cpp,
+// kernels_avx2.cpp) with different instruction sets, each copy in its own
+// namespace, and loss.cpp picks one at run time. It must therefore not pull in
+// torch headers (their inline functions would be compiled for AVX2 in one copy
+// and could be picked by the linker for the other).
+//
+// Pixels are processed in segments of at most kTile pixels that are contiguous
+// along the innermost spatial dim; within a segment, runs of equal labels are
+// processed together (labels are spatially coherent), so the inner loops run
+// over contiguous pixels with one mean held in a register and vectorize.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "../layout.h"
+#include "../math.h"
+#include "kernel_table.h"
+
+#ifndef DISCLOSS_CPU_ISA
+#error "define DISCLOSS_CPU_ISA to the namespace of this instruction set"
+#endif
+
+namespace discloss {
+namespace cpu {
+namespace DISCLOSS_CPU_ISA {
+
+constexpr int64_t kTile = 256;
+
+// ---- element conversions (no c10 here, see above) -------------------------
+
+static inline float to_acc(Half v) {
+  const uint32_t sign = uint32_t(v.bits & 0x8000u) << 16;
+  const uint32_t exp = (v.bits >> 10) & 0x1fu;
+  const uint32_t mant = v.bits & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24
+    const float f = float(mant) * (1.0f / 16777216.0f);
+    return sign ? -f : f;
+  }
+  const uint32_t bits = exp == 31 ? (sign | 0x7f800000u | (mant << 13)) : (sign | ((exp + 112u) << 23) | (mant << 13));
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+static inline float to_acc(BFloat16 v) {
+  const uint32_t bits = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+static inline float to_acc(float v) { return v; }
+static inline double to_acc(double v) { return v; }
+
+// Round to nearest even, as c10::Half / c10::BFloat16 do.
+static inline Half from_acc(float f, Half*) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
+  uint32_t a = x & 0x7fffffffu;
+  if (a >= 0x7f800000u) return {uint16_t(sign | (a > 0x7f800000u ? 0x7e00u : 0x7c00u))};
+  if (a >= 0x477ff000u) return {uint16_t(sign | 0x7c00u)};  // rounds past 65504
+  if (a < 0x38800000u) {                                    // half subnormal or zero
+    float af;
+    std::memcpy(&af, &a, sizeof af);
+    return {uint16_t(sign | uint16_t(__builtin_nearbyintf(af * 16777216.0f)))};
+  }
+  a += 0xc8000fffu + ((a >> 13) & 1u);  // rebias exponent, round the dropped 13 bits
+  return {uint16_t(sign | (a >> 13))};
+}
+static inline BFloat16 from_acc(float f, BFloat16*) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return {uint16_t((x >> 16) | 0x40u)};
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return {uint16_t(x >> 16)};
+}
+static inline float from_acc(float f, float*) { return f; }
+static inline double from_acc(double f, double*) { return f; }
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+// ---- segments and runs ----------------------------------------------------
+
+// Calls fn(offsets, len) for consecutive segments of pixels [p0, p1) that are
+// contiguous along the innermost coalesced dim, each at most kTile long.
+template <typename Fn>
+static inline void for_each_segment(const PixelLayout& L, int64_t p0, int64_t p1, Fn&& fn) {
+  const int64_t inner = L.sizes[L.ndim - 1];
+  int64_t p = p0;
+  while (p < p1) {
+    const int64_t col = p % inner;
+    int64_t len = inner - col;
+    if (len > p1 - p) len = p1 - p;
+    if (len > kTile) len = kTile;
+    fn(pixel_offsets(L, p), len);
+    p += len;
+  }
+}
+
+template <typename label_t>
+static inline void fill_slots(const label_t* lab, int64_t stride, int64_t len, const LossConfig& c, int64_t* slots,
+                              BadLabel* bad) {
+  for (int64_t j = 0; j < len; ++j) {
+    const int64_t v = int64_t(lab[j * stride]);
+    int64_t s = slot_of(v, c);
+    if (s == kInvalid) {
+      if (bad && !bad->found) *bad = {true, v};
+      s = kIgnored;
+    }
+    slots[j] = s;
+  }
+}
+
+static inline void segment_slots(const void* labels, LabelKind kind, int64_t offset, int64_t stride, int64_t len,
+                                 const LossConfig& c, int64_t* slots, BadLabel* bad) {
+  switch (kind) {
+    case LabelKind::UInt8: return fill_slots(static_cast<const uint8_t*>(labels) + offset, stride, len, c, slots, bad);
+    case LabelKind::Int8: return fill_slots(static_cast<const int8_t*>(labels) + offset, stride, len, c, slots, bad);
+    case LabelKind::Int16: return fill_slots(static_cast<const int16_t*>(labels) + offset, stride, len, c, slots, bad);
+    case LabelKind::Int32: return fill_slots(static_cast<const int32_t*>(labels) + offset, stride, len, c, slots, bad);
+    case LabelKind::Int64: return fill_slots(static_cast<const int64_t*>(labels) + offset, stride, len, c, slots, bad);
+  }
+}
+
+// Calls fn(start, end, slot) for each maximal run of equal non-ignored slots.
+template <typename Fn>
+static inline void for_each_run(const int64_t* slots, int64_t len, Fn&& fn) {
+  int64_t s = 0;
+  while (s < len) {
+    int64_t t = s + 1;
+    while (t < len && slots[t] == slots[s]) ++t;
+    if (slots[s] >= 0) fn(s, t, slots[s]);
+    s = t;
+  }
+}
+
+// Strides of the innermost spatial dim; kUnit makes them the constant 1 so
+// that the pixel loops vectorize (NCHW-like layouts).
+template <bool kUnit>
+struct InnerStride {
+  int64_t x, grad;
+  int64_t xs() const { return kUnit ? 1 : x; }
+  int64_t gs() const { return kUnit ? 1 : grad; }
+};
+
+// ---- pass 1: per-slot sums of x and counts ---------------------------------
+// Reads each embedding of the chunk once; writes the chunk's K x E partial
+// sums and K counts (caller-zeroed, private to this chunk).
+template <typename scalar_t, bool kUnit>
+static void cluster_sums_impl(const ChunkArgs& a) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const PixelLayout& L = *a.layout;
+  const int64_t E = L.embed_dim;
+  const scalar_t* x = static_cast<const scalar_t*>(a.x) + a.image * L.x_batch_stride;
+  acc_t* sums = static_cast<acc_t*>(a.sums);
+  const InnerStride<kUnit> in{L.x_strides[L.ndim - 1], 0};
+  int64_t slots[kTile];
+  for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
+    segment_slots(a.labels, a.label_kind, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len,
+                  *a.config, slots, a.bad);
+    for_each_run(slots, len, [&](int64_t s, int64_t t, int64_t k) {
+      a.counts[k] += t - s;
+      for (int64_t e = 0; e < E; ++e) {
+        const scalar_t* xe = x + o.x + e * L.x_embed_stride;
+        acc_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = s; j < t; ++j) acc += to_acc(xe[j * in.xs()]);
+        sums[k * E + e] += acc;
+      }
+    });
+  });
+}
+
+// ---- pass 2: per-slot sums of h^2 and of d(h^2)/dx --------------------------
+// Reads each embedding of the chunk once from memory (the second look at a
+// segment hits L1); writes the chunk's K partial hinge sums and K x E partial
+// gradient sums.
+template <typename scalar_t, int kNorm, bool kUnit>
+static void hinge_sums_impl(const ChunkArgs& a) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const PixelLayout& L = *a.layout;
+  const int64_t E = L.embed_dim;
+  const scalar_t* x = static_cast<const scalar_t*>(a.x) + a.image * L.x_batch_stride;
+  const acc_t* means = static_cast<const acc_t*>(a.means);
+  acc_t* hinge = static_cast<acc_t*>(a.hinge);
+  acc_t* hinge_grad = static_cast<acc_t*>(a.hinge_grad);
+  const acc_t delta_v = acc_t(a.config->delta_v);
+  const InnerStride<kUnit> in{L.x_strides[L.ndim - 1], 0};
+  int64_t slots[kTile];
+  acc_t r[kTile];
+  acc_t coef[kTile];
+  for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
+    segment_slots(a.labels, a.label_kind, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len,
+                  *a.config, slots, nullptr);
+    for_each_run(slots, len, [&](int64_t s, int64_t t, int64_t k) {
+      const acc_t* mu = means + k * E;
+      for (int64_t j = s; j < t; ++j) r[j] = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        const scalar_t* xe = x + o.x + e * L.x_embed_stride;
+        const acc_t m = mu[e];
+#pragma omp simd
+        for (int64_t j = s; j < t; ++j) r[j] += norm_term<acc_t>(to_acc(xe[j * in.xs()]) - m, kNorm);
+      }
+      acc_t h2 = 0;
+#pragma omp simd reduction(+ : h2)
+      for (int64_t j = s; j < t; ++j) {
+        const PullHinge<acc_t> ph = pull_hinge(finish_norm(r[j], kNorm), delta_v, kNorm);
+        h2 += ph.h * ph.h;
+        coef[j] = ph.coef;
+      }
+      hinge[k] += h2;
+      for (int64_t e = 0; e < E; ++e) {
+        const scalar_t* xe = x + o.x + e * L.x_embed_stride;
+        const acc_t m = mu[e];
+        acc_t g = 0;
+#pragma omp simd reduction(+ : g)
+        for (int64_t j = s; j < t; ++j) {
+          const acc_t d = to_acc(xe[j * in.xs()]) - m;
+          g += coef[j] * (kNorm == 2 ? d : norm_grad(d, acc_t(0), 1));
+        }
+        hinge_grad[k * E + e] += g;
+      }
+    });
+  });
+}
+
+// ---- pass 3: the gradient ----------------------------------------------------
+// grad x_i = var_coef[c] * d(h_i^2)/dx_i + mean_coef[c]; 0 for ignored pixels.
+// Reads each embedding once from memory and writes each gradient element once.
+template <typename scalar_t, int kNorm, bool kUnit>
+static void write_grad_impl(const ChunkArgs& a) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const PixelLayout& L = *a.layout;
+  const int64_t E = L.embed_dim;
+  const scalar_t* x = static_cast<const scalar_t*>(a.x) + a.image * L.x_batch_stride;
+  scalar_t* grad = static_cast<scalar_t*>(a.grad) + a.image * L.grad_batch_stride;
+  const acc_t* means = static_cast<const acc_t*>(a.means);
+  const acc_t* var_coef = static_cast<const acc_t*>(a.var_coef);
+  const acc_t* mean_coef = static_cast<const acc_t*>(a.mean_coef);
+  const acc_t delta_v = acc_t(a.config->delta_v);
+  const InnerStride<kUnit> in{L.x_strides[L.ndim - 1], L.grad_strides[L.ndim - 1]};
+  int64_t slots[kTile];
+  acc_t r[kTile];
+  acc_t coef[kTile];
+  for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
+    segment_slots(a.labels, a.label_kind, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len,
+                  *a.config, slots, nullptr);
+    int64_t s = 0;
+    while (s < len) {
+      int64_t t = s + 1;
+      while (t < len && slots[t] == slots[s]) ++t;
+      const int64_t k = slots[s];
+      if (k < 0) {
+        for (int64_t e = 0; e < E; ++e) {
+          scalar_t* ge = grad + o.grad + e * L.grad_embed_stride;
+          for (int64_t j = s; j < t; ++j) ge[j * in.gs()] = from_acc(acc_t(0), static_cast<scalar_t*>(nullptr));
+        }
+        s = t;
+        continue;
+      }
+      const acc_t* mu = means + k * E;
+      const acc_t* b = mean_coef + k * E;
+      const acc_t av = var_coef[k];
+      for (int64_t j = s; j < t; ++j) r[j] = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        const scalar_t* xe = x + o.x + e * L.x_embed_stride;
+        const acc_t m = mu[e];
+#pragma omp simd
+        for (int64_t j = s; j < t; ++j) r[j] += norm_term<acc_t>(to_acc(xe[j * in.xs()]) - m, kNorm);
+      }
+#pragma omp simd
+      for (int64_t j = s; j < t; ++j) coef[j] = av * pull_hinge(finish_norm(r[j], kNorm), delta_v, kNorm).coef;
+      for (int64_t e = 0; e < E; ++e) {
+        const scalar_t* xe = x + o.x + e * L.x_embed_stride;
+        scalar_t* ge = grad + o.grad + e * L.grad_embed_stride;
+        const acc_t m = mu[e];
+        const acc_t be = b[e];
+#pragma omp simd
+        for (int64_t j = s; j < t; ++j) {
+          const acc_t d = to_acc(xe[j * in.xs()]) - m;
+          const acc_t u = kNorm == 2 ? d : norm_grad(d, acc_t(0), 1);
+          ge[j * in.gs()] = from_acc(coef[j] * u + be, static_cast<scalar_t*>(nullptr));
+        }
+      }
+      s = t;
+    }
+  });
+}
+
+// ---- entry points --------------------------------------------------------------
+
+template <typename scalar_t>
+static void cluster_sums(const ChunkArgs& a) {
+  const PixelLayout& L = *a.layout;
+  if (L.x_strides[L.ndim - 1] == 1) return cluster_sums_impl<scalar_t, true>(a);
+  return cluster_sums_impl<scalar_t, false>(a);
+}
+
+template <typename scalar_t>
+static void hinge_sums(const ChunkArgs& a) {
+  const PixelLayout& L = *a.layout;
+  const bool unit = L.x_strides[L.ndim - 1] == 1;
+  if (a.config->norm == 1) return unit ? hinge_sums_impl<scalar_t, 1, true>(a) : hinge_sums_impl<scalar_t, 1, false>(a);
+  return unit ? hinge_sums_impl<scalar_t, 2, true>(a) : hinge_sums_impl<scalar_t, 2, false>(a);
+}
+
+template <typename scalar_t>
+static void write_grad(const ChunkArgs& a) {
+  const PixelLayout& L = *a.layout;
+  const bool unit = L.x_strides[L.ndim - 1] == 1 && L.grad_strides[L.ndim - 1] == 1;
+  if (a.config->norm == 1) return unit ? write_grad_impl<scalar_t, 1, true>(a) : write_grad_impl<scalar_t, 1, false>(a);
+  return unit ? write_grad_impl<scalar_t, 2, true>(a) : write_grad_impl<scalar_t, 2, false>(a);
+}
+
+template <typename scalar_t>
+static ChunkKernels kernels_for() {
+  return {&cluster_sums<scalar_t>, &hinge_sums<scalar_t>, &write_grad<scalar_t>};
+}
+
+ChunkKernels chunk_kernels(ScalarKind kind) {
+  switch (kind) {
+    case ScalarKind::Half: return kernels_for<Half>();
+    case ScalarKind::BFloat16: return kernels_for<BFloat16>();
+    case ScalarKind::Float: return kernels_for<float>();
+    case ScalarKind::Double: return kernels_for<double>();
+  }
+  return kernels_for<float>();
+}
+
+}  // namespace DISCLOSS_CPU_ISA
+}  // namespace cpu
+}  // namespace discloss

@@ -1,0 +1,440 @@
+// discloss::forward and discloss::backward on CPU (DESIGN §3).
+//
+// Each image's pixels are cut into a fixed number of chunks that depends only
+// on the shapes, never on the thread count; at::parallel_for runs the
+// (image, chunk) tasks, each writing its own partial per-slot sums, which are
+// then added in chunk order. Results are therefore the same for any number
+// of threads. The partials take at most kPartialBudget elements in all.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../discloss.h"
+#include "kernel_table.h"
+
+namespace discloss {
+namespace cpu {
+namespace {
+
+constexpr int64_t kMinChunkPixels = 16384;
+constexpr int64_t kPartialBudget = int64_t(1) << 24;
+
+const ChunkKernels& chunk_kernels_for(at::ScalarType t) {
+  static const bool use_avx2 = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }();
+  static const ChunkKernels tables[2][4] = {
+      {generic::chunk_kernels(ScalarKind::Half), generic::chunk_kernels(ScalarKind::BFloat16),
+       generic::chunk_kernels(ScalarKind::Float), generic::chunk_kernels(ScalarKind::Double)},
+      {avx2::chunk_kernels(ScalarKind::Half), avx2::chunk_kernels(ScalarKind::BFloat16),
+       avx2::chunk_kernels(ScalarKind::Float), avx2::chunk_kernels(ScalarKind::Double)}};
+  int kind = 2;
+  switch (t) {
+    case at::kHalf: kind = 0; break;
+    case at::kBFloat16: kind = 1; break;
+    case at::kFloat: kind = 2; break;
+    case at::kDouble: kind = 3; break;
+    default: TORCH_CHECK(false, "embeddings: unsupported dtype ", t);
+  }
+  return tables[use_avx2 ? 1 : 0][kind];
+}
+
+LabelKind label_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kByte: return LabelKind::UInt8;
+    case at::kChar: return LabelKind::Int8;
+    case at::kShort: return LabelKind::Int16;
+    case at::kInt: return LabelKind::Int32;
+    case at::kLong: return LabelKind::Int64;
+    default: TORCH_CHECK(false, "labels: unsupported dtype ", t);
+  }
+}
+
+struct ChunkPlan {
+  int64_t per_image;  // chunks per image
+  int64_t pixels;     // pixels per chunk (the last may have fewer)
+};
+
+// partial_elems: elements of private partials each chunk needs (0 for none).
+ChunkPlan plan_chunks(const PixelLayout& L, int64_t partial_elems) {
+  const int64_t N = std::max<int64_t>(L.num_pixels, 1);
+  int64_t per_image = (N + kMinChunkPixels - 1) / kMinChunkPixels;
+  if (partial_elems > 0) {
+    const int64_t cap = kPartialBudget / std::max<int64_t>(1, L.batch * partial_elems);
+    per_image = std::min(per_image, std::max<int64_t>(cap, 1));
+  }
+  per_image = std::max<int64_t>(per_image, 1);
+  return {per_image, (N + per_image - 1) / per_image};
+}
+
+// Runs fn(args) for every (image, chunk) task in parallel, args describing
+// the chunk; task t = image * per_image + chunk.
+template <typename Fn>
+void for_each_chunk(const PixelLayout& L, const ChunkPlan& plan, const ChunkArgs& base, Fn&& fn) {
+  if (L.num_pixels == 0) return;
+  at::parallel_for(0, L.batch * plan.per_image, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      ChunkArgs a = base;
+      a.image = t / plan.per_image;
+      a.begin = (t % plan.per_image) * plan.pixels;
+      a.end = std::min(a.begin + plan.pixels, L.num_pixels);
+      if (a.begin < a.end) fn(t, a);
+    }
+  });
+}
+
+// out[b, i] = sum over chunks c (in order) of partial[b, c, i].
+template <typename T>
+void add_partials(const T* partial, int64_t batch, int64_t per_image, int64_t row, T* out) {
+  at::parallel_for(0, batch * row, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / row, j = i % row;
+      const T* p = partial + b * per_image * row + j;
+      T s = 0;
+      for (int64_t c = 0; c < per_image; ++c) s += p[c * row];
+      out[i] = s;
+    }
+  });
+}
+
+// Clusters present in each image: slots with at least one pixel.
+std::vector<std::vector<int64_t>> present_slots(const int64_t* counts, int64_t B, int64_t K) {
+  std::vector<std::vector<int64_t>> present(B);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < K; ++k) {
+      if (counts[b * K + k] > 0) present[b].push_back(k);
+    }
+  }
+  return present;
+}
+
+// Sum over rows a of row_sum(a), rows evaluated in parallel, added in order.
+template <typename acc_t, typename Fn>
+acc_t ordered_parallel_sum(int64_t n, Fn&& row_sum) {
+  std::vector<acc_t> rows(n);
+  at::parallel_for(0, n, 16, [&](int64_t a0, int64_t a1) {
+    for (int64_t a = a0; a < a1; ++a) rows[a] = row_sum(a);
+  });
+  acc_t s = 0;
+  for (acc_t v : rows) s += v;
+  return s;
+}
+
+// The per-slot slots of image b that take part in dist and reg: the present
+// clusters (paper), every slot (chainer, where empty slots have mean 0).
+std::vector<int64_t> all_slots(int64_t K) {
+  std::vector<int64_t> s(K);
+  for (int64_t k = 0; k < K; ++k) s[k] = k;
+  return s;
+}
+
+// ---- finalize (forward) ------------------------------------------------------
+// From means, counts and hinge sums, the weighted terms: per image in paper
+// mode (then reduced), batch-level in chainer mode.
+template <typename acc_t>
+void finalize_forward(const LossConfig& c, int64_t B, int64_t K, int64_t E, const acc_t* means,
+                      const int64_t* counts, const acc_t* hinge, at::Tensor& var, at::Tensor& dist,
+                      at::Tensor& reg) {
+  const acc_t delta_d = acc_t(c.delta_d);
+  std::vector<acc_t> var_b, dist_b, reg_b;
+  if (c.normalization == Normalization::Paper) {
+    const auto present = present_slots(counts, B, K);
+    for (int64_t b = 0; b < B; ++b) {
+      const auto& P = present[b];
+      const int64_t C = static_cast<int64_t>(P.size());
+      const acc_t* mu = means + b * K * E;
+      acc_t v = 0, r = 0;
+      for (int64_t k : P) {
+        v += var_weight<acc_t>(c, C, counts[b * K + k], 0) * hinge[b * K + k];
+        acc_t n = 0;
+        for (int64_t e = 0; e < E; ++e) n += norm_term<acc_t>(mu[k * E + e], c.norm);
+        r += finish_norm(n, c.norm);
+      }
+      r *= reg_weight<acc_t>(c, C, B);
+      const acc_t w = dist_pair_weight<acc_t>(c, C, B);
+      const acc_t d = ordered_parallel_sum<acc_t>(C, [&](int64_t i) {
+        acc_t s = 0;
+        for (int64_t j = i + 1; j < C; ++j) {
+          const acc_t p = push_hinge(mean_distance(mu + P[i] * E, mu + P[j] * E, E, c.norm), delta_d);
+          s += p * p;
+        }
+        return s;
+      });
+      var_b.push_back(acc_t(c.alpha) * v);
+      dist_b.push_back(acc_t(c.beta) * w * d);
+      reg_b.push_back(acc_t(c.gamma) * r);
+    }
+  } else {
+    // Chainer: slots k = 0..K-1 over the whole batch.
+    acc_t v = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      int64_t n = 0;
+      acc_t h = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        n += counts[b * K + k];
+        h += hinge[b * K + k];
+      }
+      v += var_weight<acc_t>(c, 0, 0, n) * h;
+    }
+    const acc_t d = ordered_parallel_sum<acc_t>(K, [&](int64_t k) {
+      acc_t s = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        const acc_t* mu = means + b * K * E;
+        for (int64_t l = k + 1; l < K; ++l) {
+          const acc_t p = push_hinge(mean_distance(mu + k * E, mu + l * E, E, c.norm), delta_d);
+          s += p * p;
+        }
+      }
+      return s;
+    });
+    acc_t r = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      acc_t n = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t e = 0; e < E; ++e) n += norm_term<acc_t>(means[(b * K + k) * E + e], c.norm);
+      }
+      r += finish_norm(n, c.norm);
+    }
+    var_b.push_back(acc_t(c.alpha) * v);
+    dist_b.push_back(acc_t(c.beta) * dist_pair_weight<acc_t>(c, 0, B) * d);
+    reg_b.push_back(acc_t(c.gamma) * reg_weight<acc_t>(c, 0, B) * r);
+  }
+
+  const acc_t scale = reduction_scale<acc_t>(c, B);
+  auto emit = [&](const std::vector<acc_t>& terms, at::Tensor& out) {
+    at::Tensor t = at::empty({static_cast<int64_t>(terms.size())}, out.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    std::copy(terms.begin(), terms.end(), t.data_ptr<acc_t>());
+    if (c.reduction == Reduction::None) {
+      out.copy_(t);
+    } else {
+      acc_t s = 0;
+      for (acc_t v : terms) s += v;
+      out.fill_(s * scale);
+    }
+  };
+  emit(var_b, var);
+  emit(dist_b, dist);
+  emit(reg_b, reg);
+}
+
+// ---- finalize (backward) -----------------------------------------------------
+// Per (image, slot): var_coef = the weight of d(h_i^2)/dx_i, and
+// mean_coef = dL/dmu (dist, reg and the -var_coef * V mean path) / n.
+template <typename acc_t>
+void finalize_backward(const LossConfig& c, int64_t B, int64_t K, int64_t E, const acc_t* grad_var,
+                       const acc_t* grad_dist, const acc_t* grad_reg, bool per_image_grads, const acc_t* means,
+                       const int64_t* counts, const acc_t* hinge_grad, acc_t* var_coef, acc_t* mean_coef) {
+  const acc_t delta_d = acc_t(c.delta_d);
+  const acc_t scale = reduction_scale<acc_t>(c, B);
+  const bool paper = c.normalization == Normalization::Paper;
+  const auto present = paper ? present_slots(counts, B, K) : std::vector<std::vector<int64_t>>(1, all_slots(K));
+  std::vector<int64_t> slot_total(K, 0);
+  std::vector<acc_t> reg_norm(K, 0);  // chainer: R_k
+  for (int64_t k = 0; k < K; ++k) {
+    acc_t n = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      slot_total[k] += counts[b * K + k];
+      for (int64_t e = 0; e < E; ++e) n += norm_term<acc_t>(means[(b * K + k) * E + e], c.norm);
+    }
+    reg_norm[k] = finish_norm(n, c.norm);
+  }
+
+  at::parallel_for(0, B * K, 64, [&](int64_t i0, int64_t i1) {
+    std::vector<acc_t> g(E);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / K, k = i % K, n = counts[i];
+      acc_t* out = mean_coef + i * E;
+      if (n == 0) {
+        var_coef[i] = 0;
+        std::fill(out, out + E, acc_t(0));
+        continue;
+      }
+      const int64_t gi = per_image_grads ? b : 0;
+      const auto& P = present[paper ? b : 0];
+      const int64_t C = static_cast<int64_t>(P.size());
+      const acc_t* mu_b = means + b * K * E;
+      const acc_t* mu = mu_b + k * E;
+
+      const acc_t a = grad_var[gi] * acc_t(c.alpha) * scale * var_weight<acc_t>(c, C, n, slot_total[k]);
+      for (int64_t e = 0; e < E; ++e) g[e] = -a * hinge_grad[i * E + e];
+
+      const acc_t wd = grad_dist[gi] * acc_t(c.beta) * scale * dist_pair_weight<acc_t>(c, C, B);
+      if (wd != 0) {
+        for (int64_t l : P) {
+          if (l != k) add_push_grad(g.data(), mu, mu_b + l * E, E, delta_d, c.norm, wd);
+        }
+      }
+
+      const acc_t wr = grad_reg[gi] * acc_t(c.gamma) * scale * reg_weight<acc_t>(c, C, B);
+      if (paper || c.norm == 2) {
+        // paper: d||mu||/dmu; chainer L2: d R_k / d mu_kb = mu_kb / R_k.
+        acc_t r = paper ? 0 : reg_norm[k];
+        if (paper) {
+          for (int64_t e = 0; e < E; ++e) r += norm_term<acc_t>(mu[e], c.norm);
+          r = finish_norm(r, c.norm);
+        }
+        for (int64_t e = 0; e < E; ++e) g[e] += wr * norm_grad(mu[e], r, c.norm);
+      } else {
+        for (int64_t e = 0; e < E; ++e) g[e] += wr * norm_grad(mu[e], acc_t(0), 1);
+      }
+
+      var_coef[i] = a;
+      for (int64_t e = 0; e < E; ++e) out[e] = g[e] / acc_t(n);
+    }
+  });
+}
+
+// ---- the ops -------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& embeddings, const at::Tensor& labels, int64_t max_instances, double delta_v, double delta_d,
+    int64_t norm, double alpha, double beta, double gamma, std::optional<int64_t> ignore_index,
+    c10::string_view normalization, c10::string_view reduction) {
+  const LossConfig c = make_config(max_instances, delta_v, delta_d, norm, alpha, beta, gamma, ignore_index,
+                                   normalization, reduction);
+  check_forward_inputs(embeddings, labels, c);
+  at::Tensor x = embeddings, lab = labels;
+  PixelLayout L;
+  if (!make_pixel_layout(x, lab, nullptr, &L)) {
+    x = x.contiguous();
+    lab = lab.contiguous();
+    make_pixel_layout(x, lab, nullptr, &L);
+  }
+  const int64_t B = L.batch, E = L.embed_dim, K = c.num_slots;
+  const auto acc_type = accumulate_type(x.scalar_type());
+  const auto acc_opts = x.options().dtype(acc_type);
+  const auto shape = term_shape(c, B);
+  at::Tensor var = at::empty(shape, x.options()), dist = at::empty(shape, x.options()),
+             reg = at::empty(shape, x.options());
+  at::Tensor means = at::empty({B, K, E}, acc_opts);
+  at::Tensor counts = at::empty({B, K}, x.options().dtype(at::kLong));
+  at::Tensor hinge_grad = at::empty({B, K, E}, acc_opts);
+  at::Tensor hinge = at::empty({B, K}, acc_opts);
+
+  const ChunkKernels& kern = chunk_kernels_for(x.scalar_type());
+  const ChunkPlan plan = plan_chunks(L, K * (E + 1));
+  const int64_t tasks = B * plan.per_image;
+  at::Tensor part = at::zeros({tasks, K, E}, acc_opts);
+  at::Tensor part_counts = at::zeros({tasks, K}, x.options().dtype(at::kLong));
+  std::vector<BadLabel> bad(tasks, BadLabel{false, 0});
+
+  ChunkArgs base{};
+  base.layout = &L;
+  base.config = &c;
+  base.x = x.data_ptr();
+  base.labels = lab.data_ptr();
+  base.label_kind = label_kind(lab.scalar_type());
+
+  // pass 1: sums and counts
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "discloss_forward_cpu", [&] {
+    using acc_t = scalar_t;
+    acc_t* part_p = part.data_ptr<acc_t>();
+    int64_t* part_counts_p = part_counts.data_ptr<int64_t>();
+    for_each_chunk(L, plan, base, [&](int64_t t, ChunkArgs& a) {
+      a.sums = part_p + t * K * E;
+      a.counts = part_counts_p + t * K;
+      a.bad = &bad[t];
+      kern.cluster_sums(a);
+    });
+    for (const BadLabel& bl : bad) {
+      TORCH_CHECK(!bl.found, "labels: found label ", bl.value, "; expected values in [0, max_instances=", K, ")",
+                  c.has_ignore ? " or ignore_index=" + std::to_string(c.ignore_index) : std::string());
+    }
+    add_partials(part_counts_p, B, plan.per_image, K, counts.data_ptr<int64_t>());
+    acc_t* means_p = means.data_ptr<acc_t>();
+    add_partials(part_p, B, plan.per_image, K * E, means_p);
+    const int64_t* counts_p = counts.data_ptr<int64_t>();
+    at::parallel_for(0, B * K, 1024, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const acc_t inv = counts_p[i] > 0 ? acc_t(1) / acc_t(counts_p[i]) : acc_t(0);
+        for (int64_t e = 0; e < E; ++e) means_p[i * E + e] *= inv;
+      }
+    });
+
+    // pass 2: hinge sums and their gradient sums (reusing the partials)
+    part.zero_();
+    at::Tensor part_hinge = at::zeros({tasks, K}, acc_opts);
+    acc_t* part_hinge_p = part_hinge.data_ptr<acc_t>();
+    for_each_chunk(L, plan, base, [&](int64_t t, ChunkArgs& a) {
+      a.means = means_p + a.image * K * E;
+      a.hinge = part_hinge_p + t * K;
+      a.hinge_grad = part_p + t * K * E;
+      kern.hinge_sums(a);
+    });
+    add_partials(part_hinge_p, B, plan.per_image, K, hinge.data_ptr<acc_t>());
+    add_partials(part_p, B, plan.per_image, K * E, hinge_grad.data_ptr<acc_t>());
+
+    // finalize
+    finalize_forward<acc_t>(c, B, K, E, means_p, counts_p, hinge.data_ptr<acc_t>(), var, dist, reg);
+  });
+  return {var, dist, reg, means, counts, hinge_grad};
+}
+
+at::Tensor backward_cpu(const at::Tensor& grad_var, const at::Tensor& grad_dist, const at::Tensor& grad_reg,
+                        const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& means,
+                        const at::Tensor& counts, const at::Tensor& hinge_grad_sums, double delta_v, double delta_d,
+                        int64_t norm, double alpha, double beta, double gamma, std::optional<int64_t> ignore_index,
+                        c10::string_view normalization, c10::string_view reduction) {
+  const LossConfig c = make_config(means.dim() == 3 ? means.size(1) : 1, delta_v, delta_d, norm, alpha, beta, gamma,
+                                   ignore_index, normalization, reduction);
+  check_backward_inputs(grad_var, grad_dist, grad_reg, embeddings, labels, means, counts, hinge_grad_sums, c);
+  at::Tensor x = embeddings, lab = labels;
+  at::Tensor grad = at::empty_like(x);
+  PixelLayout L;
+  if (!make_pixel_layout(x, lab, &grad, &L)) {
+    x = x.contiguous();
+    lab = lab.contiguous();
+    grad = at::empty_like(x);
+    make_pixel_layout(x, lab, &grad, &L);
+  }
+  const int64_t B = L.batch, E = L.embed_dim, K = c.num_slots;
+  const auto acc_type = accumulate_type(x.scalar_type());
+  const auto acc_opts = x.options().dtype(acc_type);
+  at::Tensor var_coef = at::empty({B, K}, acc_opts);
+  at::Tensor mean_coef = at::empty({B, K, E}, acc_opts);
+  at::Tensor gv = grad_var.to(acc_type).contiguous(), gd = grad_dist.to(acc_type).contiguous(),
+             gr = grad_reg.to(acc_type).contiguous();
+  at::Tensor means_c = means.contiguous(), counts_c = counts.contiguous(), hg = hinge_grad_sums.contiguous();
+
+  const ChunkKernels& kern = chunk_kernels_for(x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "discloss_backward_cpu", [&] {
+    using acc_t = scalar_t;
+    finalize_backward<acc_t>(c, B, K, E, gv.data_ptr<acc_t>(), gd.data_ptr<acc_t>(), gr.data_ptr<acc_t>(),
+                             c.reduction == Reduction::None, means_c.data_ptr<acc_t>(), counts_c.data_ptr<int64_t>(),
+                             hg.data_ptr<acc_t>(), var_coef.data_ptr<acc_t>(), mean_coef.data_ptr<acc_t>());
+    ChunkArgs base{};
+    base.layout = &L;
+    base.config = &c;
+    base.x = x.data_ptr();
+    base.labels = lab.data_ptr();
+    base.label_kind = label_kind(lab.scalar_type());
+    base.grad = grad.data_ptr();
+    const acc_t* means_p = means_c.data_ptr<acc_t>();
+    const acc_t* var_coef_p = var_coef.data_ptr<acc_t>();
+    const acc_t* mean_coef_p = mean_coef.data_ptr<acc_t>();
+    for_each_chunk(L, plan_chunks(L, 0), base, [&](int64_t, ChunkArgs& a) {
+      a.means = means_p + a.image * K * E;
+      a.var_coef = var_coef_p + a.image * K;
+      a.mean_coef = mean_coef_p + a.image * K * E;
+      kern.write_grad(a);
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace cpu
+
+TORCH_LIBRARY_IMPL(discloss, CPU, m) {
+  m.impl("forward", &cpu::forward_cpu);
+  m.impl("backward", &cpu::backward_cpu);
+}
+
+}  // namespace discloss

@@ -1,0 +1,40 @@
+// What the CPU and CUDA implementations of the ops share on the torch side:
+// parsing the op arguments into a LossConfig, checking inputs (each error
+// names the argument), the pixel layout and the output shapes.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "layout.h"
+#include "math.h"
+
+namespace discloss {
+
+LossConfig make_config(int64_t max_instances, double delta_v, double delta_d, int64_t norm, double alpha,
+                       double beta, double gamma, std::optional<int64_t> ignore_index,
+                       c10::string_view normalization, c10::string_view reduction);
+
+// Shapes, dtypes and devices of the forward inputs. Label values are data:
+// the CPU kernels check them, the Python wrapper checks CUDA ones.
+void check_forward_inputs(const at::Tensor& embeddings, const at::Tensor& labels, const LossConfig& c);
+
+// The forward inputs again, and the saved tensors and grads of backward.
+void check_backward_inputs(const at::Tensor& grad_var, const at::Tensor& grad_dist, const at::Tensor& grad_reg,
+                           const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& means,
+                           const at::Tensor& counts, const at::Tensor& hinge_grad_sums, const LossConfig& c);
+
+// Fills *layout for embeddings, labels and (backward) grad. Returns false when
+// the strides leave more than kMaxSpatialDims spatial dims after coalescing;
+// the caller then makes the inputs contiguous and asks again.
+bool make_pixel_layout(const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor* grad,
+                       PixelLayout* layout);
+
+// float for float16/bfloat16/float32 embeddings, double for float64.
+at::ScalarType accumulate_type(at::ScalarType embeddings_type);
+
+// Shape of each returned term: (B,) for reduction "none", () otherwise.
+std::vector<int64_t> term_shape(const LossConfig& c, int64_t batch);
+
+}  // namespace discloss

@@ -1,0 +1,165 @@
+// The per-element and per-instance math of the discriminative loss, shared by
+// the CPU and CUDA kernels. No torch headers here: the CPU kernels include this
+// file in translation units compiled for different instruction sets, so every
+// function has internal linkage on the host (static) to keep those copies apart.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define DISCLOSS_HD __host__ __device__ __forceinline__
+#else
+#define DISCLOSS_HD static inline
+#endif
+
+namespace discloss {
+
+enum class Normalization : int { Paper = 0, Chainer = 1 };
+enum class Reduction : int { None = 0, Mean = 1, Sum = 2 };
+
+// Slot codes for a pixel's label.
+constexpr int64_t kIgnored = -1;  // background / ignore_index / out of Chainer's 1..K
+constexpr int64_t kInvalid = -2;  // a label the paper mode rejects (negative or >= K)
+
+// Everything a kernel needs to know about the loss; plain data so that it can
+// be passed by value to a CUDA kernel.
+struct LossConfig {
+  int64_t num_slots;  // K
+  double delta_v;
+  double delta_d;
+  int norm;  // 1 or 2
+  double alpha;
+  double beta;
+  double gamma;
+  bool has_ignore;
+  int64_t ignore_index;
+  Normalization normalization;
+  Reduction reduction;
+};
+
+// Cluster slot of a label. Paper: the label itself; Chainer: label-1 for
+// labels 1..K. Kernels treat kInvalid like kIgnored, so no label can make them
+// read or write out of bounds; the CPU path additionally reports it.
+DISCLOSS_HD int64_t slot_of(int64_t label, const LossConfig& c) {
+  if (c.normalization == Normalization::Chainer) {
+    return (label >= 1 && label <= c.num_slots) ? label - 1 : kIgnored;
+  }
+  if (c.has_ignore && label == c.ignore_index) return kIgnored;
+  return (label >= 0 && label < c.num_slots) ? label : kInvalid;
+}
+
+// ||v|| is accumulated component by component: add_norm_term per component,
+// then finish_norm.
+template <typename acc_t>
+DISCLOSS_HD acc_t norm_term(acc_t d, int norm) {
+  return norm == 1 ? (d < 0 ? -d : d) : d * d;
+}
+
+template <typename acc_t>
+DISCLOSS_HD acc_t finish_norm(acc_t acc, int norm) {
+  return norm == 1 ? acc : std::sqrt(acc);
+}
+
+// Component of the gradient of ||v|| given the component d and r = ||v||.
+// 0 at the zero vector (torch.linalg.vector_norm's subgradient).
+template <typename acc_t>
+DISCLOSS_HD acc_t norm_grad(acc_t d, acc_t r, int norm) {
+  if (norm == 1) return d > 0 ? acc_t(1) : (d < 0 ? acc_t(-1) : acc_t(0));
+  return r > 0 ? d / r : acc_t(0);
+}
+
+// Pull hinge of a pixel: h = [r - delta_v]+ with r = ||x - mu||. Its
+// gradient d(h^2)/dx = coef * u where u = d (L2) or sign(d) (L1), so that the
+// per-component work is one multiply.
+template <typename acc_t>
+struct PullHinge {
+  acc_t h;
+  acc_t coef;
+};
+
+template <typename acc_t>
+DISCLOSS_HD PullHinge<acc_t> pull_hinge(acc_t r, acc_t delta_v, int norm) {
+  acc_t h = r - delta_v;
+  if (!(h > 0)) return {acc_t(0), acc_t(0)};
+  if (norm == 1) return {h, 2 * h};
+  return {h, r > 0 ? 2 * h / r : acc_t(0)};
+}
+
+// Push hinge of a pair of means: p = [2 delta_d - ||m||]+, term p^2, and
+// d(p^2)/dm = push_coef * norm_grad(m).
+template <typename acc_t>
+DISCLOSS_HD acc_t push_hinge(acc_t dist, acc_t delta_d) {
+  acc_t p = 2 * delta_d - dist;
+  return p > 0 ? p : acc_t(0);
+}
+
+// ---- normalisation weights (DESIGN §1) -----------------------------------
+// Each returns the factor that multiplies one instance's (or pair's) raw term.
+
+// var: weight of sum_{i in c} h_i^2 for one (image, slot).
+//   paper:   1 / (C_b * n_c)
+//   chainer: 1 / (K * max(sum_b n_kb, 1))
+template <typename acc_t>
+DISCLOSS_HD acc_t var_weight(const LossConfig& c, int64_t present_b, int64_t n, int64_t n_slot_total) {
+  if (c.normalization == Normalization::Chainer) {
+    return acc_t(1) / (acc_t(c.num_slots) * acc_t(n_slot_total > 0 ? n_slot_total : 1));
+  }
+  return (present_b > 0 && n > 0) ? acc_t(1) / (acc_t(present_b) * acc_t(n)) : acc_t(0);
+}
+
+// dist: weight of p^2 for one unordered pair.
+//   paper:   2 / (C (C-1))   (the paper sums ordered pairs)
+//   chainer: 1 / max(B K (K-1) / 2, 1)
+template <typename acc_t>
+DISCLOSS_HD acc_t dist_pair_weight(const LossConfig& c, int64_t present_b, int64_t batch) {
+  if (c.normalization == Normalization::Chainer) {
+    int64_t pairs = batch * c.num_slots * (c.num_slots - 1) / 2;
+    return acc_t(1) / acc_t(pairs > 1 ? pairs : 1);
+  }
+  return present_b > 1 ? acc_t(2) / (acc_t(present_b) * acc_t(present_b - 1)) : acc_t(0);
+}
+
+// reg: weight of ||mu_c|| (paper) or of R_k (chainer).
+//   paper:   1 / C_b
+//   chainer: 1 / (K B)
+template <typename acc_t>
+DISCLOSS_HD acc_t reg_weight(const LossConfig& c, int64_t present_b, int64_t batch) {
+  if (c.normalization == Normalization::Chainer) {
+    return acc_t(1) / (acc_t(c.num_slots) * acc_t(batch));
+  }
+  return present_b > 0 ? acc_t(1) / acc_t(present_b) : acc_t(0);
+}
+
+// Factor the reduction applies to per-image terms (paper mode); Chainer's
+// terms are already batch-level scalars.
+template <typename acc_t>
+DISCLOSS_HD acc_t reduction_scale(const LossConfig& c, int64_t batch) {
+  if (c.normalization == Normalization::Paper && c.reduction == Reduction::Mean) {
+    return acc_t(1) / acc_t(batch > 0 ? batch : 1);
+  }
+  return acc_t(1);
+}
+
+// ---- pairs of means -------------------------------------------------------
+
+// ||a - b|| over E components (strided by 1).
+template <typename acc_t>
+DISCLOSS_HD acc_t mean_distance(const acc_t* a, const acc_t* b, int64_t E, int norm) {
+  acc_t acc = 0;
+  for (int64_t e = 0; e < E; ++e) acc += norm_term<acc_t>(a[e] - b[e], norm);
+  return finish_norm(acc, norm);
+}
+
+// grad[e] += scale * d(p^2)/d a[e] for the push hinge between means a and b.
+template <typename acc_t>
+DISCLOSS_HD void add_push_grad(acc_t* grad, const acc_t* a, const acc_t* b, int64_t E, acc_t delta_d,
+                               int norm, acc_t scale) {
+  acc_t r = mean_distance(a, b, E, norm);
+  acc_t p = push_hinge(r, delta_d);
+  if (!(p > 0)) return;
+  acc_t coef = -2 * p * scale;
+  for (int64_t e = 0; e < E; ++e) grad[e] += coef * norm_grad(a[e] - b[e], r, norm);
+}
+
+}  // namespace discloss

@@ -1,0 +1,158 @@
+"""Pure PyTorch versions of the discriminative loss.
+
+``discriminative_loss_reference`` is vectorized (segment sums with
+``index_add``, no Python loop over instances) and implements both
+normalisations of DESIGN §1. Run in float64 it is the test oracle; run in the
+input dtype it is the benchmark baseline (eager and under ``torch.compile``).
+
+``discriminative_loss_loop`` is the per-instance Python loop that public
+ports use (paper normalisation only). It exists for the benchmark.
+
+Neither validates its inputs beyond what indexing does: the public API does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["discriminative_loss_reference", "discriminative_loss_loop"]
+
+
+def _norm(x: torch.Tensor, norm: int, dim: int = -1) -> torch.Tensor:
+    # vector_norm's gradient at a zero vector is 0 for ord 1 and 2, which is
+    # the subgradient the fused kernels use.
+    return torch.linalg.vector_norm(x, ord=norm, dim=dim)
+
+
+def _slots(labels: torch.Tensor, num_slots: int, ignore_index, normalization: str):
+    """Map labels (B, N) int64 to cluster slots; returns (slot, valid)."""
+    if normalization == "chainer":
+        valid = (labels >= 1) & (labels <= num_slots)
+        slot = labels - 1
+    else:
+        valid = torch.ones_like(labels, dtype=torch.bool)
+        if ignore_index is not None:
+            valid = labels != ignore_index
+        slot = labels
+    return torch.where(valid, slot, torch.zeros_like(slot)), valid
+
+
+def discriminative_loss_reference(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    delta_v: float = 0.5,
+    delta_d: float = 1.5,
+    *,
+    norm: int = 2,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 0.001,
+    ignore_index: int | None = 0,
+    max_instances: int | None = None,
+    reduction: str = "mean",
+    normalization: str = "paper",
+):
+    """Return the weighted (var, dist, reg) terms, computed in the input dtype.
+
+    ``normalization="chainer"`` uses Chainer's normalisation with
+    ``max_instances`` as ``max_embedding_dim`` (labels 1..K are clusters) and
+    always returns scalars.
+    """
+    B, E = embeddings.shape[:2]
+    x = embeddings.reshape(B, E, -1).transpose(1, 2)  # (B, N, E)
+    lab = labels.reshape(B, -1).long()
+    if max_instances is None:
+        max_instances = int(lab.max().item()) + 1 if lab.numel() else 1
+    K = int(max_instances)
+    slot, valid = _slots(lab, K, ignore_index, normalization)
+    dtype, device = embeddings.dtype, embeddings.device
+
+    # Segment sums over the flattened (image, slot) index.
+    seg = (torch.arange(B, device=device)[:, None] * K + slot).reshape(-1)
+    w = valid.reshape(-1).to(dtype)
+    xf = x.reshape(-1, E)
+    counts = torch.zeros(B * K, dtype=dtype, device=device).index_add_(0, seg, w)
+    sums = torch.zeros(B * K, E, dtype=dtype, device=device).index_add_(0, seg, xf * w[:, None])
+    mu = sums / counts.clamp(min=1)[:, None]  # 0 where a slot is empty
+
+    h = torch.relu(_norm(xf - mu[seg], norm) - delta_v) ** 2 * w
+    hinge = torch.zeros(B * K, dtype=dtype, device=device).index_add_(0, seg, h).view(B, K)
+    counts = counts.view(B, K)
+    mu = mu.view(B, K, E)
+    present = counts > 0
+
+    # Pairwise distances between slot means, (B, K, K).
+    pair = torch.relu(2 * delta_d - _norm(mu[:, :, None, :] - mu[:, None, :, :], norm)) ** 2
+
+    if normalization == "chainer":
+        n_slot = counts.sum(0)  # (K,)
+        var = (hinge.sum(0) / n_slot.clamp(min=1)).sum() / K
+        upper = torch.ones(K, K, dtype=torch.bool, device=device).triu(1)
+        dist = (pair * upper).sum() / max(B * K * (K - 1) // 2, 1)
+        if norm == 1:
+            reg_k = mu.abs().sum(dim=(0, 2))
+        else:
+            reg_k = _norm(mu.transpose(0, 1).reshape(K, -1), 2)
+        reg = reg_k.sum() / (K * B)
+        return alpha * var, beta * dist, gamma * reg
+
+    C = present.sum(1).to(dtype)  # (B,)
+    var = torch.where(present, hinge / counts.clamp(min=1), 0).sum(1) / C.clamp(min=1)
+    eye = torch.eye(K, dtype=torch.bool, device=device)
+    pair_mask = present[:, :, None] & present[:, None, :] & ~eye
+    dist = torch.where(pair_mask, pair, 0).sum((1, 2)) / (C * (C - 1)).clamp(min=1)
+    reg = torch.where(present, _norm(mu, norm), 0).sum(1) / C.clamp(min=1)
+    terms = (alpha * var, beta * dist, gamma * reg)
+    if reduction == "mean":
+        return tuple(t.mean() for t in terms)
+    if reduction == "sum":
+        return tuple(t.sum() for t in terms)
+    return terms
+
+
+def discriminative_loss_loop(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    delta_v: float = 0.5,
+    delta_d: float = 1.5,
+    *,
+    norm: int = 2,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 0.001,
+    ignore_index: int | None = 0,
+):
+    """The per-image, per-instance Python loop of the common ports (mean over B).
+
+    Unlike most ports it does not return NaN on empty images; it is here to
+    time the loop, not to copy its bugs.
+    """
+    B, E = embeddings.shape[:2]
+    zero = embeddings.sum() * 0
+    var_sum, dist_sum, reg_sum = zero, zero, zero
+    for b in range(B):
+        x = embeddings[b].reshape(E, -1)
+        lab = labels[b].reshape(-1)
+        ids = torch.unique(lab)
+        if ignore_index is not None:
+            ids = ids[ids != ignore_index]
+        means, var = [], zero
+        for i in ids:
+            xi = x[:, lab == i]
+            mu = xi.mean(1)
+            means.append(mu)
+            var = var + (torch.relu(_norm(xi - mu[:, None], norm, dim=0) - delta_v) ** 2).mean()
+        C = len(means)
+        if C == 0:
+            continue
+        mus = torch.stack(means)
+        var_sum = var_sum + var / C
+        reg_sum = reg_sum + _norm(mus, norm).mean()
+        if C > 1:
+            d = 0
+            for a in range(C):
+                for c in range(C):
+                    if a != c:
+                        d = d + torch.relu(2 * delta_d - _norm(mus[a] - mus[c], norm)) ** 2
+            dist_sum = dist_sum + d / (C * (C - 1))
+    return alpha * var_sum / B, beta * dist_sum / B, gamma * reg_sum / B
