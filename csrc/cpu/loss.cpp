@@ -9,7 +9,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "../discloss.h"
 #include "kernel_table.h"
@@ -88,6 +93,23 @@ void for_each_chunk(const PixelLayout& L, const ChunkPlan& plan, const ChunkArgs
       if (a.begin < a.end) fn(t, a);
     }
   });
+}
+
+// The gradient is as large as the embeddings and written once into fresh
+// memory, where first-touch page faults on 4 KiB pages cost more than the
+// write itself (measured: 35 ms vs 4 ms to fill 128 MiB on 2 cores). Asking
+// for transparent huge pages removes most of that; a no-op where unsupported.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = t.storage().nbytes();
+  if (bytes < 2 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.storage().data()) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.storage().data()) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
 }
 
 // out[b, i] = sum over chunks c (in order) of partial[b, c, i].
@@ -382,7 +404,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_var, const at::Tensor& grad_dist,
                         const at::Tensor& counts, const at::Tensor& hinge_grad_sums, double delta_v, double delta_d,
                         int64_t norm, double alpha, double beta, double gamma, std::optional<int64_t> ignore_index,
                         c10::string_view normalization, c10::string_view reduction) {
-  const LossConfig c = make_config(means.dim() == 3 ? means.size(1) : 1, delta_v, delta_d, norm, alpha, beta, gamma,
+  const LossConfig c = make_config(counts.dim() == 2 ? counts.size(1) : 1, delta_v, delta_d, norm, alpha, beta, gamma,
                                    ignore_index, normalization, reduction);
   check_backward_inputs(grad_var, grad_dist, grad_reg, embeddings, labels, means, counts, hinge_grad_sums, c);
   at::Tensor x = embeddings, lab = labels;
@@ -394,6 +416,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_var, const at::Tensor& grad_dist,
     grad = at::empty_like(x);
     make_pixel_layout(x, lab, &grad, &L);
   }
+  advise_huge_pages(grad);
   const int64_t B = L.batch, E = L.embed_dim, K = c.num_slots;
   const auto acc_type = accumulate_type(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc_type);

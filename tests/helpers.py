@@ -1,0 +1,64 @@
+"""Shared test helpers: label maps, the float64 oracle and comparisons."""
+
+import torch
+
+from discloss.reference import discriminative_loss_reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+LABEL_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+
+
+def blob_labels(batch, spatial, num_instances, *, background=0, seed=0, dtype=torch.int64, first_label=1):
+    """Spatially coherent instance maps: each pixel takes the label of its
+    nearest random centre (Voronoi cells); about a quarter of the pixels,
+    the ones farthest from every centre, are background."""
+    g = torch.Generator().manual_seed(seed)
+    n = 1
+    for s in spatial:
+        n *= s
+    grids = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in spatial], indexing="ij"), -1)
+    coords = grids.reshape(n, len(spatial))
+    out = torch.empty(batch, n, dtype=torch.int64)
+    for b in range(batch):
+        centres = torch.rand(num_instances, len(spatial), generator=g, dtype=torch.float64)
+        centres = centres * torch.tensor(spatial, dtype=torch.float64)
+        d = torch.cdist(coords, centres)
+        nearest = d.min(1)
+        lab = nearest.indices + first_label
+        far = nearest.values > torch.quantile(nearest.values, 0.75)
+        lab[far] = background
+        out[b] = lab
+    return out.reshape(batch, *spatial).to(dtype)
+
+
+def reference64(embeddings, labels, **kwargs):
+    """The float64 pure-PyTorch oracle: terms and d(sum of terms)/d(embeddings)."""
+    x = embeddings.detach().to(torch.float64).requires_grad_(True)
+    terms = discriminative_loss_reference(x, labels, **kwargs)
+    grad = torch.autograd.grad(sum(t.sum() for t in terms), x)[0]
+    return [t.detach() for t in terms], grad
+
+
+def tolerances(dtype):
+    return {
+        torch.float64: dict(rtol=1e-9, atol=1e-11),
+        torch.float32: dict(rtol=2e-4, atol=2e-6),
+        torch.float16: dict(rtol=2e-2, atol=2e-3),
+        torch.bfloat16: dict(rtol=3e-2, atol=1e-2),
+    }[dtype]
+
+
+def assert_close(actual, expected, dtype, what=""):
+    tol = tolerances(dtype)
+    torch.testing.assert_close(actual.to(torch.float64).cpu(), expected.to(torch.float64).cpu(), **tol, msg=lambda m: f"{what}: {m}")
+
+
+def assert_grad_close(actual, expected, dtype, what="grad"):
+    """Elementwise, with the absolute tolerance scaled to the gradient's size:
+    most entries are sums of a few large and many small contributions."""
+    tol = tolerances(dtype)
+    scale = float(expected.abs().max()) or 1.0
+    torch.testing.assert_close(
+        actual.to(torch.float64).cpu(), expected.to(torch.float64).cpu(), rtol=tol["rtol"],
+        atol=max(tol["atol"], tol["rtol"] * scale), msg=lambda m: f"{what}: {m}",
+    )
