@@ -1,0 +1,13 @@
+"""Train a U-Net with the discriminative loss on synthetic scattered sticks.
+
+The same as ``python -m discloss.demo``; see ``--help`` for the options.
+
+    python examples/train_sticks.py --steps 1200 --out runs/demo
+"""
+
+import sys
+
+from discloss.demo import main
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,82 @@
+"""A few steps of the end-to-end demo, and its PNG writer."""
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from discloss import demo
+
+
+def read_png(path):
+    """Decode an 8-bit RGB, non-interlaced PNG written with filter type 0 rows."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    position, chunks = 8, {}
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position:position + 4])
+        kind = data[position + 4:position + 8]
+        body = data[position + 8:position + 8 + length]
+        (crc,) = struct.unpack(">I", data[position + 8 + length:position + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
+        chunks[kind] = chunks.get(kind, b"") + body
+        position += 12 + length
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
+    assert (depth, colour, interlace) == (8, 2, 0)
+    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), dtype=np.uint8).reshape(height, 1 + 3 * width)
+    assert not raw[:, 0].any()  # filter type 0 on every row
+    return raw[:, 1:].reshape(height, width, 3)
+
+
+def test_write_png_round_trip(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, size=(7, 5, 3), dtype=np.uint8)
+    demo.write_png(str(tmp_path / "x.png"), image)
+    np.testing.assert_array_equal(read_png(str(tmp_path / "x.png")), image)
+
+
+def test_demo_smoke(tmp_path, capsys):
+    out = tmp_path / "run"
+    result = demo.main(["--steps", "4", "--image-size", "64", "--batch-size", "2", "--eval-images", "3",
+                        "--out", str(out), "--device", "cpu", "--log-every", "0"])
+    printed = capsys.readouterr().out
+    assert "step     4/4" in printed and "mean SBD" in printed
+    assert result["steps"] == 4
+    assert 0.0 <= result["sbd"] <= 1.0 and result["abs_dic"] >= 0.0
+    assert f"mean SBD {result['sbd']:.3f}" in printed
+
+    panel = read_png(result["panel"])
+    # 3 rows and 4 columns of 64 px tiles, 4 px apart.
+    assert panel.shape == (3 * 64 + 2 * 4, 4 * 64 + 3 * 4, 3)
+
+    checkpoint = torch.load(result["checkpoint"], weights_only=True)
+    model = demo.StickNet(embedding_dim=checkpoint["embedding_dim"], widths=checkpoint["widths"])
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    with torch.no_grad():
+        logits, embeddings = model(torch.rand(1, 3, 64, 64))
+    assert logits.shape == (1, 64, 64) and embeddings.shape == (1, 8, 64, 64)
+    assert torch.isfinite(embeddings).all()
+
+
+def test_time_limit_stops_training(tmp_path, capsys):
+    result = demo.main(["--steps", "1000", "--time-limit", "0.5", "--image-size", "32", "--batch-size", "1",
+                        "--eval-images", "1", "--out", str(tmp_path), "--device", "cpu"])
+    assert 1 <= result["steps"] < 1000
+    assert "time limit of 0.5 s reached" in capsys.readouterr().out
+
+
+def test_learning_rate_schedule_warms_up_then_anneals():
+    peak = 1.0
+    assert demo._learning_rate(0.0, peak, warmup=0.1) < 0.1
+    assert demo._learning_rate(0.1, peak, warmup=0.1) == pytest.approx(peak)
+    assert demo._learning_rate(1.0, peak, warmup=0.1) == pytest.approx(0.01 * peak)
+
+
+@pytest.mark.parametrize("option, value", [("--steps", "0"), ("--image-size", "30"), ("--time-limit", "-1")])
+def test_invalid_options_name_the_option(option, value, capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args([option, value])
+    assert option in capsys.readouterr().err
