@@ -112,10 +112,14 @@ def cluster_embeddings(
     3. claim: the unvisited pixels within ``threshold`` of that centre form a
        new instance; if the centre lies within ``delta_d`` of the centre of an
        instance already found in the image (the means of two instances are
-       pushed 2*delta_d apart), they join that instance instead. The seed and
-       the pixels within ``bandwidth`` of it are marked visited whether
-       claimed or not, so every iteration makes progress and stray pixels
-       cost no iterations of their own.
+       pushed 2*delta_d apart), they join that instance instead. The seed,
+       the pixels within ``bandwidth`` of it and those within ``delta_d`` of
+       the centre are marked visited, claimed or not (none of them could
+       seed a new instance), so every iteration makes progress and stray
+       pixels cost no iterations of their own.
+
+    An image stops when fewer than ``min_size`` of its pixels are unvisited
+    (they could not make an instance that is kept).
 
     After the last iteration, instances with fewer than ``min_size`` pixels
     are dropped, and every foreground pixel not in a kept instance (pixels
@@ -127,7 +131,7 @@ def cluster_embeddings(
     Cost: (mean_shift_steps + 2) passes over the foreground embeddings per
     iteration, with no Python loop over images. The only host
     synchronisations are a constant few (gathering the foreground pixels,
-    sizing the outputs) plus the check whether every pixel is visited, done
+    sizing the outputs) plus the check whether any image still has a seed, done
     after every iteration on CPU and every 8 iterations on CUDA; none per
     instance. Memory is O(foreground pixels * E).
 
@@ -191,14 +195,18 @@ def cluster_embeddings(
     point_label = torch.zeros(num_points, dtype=torch.long, device=device)  # 0: unclaimed, else slot + 1
     visited = torch.zeros(num_points, dtype=torch.bool, device=device)
     check_every = 8 if device.type == "cuda" else 1
+    # Fewer unvisited points than this cannot make an instance that is kept.
+    min_seeds = max(min_size, 1)
 
     for iteration in range(max_iterations):
-        # 1. The unvisited point of highest priority in each image.
+        # 1. The unvisited point of highest priority in each image that still
+        # has enough unvisited points to make an instance of min_size.
+        unvisited_count = _segment_sum((~visited).long(), image, batch)
         open_priority = torch.where(visited, torch.full_like(priority, -1), priority)
         best = torch.full((batch,), -1, dtype=torch.long, device=device)
         best = best.scatter_reduce(0, image, open_priority, reduce="amax")
-        has_seed = best >= 0
-        is_seed = (open_priority == best[image]) & ~visited
+        has_seed = (best >= 0) & (unvisited_count >= min_seeds)
+        is_seed = (open_priority == best[image]) & ~visited & has_seed[image]
         seeds = _segment_sum(points * is_seed.unsqueeze(1).to(points.dtype), image, batch)
 
         # 2. Mean shift to the mode.
@@ -217,16 +225,18 @@ def cluster_embeddings(
         num_found = num_found + is_new.long()
 
         offsets = points - centre[image]
-        near = (offsets * offsets).sum(dim=1) <= threshold_sq
-        claim = near & ~visited & has_seed[image]
+        distance_sq = (offsets * offsets).sum(dim=1)
+        claim = (distance_sq <= threshold_sq) & ~visited & has_seed[image]
         point_label = torch.where(claim, slot[image] + 1, point_label)
-        # The seed's own window was used by the first mean shift step: its
-        # unclaimed points are outliers of the same mode, left to the final
-        # nearest-centre assignment rather than each costing an iteration.
+        # Points within delta_d of a mode cannot seed a new instance (its mode
+        # would be a duplicate), nor can the seed's own window, which the
+        # first mean shift step used: they are visited, claimed or not, and
+        # left to the final nearest-centre assignment, so that stray points
+        # cost no iterations of their own.
         offsets = points - seeds[image]
-        around_seed = ((offsets * offsets).sum(dim=1) <= bandwidth_sq) & has_seed[image]
-        visited = visited | claim | is_seed | around_seed
-        if (iteration + 1) % check_every == 0 and bool(visited.all()):
+        around_seed = (offsets * offsets).sum(dim=1) <= bandwidth_sq
+        visited = visited | ((distance_sq <= merge_sq) | around_seed | is_seed) & has_seed[image]
+        if (iteration + 1) % check_every == 0 and not bool(has_seed.any()):
             break
 
     # Drop small instances; every other foreground point joins its nearest kept centre.
