@@ -104,7 +104,9 @@ def cluster_embeddings(
     Only foreground pixels take part. Each iteration, in every image that
     still has unvisited foreground pixels:
 
-    1. seed: pick an unvisited pixel (in a random order fixed by ``seed``);
+    1. seed: pick an unvisited pixel (in a random order of the pixel
+       positions fixed by ``seed``, so an image's result does not depend on
+       the rest of the batch);
     2. mean shift: move the seed's embedding to the mean of the image's
        foreground embeddings within ``bandwidth`` of it, ``mean_shift_steps``
        times (flat kernel; all foreground pixels count, visited or not, so
@@ -182,8 +184,10 @@ def cluster_embeddings(
     if num_points == 0:
         return labels_flat.reshape((batch,) + spatial), torch.zeros(batch, 0, device=device)
 
+    # Seed order: a random order of the pixel positions, the same for every
+    # image, so that an image is clustered the same alone or in any batch.
     generator = torch.Generator().manual_seed(seed)
-    priority = torch.randperm(num_points, generator=generator).to(device)
+    priority = torch.randperm(flat.shape[2], generator=generator).to(device)[pixel]
     bandwidth_sq = float(bandwidth) ** 2
     threshold_sq = float(threshold) ** 2
     merge_sq = float(delta_d) ** 2
