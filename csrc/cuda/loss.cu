@@ -1,0 +1,1112 @@
+// discloss::forward and discloss::backward on CUDA (DESIGN §3).
+//
+// Launches, in stream order (no host synchronisation anywhere: every size
+// depends on shapes only, so forward and backward can be captured in a CUDA
+// graph):
+//
+//   forward   [zero fills]  pass 1 slot_sums_kernel<sums>  [finish_means_kernel]
+//             [compact_present_kernel]  pass 2 slot_sums_kernel<hinge>
+//             [sum_partials_kernel x2]  finalize_forward_kernel
+//   backward  [compact_present_kernel]  slot_coefficients_kernel  write_grad_kernel
+//
+// Bracketed launches depend on the path (below) and the normalisation;
+// compaction of the clusters present is for the paper normalisation only.
+// A training step reads the embeddings three times (pass 1, pass 2, pass 3)
+// and writes the gradient once; everything per slot is O(B*K*E).
+//
+// Paths of the two streaming passes (slot_sums_kernel), chosen by plan_slot_sums
+// from the shapes alone:
+//  * shared: the K slots' accumulators (K*(E+1) values) fit in shared memory
+//    for every warp of a block (kSumWarps * K * (E+1) * sizeof(acc) <= 48 KiB;
+//    e.g. K=64, E=16: 17 KiB). Each warp accumulates into its own rows, the
+//    block adds its warps in warp order and writes its per-chunk partial; a
+//    separate launch adds the chunks in chunk order (or, with one chunk per
+//    image, the block writes the result itself). Deterministic, and the
+//    default for such K.
+//  * global atomics: K too large for shared memory and
+//    torch.are_deterministic_algorithms_enabled() false. Warp-aggregated
+//    atomicAdd on the zeroed global (B, K, E) rows: one atomic per group of
+//    lanes that share a slot in a warp step. Not bitwise reproducible.
+//  * slot ranges: K too large and deterministic algorithms requested. The
+//    slots are cut into ranges that fit in shared memory; block (chunk, range,
+//    image) accumulates only the pixels whose slot is in its range, as in the
+//    shared path. Labels are read once per range (x still about once), so it
+//    is slower than the atomics, but bitwise reproducible.
+//
+// Inside a warp (all paths), lane l of a tile of kTilePx = 32 * kM pixels
+// owns kM consecutive pixels, which for unit-stride inputs it loads with
+// 16-byte vector loads (a warp reads 32 * kM contiguous elements per channel).
+// Each lane first sums its own pixels run by run in registers (labels are
+// spatially coherent: the kM pixels almost always form one run), then lanes
+// holding the same slot are combined with __match_any_sync and a segmented
+// shuffle tree (peer_sum), and one leader per slot adds to the accumulator.
+//
+// The finalize (forward) is one launch for the whole batch: blocks cover
+// slices of the pairs of clusters present (paper: per image; chainer: every
+// slot pair of every image) plus the var and reg sums, write per-block
+// partials, and the last block to finish (atomic ticket) adds the partials in
+// a fixed order, applies the normalisation, weights and reduction, and writes
+// the three terms. Deterministic.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "../discloss.h"
+#include "reduce.cuh"
+
+namespace discloss {
+namespace cuda {
+namespace {
+
+// ---- tuning constants ----------------------------------------------------------
+constexpr int kM = 8;                        // consecutive pixels per lane
+constexpr int64_t kTilePx = 32 * kM;         // pixels per warp tile
+constexpr int kSumWarps = 4;                 // warps per block of the streaming passes
+constexpr int64_t kSharedBudget = 48 * 1024;  // bytes of accumulators per block
+constexpr int64_t kBlocksPerSm = 8;          // target blocks of the streaming passes
+constexpr int64_t kPartialBudget = int64_t(1) << 26;  // elements of per-chunk partials
+constexpr int64_t kMaxChunkPx = int64_t(1) << 30;     // keeps per-warp counts in 32 bits
+constexpr int kFinalizeThreads = 256;
+constexpr int kCoefThreads = 128;
+constexpr int kCompactThreads = 256;
+constexpr int kGradThreads = 256;
+constexpr int kElementwiseThreads = 256;
+constexpr int64_t kMaxSlots = int64_t(1) << 30;  // slots are int32 on the device
+
+// ---- element types ---------------------------------------------------------------
+// Embeddings are loaded as their raw bits and converted to the accumulation
+// type in registers: float16/bfloat16 natively, float32 accumulation.
+template <typename T>
+struct Elem;
+template <>
+struct Elem<float> {
+  using acc = float;
+  using bits = float;
+  static __device__ __forceinline__ float to_acc(float v) { return v; }
+};
+template <>
+struct Elem<double> {
+  using acc = double;
+  using bits = double;
+  static __device__ __forceinline__ double to_acc(double v) { return v; }
+};
+template <>
+struct Elem<c10::Half> {
+  using acc = float;
+  using bits = unsigned short;
+  static __device__ __forceinline__ float to_acc(unsigned short v) { return __half2float(__ushort_as_half(v)); }
+};
+template <>
+struct Elem<c10::BFloat16> {
+  using acc = float;
+  using bits = unsigned short;
+  static __device__ __forceinline__ float to_acc(unsigned short v) {
+    return __uint_as_float(static_cast<unsigned>(v) << 16);
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ typename Elem<T>::acc load_elem(const T* base, int64_t i) {
+  using bits = typename Elem<T>::bits;
+  return Elem<T>::to_acc(__ldg(reinterpret_cast<const bits*>(base) + i));
+}
+
+// kM consecutive elements from a 16-byte aligned address.
+template <typename T>
+__device__ __forceinline__ void load_run(const T* p, typename Elem<T>::acc (&v)[kM]) {
+  using bits = typename Elem<T>::bits;
+  constexpr int kPerVector = 16 / static_cast<int>(sizeof(bits));
+  static_assert(kM % kPerVector == 0, "kM must fill whole 16-byte vectors");
+  const uint4* q = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < kM / kPerVector; ++i) {
+    const uint4 u = __ldg(q + i);
+    bits w[kPerVector];
+    ::memcpy(w, &u, sizeof(u));
+#pragma unroll
+    for (int k = 0; k < kPerVector; ++k) v[i * kPerVector + k] = Elem<T>::to_acc(w[k]);
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t hinge_direction(acc_t d, int norm) {
+  // d(||v||)/dv component up to the factor folded into the pull coefficient:
+  // d itself (L2, coef already holds 1/r) or sign(d) (L1).
+  return norm == 2 ? d : norm_grad(d, acc_t(0), 1);
+}
+
+// ---- plans -----------------------------------------------------------------------
+
+// How the streaming passes 1 and 2 split the work (see the file comment).
+// Plain data, passed to the kernel by value.
+struct SumsPlan {
+  int64_t chunks;           // pixel chunks per image
+  int64_t chunk_px;         // pixels per chunk, a multiple of kTilePx
+  int64_t ranges;           // slot ranges (1 unless the slot-range path)
+  int64_t slots_per_range;  // rows of accumulators per warp
+  int warps;                // warps per block
+  bool global_atomics;      // global-atomics path
+  bool direct;              // one chunk per image: blocks write the final rows
+  bool unit;                // one spatial dim, unit strides of x and labels
+  bool vec;                 // unit, and x 16-byte aligned for every (image, channel)
+};
+
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+SumsPlan plan_slot_sums(const PixelLayout& L, int64_t K, int64_t acc_size, bool deterministic) {
+  SumsPlan p{};
+  const int64_t N = L.num_pixels, B = L.batch, E = L.embed_dim;
+  // Bytes of one slot's accumulators: E sums and an extra value (the count
+  // in pass 1, 4 bytes; the sum of h^2 in pass 2, acc_size bytes).
+  const int64_t row_bytes = (E + 1) * acc_size;
+  p.warps = kSumWarps;
+  p.ranges = 1;
+  p.slots_per_range = K;
+  if (int64_t(kSumWarps) * K * row_bytes > kSharedBudget) {
+    if (!deterministic) {
+      p.global_atomics = true;
+    } else {
+      while (p.warps > 1 && int64_t(p.warps) * row_bytes > kSharedBudget) p.warps /= 2;
+      TORCH_CHECK(int64_t(p.warps) * row_bytes <= kSharedBudget,
+                  "embeddings: with torch.use_deterministic_algorithms(True) the CUDA kernels need the ",
+                  "accumulators of one slot ((E+1) values) to fit in ", kSharedBudget,
+                  " bytes of shared memory; got E=", E);
+      p.slots_per_range = std::min<int64_t>(K, kSharedBudget / (int64_t(p.warps) * row_bytes));
+      p.ranges = ceil_div(K, p.slots_per_range);
+    }
+  }
+  const int64_t tiles = std::max<int64_t>(ceil_div(N, kTilePx), 1);
+  const int64_t target = int64_t(sm_count()) * kBlocksPerSm * (kSumWarps / p.warps);
+  int64_t chunks = ceil_div(target, std::max<int64_t>(B * p.ranges, 1));
+  if (!p.global_atomics) {
+    // per-chunk partials: chunks * B * K * (E + 1) elements
+    chunks = std::min<int64_t>(chunks, std::max<int64_t>(kPartialBudget / std::max<int64_t>(B * K * (E + 1), 1), 1));
+  }
+  chunks = std::max<int64_t>(chunks, ceil_div(N, kMaxChunkPx));
+  chunks = std::min<int64_t>(std::max<int64_t>(chunks, 1), tiles);
+  p.chunk_px = ceil_div(tiles, chunks) * kTilePx;
+  p.chunks = std::max<int64_t>(ceil_div(N, p.chunk_px), 1);
+  p.direct = !p.global_atomics && p.chunks == 1;
+  p.unit = L.ndim == 1 && L.x_strides[0] == 1 && L.label_strides[0] == 1;
+  return p;
+}
+
+// 16-byte vector loads of kM consecutive pixels need every (image, channel)
+// row to start 16-byte aligned.
+bool vector_loads_ok(const SumsPlan& p, const PixelLayout& L, const at::Tensor& x) {
+  const int64_t size = static_cast<int64_t>(x.element_size());
+  const auto addr = reinterpret_cast<uintptr_t>(x.data_ptr());
+  return p.unit && addr % 16 == 0 && (L.x_batch_stride * size) % 16 == 0 && (L.x_embed_stride * size) % 16 == 0;
+}
+
+// ---- passes 1 and 2: per-slot sums --------------------------------------------------
+
+template <typename acc_t, bool kHinge>
+struct PassTypes {  // pass 1: counts
+  using shared_extra = unsigned;
+  using global_extra = int64_t;
+};
+template <typename acc_t>
+struct PassTypes<acc_t, true> {  // pass 2: sums of h^2
+  using shared_extra = acc_t;
+  using global_extra = acc_t;
+};
+
+// Slot of a label within [lo, lo + ks), or -1 (ignored, invalid, other range).
+template <typename label_t>
+__device__ __forceinline__ int local_slot(label_t label, const LossConfig& c, int64_t lo, int64_t ks) {
+  const int64_t s = slot_of(static_cast<int64_t>(label), c);
+  return (s >= lo && s < lo + ks) ? static_cast<int>(s - lo) : -1;
+}
+
+// The slots of this lane's kM pixels first .. first+kM-1 (-1 past p_end) and,
+// for the strided path, the offsets of their embeddings in the image.
+template <typename label_t>
+__device__ __forceinline__ void load_lane_slots(const label_t* lab_img, const PixelLayout& L, const LossConfig& c,
+                                                bool unit, int64_t first, int64_t p_end, int64_t lo, int64_t ks,
+                                                int (&slot)[kM], int64_t (&xoff)[kM]) {
+  if (unit) {
+#pragma unroll
+    for (int j = 0; j < kM; ++j) {
+      const int64_t p = first + j;
+      xoff[j] = p;
+      slot[j] = p < p_end ? local_slot(lab_img[p], c, lo, ks) : -1;
+    }
+    return;
+  }
+  // Strided: walk along the innermost dim, recomputing the offsets (integer
+  // divisions) only where a row ends.
+  const int inner_dim = L.ndim - 1;
+  const int64_t inner = L.sizes[inner_dim];
+  PixelOffsets o{0, 0, 0};
+  int64_t col = 0;
+  if (first < p_end) {
+    o = pixel_offsets(L, first);
+    col = first % inner;
+  }
+#pragma unroll
+  for (int j = 0; j < kM; ++j) {
+    const int64_t p = first + j;
+    xoff[j] = 0;
+    slot[j] = -1;
+    if (p < p_end) {
+      xoff[j] = o.x;
+      slot[j] = local_slot(lab_img[o.label], c, lo, ks);
+      if (p + 1 < p_end) {
+        if (++col < inner) {
+          o.x += L.x_strides[inner_dim];
+          o.label += L.label_strides[inner_dim];
+        } else {
+          col = 0;
+          o = pixel_offsets(L, p + 1);
+        }
+      }
+    }
+  }
+}
+
+// Channel values of this lane's kM pixels (0 where the slot is -1 on the
+// scalar path; the vector path loads whole runs of in-bounds pixels).
+template <typename scalar_t>
+__device__ __forceinline__ void load_channel(const scalar_t* xe, int64_t first, const int64_t (&xoff)[kM],
+                                             const int (&slot)[kM], bool vec, bool lane_has_pixels,
+                                             typename Elem<scalar_t>::acc (&v)[kM]) {
+  using acc_t = typename Elem<scalar_t>::acc;
+  if (vec) {
+    if (lane_has_pixels) {
+      load_run(xe + first, v);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kM; ++j) v[j] = acc_t(0);
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < kM; ++j) v[j] = slot[j] >= 0 ? load_elem(xe, xoff[j]) : acc_t(0);
+}
+
+__device__ __forceinline__ int run_of(unsigned run_ids, int j) { return static_cast<int>((run_ids >> (4 * j)) & 15u); }
+
+// Passes 1 and 2 over chunk `chunk` of image `b`, slots of range `range`
+// (block index = (b * ranges + range) * chunks + chunk).
+//
+// pass 1 (kHinge false): per slot, the sum of x over its pixels and the
+//   pixel count. Reads labels once and x once per pixel of the chunk (only
+//   tiles holding a pixel of the range load x on the slot-range path).
+// pass 2 (kHinge true): per slot, the sum of h^2 and of d(h^2)/dx, with
+//   h = [||x - mu|| - delta_v]+. Reads labels once and x twice (the second
+//   read, for the gradient sum, mostly hits L1/L2 and is skipped for warp
+//   tiles where every pixel lies within delta_v of its mean); reads means
+//   (B, K, E) through the cache, once per run.
+//
+// Writes, shared paths: the block's rows [lo, lo + ks) of the image once
+// (the final means/counts or hinge_grad/hinge when plan.direct, else the
+// chunk's partial); global path: atomics into the image's zeroed rows.
+template <typename scalar_t, typename label_t, bool kHinge>
+__global__ void __launch_bounds__(kSumWarps * 32)
+    slot_sums_kernel(const scalar_t* __restrict__ x, const label_t* __restrict__ labels, const PixelLayout L,
+                     const LossConfig c, const SumsPlan plan, const typename Elem<scalar_t>::acc* __restrict__ means,
+                     typename Elem<scalar_t>::acc* __restrict__ sums_out,
+                     typename PassTypes<typename Elem<scalar_t>::acc, kHinge>::global_extra* __restrict__ extras_out) {
+  using acc_t = typename Elem<scalar_t>::acc;
+  using shared_extra_t = typename PassTypes<acc_t, kHinge>::shared_extra;
+  using global_extra_t = typename PassTypes<acc_t, kHinge>::global_extra;
+  const int64_t K = c.num_slots, E = L.embed_dim, N = L.num_pixels, B = L.batch;
+  const int lane = lane_id();
+  const int warp = static_cast<int>(threadIdx.x >> 5);
+  const int warps = static_cast<int>(blockDim.x >> 5);
+  const int64_t block = blockIdx.x;
+  const int64_t chunk = block % plan.chunks;
+  const int64_t range = (block / plan.chunks) % plan.ranges;
+  const int64_t b = block / (plan.chunks * plan.ranges);
+  const int64_t p_begin = chunk * plan.chunk_px;
+  const int64_t p_end = min(p_begin + plan.chunk_px, N);
+  const int64_t lo = range * plan.slots_per_range;
+  const int64_t ks = min(plan.slots_per_range, K - lo);
+  const int64_t rows = plan.slots_per_range;  // rows allocated per warp
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  acc_t* shared_sums = reinterpret_cast<acc_t*>(smem);
+  shared_extra_t* shared_extras = reinterpret_cast<shared_extra_t*>(shared_sums + warps * rows * E);
+
+  SlotAccumulator<acc_t, shared_extra_t, global_extra_t> acc;
+  acc.embed_dim = E;
+  acc.global = plan.global_atomics;
+  if (plan.global_atomics) {
+    acc.sums = sums_out + b * K * E;
+    acc.extras = nullptr;
+    acc.global_extras = extras_out + b * K;
+  } else {
+    acc.sums = shared_sums + warp * rows * E;
+    acc.extras = shared_extras + warp * rows;
+    acc.global_extras = nullptr;
+    for (int64_t i = threadIdx.x; i < warps * rows * E; i += blockDim.x) shared_sums[i] = acc_t(0);
+    for (int64_t i = threadIdx.x; i < warps * rows; i += blockDim.x) shared_extras[i] = shared_extra_t(0);
+    __syncthreads();
+  }
+
+  const scalar_t* x_img = x + b * L.x_batch_stride;
+  const label_t* lab_img = labels + b * L.label_batch_stride;
+  const int norm = c.norm;
+  const acc_t delta_v = acc_t(c.delta_v);
+
+  // Warp tiles in a fixed order per warp: warp w takes tiles w, w + warps, ...
+  for (int64_t tile = p_begin + int64_t(warp) * kTilePx; tile < p_end; tile += int64_t(warps) * kTilePx) {
+    const int64_t first = tile + int64_t(lane) * kM;
+    int slot[kM];
+    int64_t xoff[kM];
+    load_lane_slots(lab_img, L, c, plan.unit, first, p_end, lo, ks, slot, xoff);
+
+    // Runs of equal slots among the lane's pixels: run_ids holds, per pixel,
+    // 4 bits = 1 + index of its run, 0 for no slot.
+    unsigned run_ids = 0;
+    int runs = 0;
+    int prev = -1;
+#pragma unroll
+    for (int j = 0; j < kM; ++j) {
+      if (slot[j] >= 0) {
+        if (slot[j] != prev) ++runs;
+        run_ids |= static_cast<unsigned>(runs) << (4 * j);
+      }
+      prev = slot[j];
+    }
+    const int rounds = warp_max(runs);  // warp-uniform
+    if (rounds == 0) continue;
+
+    // Round q combines every lane's q-th run: its slot and the lanes sharing it.
+    int round_slot[kM];
+    unsigned round_peers[kM];
+#pragma unroll
+    for (int q = 0; q < kM; ++q) {
+      round_slot[q] = -1;
+#pragma unroll
+      for (int j = 0; j < kM; ++j) {
+        if (run_of(run_ids, j) == q + 1) round_slot[q] = slot[j];
+      }
+      round_peers[q] = 0u;
+      if (q < rounds) round_peers[q] = __match_any_sync(kFullMask, round_slot[q]);
+    }
+
+    // Adds each run's sum of val to its slot: to channel e, or to the extra
+    // value when to_extra (a std::bool_constant) is true.
+    auto flush = [&](auto to_extra, int64_t e, const acc_t(&val)[kM]) {
+#pragma unroll
+      for (int q = 0; q < kM; ++q) {
+        if (q < rounds) {
+          acc_t s = acc_t(0);
+#pragma unroll
+          for (int j = 0; j < kM; ++j) s += run_of(run_ids, j) == q + 1 ? val[j] : acc_t(0);
+          s = peer_sum(round_peers[q], s);
+          if (round_slot[q] >= 0 && is_group_leader(round_peers[q])) {
+            if constexpr (decltype(to_extra)::value) {
+              acc.add_extra(round_slot[q], s);
+            } else {
+              acc.add(round_slot[q], e, s);
+            }
+          }
+          __syncwarp();
+        }
+      }
+    };
+
+    const bool lane_has_pixels = runs > 0;
+    const bool vec = plan.vec && tile + kTilePx <= p_end;
+    if constexpr (!kHinge) {
+#pragma unroll
+      for (int q = 0; q < kM; ++q) {
+        if (q < rounds) {
+          unsigned n = 0;
+#pragma unroll
+          for (int j = 0; j < kM; ++j) n += run_of(run_ids, j) == q + 1 ? 1u : 0u;
+          n = peer_sum(round_peers[q], n);
+          if (round_slot[q] >= 0 && is_group_leader(round_peers[q])) acc.add_extra(round_slot[q], n);
+          __syncwarp();
+        }
+      }
+      for (int64_t e = 0; e < E; ++e) {
+        acc_t v[kM];
+        load_channel(x_img + e * L.x_embed_stride, first, xoff, slot, vec, lane_has_pixels, v);
+        flush(std::false_type{}, e, v);
+      }
+    } else {
+      const acc_t* mu_img = means + (b * K + lo) * E;  // rows of this range
+      acc_t r[kM];
+#pragma unroll
+      for (int j = 0; j < kM; ++j) r[j] = acc_t(0);
+      for (int64_t e = 0; e < E; ++e) {
+        acc_t v[kM];
+        load_channel(x_img + e * L.x_embed_stride, first, xoff, slot, vec, lane_has_pixels, v);
+        acc_t m = acc_t(0);
+        int prev_slot = -1;
+#pragma unroll
+        for (int j = 0; j < kM; ++j) {
+          if (slot[j] >= 0) {
+            if (slot[j] != prev_slot) m = __ldg(mu_img + int64_t(slot[j]) * E + e);
+            r[j] += norm_term<acc_t>(v[j] - m, norm);
+          }
+          prev_slot = slot[j];
+        }
+      }
+      acc_t coef[kM];
+      acc_t h2[kM];
+      bool any_coef = false;
+#pragma unroll
+      for (int j = 0; j < kM; ++j) {
+        coef[j] = acc_t(0);
+        h2[j] = acc_t(0);
+        if (slot[j] >= 0) {
+          const PullHinge<acc_t> ph = pull_hinge(finish_norm(r[j], norm), delta_v, norm);
+          coef[j] = ph.coef;
+          h2[j] = ph.h * ph.h;
+          any_coef = any_coef || ph.coef != acc_t(0);
+        }
+      }
+      // Every pixel of the warp tile within delta_v of its mean: h = 0 and
+      // d(h^2)/dx = 0, nothing to add.
+      if (!__any_sync(kFullMask, any_coef)) continue;
+      flush(std::true_type{}, 0, h2);
+      for (int64_t e = 0; e < E; ++e) {
+        acc_t v[kM];
+        load_channel(x_img + e * L.x_embed_stride, first, xoff, slot, vec, lane_has_pixels, v);
+        acc_t m = acc_t(0);
+        int prev_slot = -1;
+#pragma unroll
+        for (int j = 0; j < kM; ++j) {
+          if (slot[j] >= 0) {
+            if (slot[j] != prev_slot) m = __ldg(mu_img + int64_t(slot[j]) * E + e);
+            v[j] = coef[j] * hinge_direction(v[j] - m, norm);
+          } else {
+            v[j] = acc_t(0);
+          }
+          prev_slot = slot[j];
+        }
+        flush(std::false_type{}, e, v);
+      }
+    }
+  }
+
+  if (plan.global_atomics) return;
+
+  // Add the warps' rows in warp order and write them once.
+  __syncthreads();
+  acc_t* out_sums = sums_out + (plan.direct ? 0 : chunk * B * K * E);
+  global_extra_t* out_extras = extras_out + (plan.direct ? 0 : chunk * B * K);
+  for (int64_t i = threadIdx.x; i < ks * E; i += blockDim.x) {
+    const int64_t s = i / E, e = i - s * E;
+    acc_t total = acc_t(0);
+    for (int w = 0; w < warps; ++w) total += shared_sums[(w * rows + s) * E + e];
+    if constexpr (!kHinge) {
+      if (plan.direct) {  // the mean, as the CPU computes it
+        uint64_t n = 0;
+        for (int w = 0; w < warps; ++w) n += shared_extras[w * rows + s];
+        total *= n > 0 ? acc_t(1) / acc_t(n) : acc_t(0);
+      }
+    }
+    out_sums[(b * K + lo + s) * E + e] = total;
+  }
+  for (int64_t s = threadIdx.x; s < ks; s += blockDim.x) {
+    global_extra_t total = global_extra_t(0);
+    for (int w = 0; w < warps; ++w) total += static_cast<global_extra_t>(shared_extras[w * rows + s]);
+    out_extras[b * K + lo + s] = total;
+  }
+}
+
+// After pass 1 on the partial or global path: counts[row] = sum over chunks
+// of part_counts and means[row, e] = (sum over chunks of part_sums) / count
+// (0 for an empty slot), chunks added in chunk order. In place (part_sums ==
+// means, part_counts == counts, chunks == 1, write_counts false) on the global
+// path. Reads the partials once, writes means (and counts) once.
+template <typename acc_t>
+__global__ void __launch_bounds__(kElementwiseThreads)
+    finish_means_kernel(const acc_t* part_sums, const int64_t* part_counts, int64_t chunks, int64_t rows, int64_t E,
+                        acc_t* means, int64_t* counts, bool write_counts) {
+  const int64_t total = rows * E;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / E;
+    int64_t n = 0;
+    acc_t s = acc_t(0);
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      n += part_counts[ch * rows + row];
+      s += part_sums[ch * total + i];
+    }
+    means[i] = s * (n > 0 ? acc_t(1) / acc_t(n) : acc_t(0));
+    if (write_counts && i - row * E == 0) counts[row] = n;
+  }
+}
+
+// out[i] = sum over chunks (in order) of part[ch * n + i]. Reads the partials
+// once, writes out once.
+template <typename acc_t>
+__global__ void __launch_bounds__(kElementwiseThreads)
+    sum_partials_kernel(const acc_t* __restrict__ part, int64_t chunks, int64_t n, acc_t* __restrict__ out) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    acc_t s = acc_t(0);
+    for (int64_t ch = 0; ch < chunks; ++ch) s += part[ch * n + i];
+    out[i] = s;
+  }
+}
+
+// ---- compaction of the clusters present (paper normalisation) ------------------------
+// One block per image: present[b, 0 .. C_b) = the slots k with counts[b, k] > 0
+// in increasing order, num_present[b] = C_b. Reads counts once.
+__global__ void __launch_bounds__(kCompactThreads)
+    compact_present_kernel(const int64_t* __restrict__ counts, int64_t B, int64_t K, int* __restrict__ present,
+                           int* __restrict__ num_present) {
+  __shared__ int scratch[33];
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    int offset = 0;
+    for (int64_t base = 0; base < K; base += blockDim.x) {
+      const int64_t k = base + threadIdx.x;
+      const int flag = (k < K && counts[b * K + k] > 0) ? 1 : 0;
+      int total = 0;
+      const int pos = block_exclusive_scan(flag, scratch, &total);
+      if (flag) present[b * K + offset + pos] = static_cast<int>(k);
+      offset += total;
+    }
+    if (threadIdx.x == 0) num_present[b] = offset;
+  }
+}
+
+// ---- finalize (forward) ------------------------------------------------------------
+// Block (b, t) of B * tiles (paper), block t of tiles (chainer). Each block
+// sums its share of: var (weighted hinge sums of the clusters present; chainer:
+// slot totals over the batch), reg (norms of means) and dist (push hinge over
+// pairs: paper, pairs (i, j > i) of image b's present clusters, rows i = t,
+// t + tiles, ...; chainer, all slot pairs of all images). It writes 3 partials;
+// the last block adds them in block order, applies the weights and the
+// reduction and writes var, dist, reg. Reads means, counts and hinge sums
+// through the cache (means O(C^2 E) times over the pairs, from L1/L2).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_forward_kernel(const LossConfig c, int64_t B, int64_t E, int64_t tiles, const acc_t* __restrict__ means,
+                            const int64_t* __restrict__ counts, const acc_t* __restrict__ hinge,
+                            const int* __restrict__ present, const int* __restrict__ num_present,
+                            acc_t* __restrict__ partials, unsigned* __restrict__ tickets, scalar_t* __restrict__ var_out,
+                            scalar_t* __restrict__ dist_out, scalar_t* __restrict__ reg_out) {
+  __shared__ acc_t scratch[32];
+  __shared__ bool is_last;
+  const int64_t K = c.num_slots;
+  const bool paper = c.normalization == Normalization::Paper;
+  const int norm = c.norm;
+  const acc_t delta_d = acc_t(c.delta_d);
+  const int64_t t = blockIdx.x % tiles;
+  const int64_t stride = tiles * blockDim.x;
+  acc_t v = acc_t(0), d = acc_t(0), r = acc_t(0);
+  if (paper) {
+    const int64_t b = blockIdx.x / tiles;
+    const int64_t C = num_present[b];
+    const int* P = present + b * K;
+    const acc_t* mu = means + b * K * E;
+    for (int64_t i = t * blockDim.x + threadIdx.x; i < C; i += stride) {
+      const int64_t k = P[i];
+      v += var_weight<acc_t>(c, C, counts[b * K + k], 0) * hinge[b * K + k];
+      acc_t n = acc_t(0);
+      for (int64_t e = 0; e < E; ++e) n += norm_term<acc_t>(mu[k * E + e], norm);
+      r += finish_norm(n, norm);
+    }
+    for (int64_t i = t; i < C; i += tiles) {
+      const acc_t* mi = mu + int64_t(P[i]) * E;
+      for (int64_t j = i + 1 + threadIdx.x; j < C; j += blockDim.x) {
+        const acc_t p = push_hinge(mean_distance(mi, mu + int64_t(P[j]) * E, E, norm), delta_d);
+        d += p * p;
+      }
+    }
+  } else {
+    for (int64_t k = t * blockDim.x + threadIdx.x; k < K; k += stride) {
+      int64_t n = 0;
+      acc_t h = acc_t(0), s = acc_t(0);
+      for (int64_t b = 0; b < B; ++b) {
+        n += counts[b * K + k];
+        h += hinge[b * K + k];
+        for (int64_t e = 0; e < E; ++e) s += norm_term<acc_t>(means[(b * K + k) * E + e], norm);
+      }
+      v += var_weight<acc_t>(c, 0, 0, n) * h;
+      r += finish_norm(s, norm);
+    }
+    for (int64_t i = t; i < B * K; i += tiles) {
+      const int64_t b = i / K, k = i - b * K;
+      const acc_t* mu = means + b * K * E;
+      for (int64_t l = k + 1 + threadIdx.x; l < K; l += blockDim.x) {
+        const acc_t p = push_hinge(mean_distance(mu + k * E, mu + l * E, E, norm), delta_d);
+        d += p * p;
+      }
+    }
+  }
+  v = block_sum(v, scratch);
+  d = block_sum(d, scratch);
+  r = block_sum(r, scratch);
+  if (threadIdx.x == 0) {
+    acc_t* out = partials + int64_t(blockIdx.x) * 3;
+    out[0] = v;
+    out[1] = d;
+    out[2] = r;
+    __threadfence();  // the partials are visible before the ticket is taken
+    is_last = atomicAdd(tickets, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  const acc_t alpha = acc_t(c.alpha), beta = acc_t(c.beta), gamma = acc_t(c.gamma);
+  if (paper) {
+    const bool per_image = c.reduction == Reduction::None;
+    acc_t sv = acc_t(0), sd = acc_t(0), sr = acc_t(0);
+    for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
+      acc_t pv = acc_t(0), pd = acc_t(0), pr = acc_t(0);
+      for (int64_t u = 0; u < tiles; ++u) {
+        const acc_t* q = partials + (b * tiles + u) * 3;
+        pv += __ldcg(q);
+        pd += __ldcg(q + 1);
+        pr += __ldcg(q + 2);
+      }
+      const int64_t C = num_present[b];
+      const acc_t tv = alpha * pv;
+      const acc_t td = beta * dist_pair_weight<acc_t>(c, C, B) * pd;
+      const acc_t tr = gamma * (reg_weight<acc_t>(c, C, B) * pr);
+      if (per_image) {
+        var_out[b] = static_cast<scalar_t>(tv);
+        dist_out[b] = static_cast<scalar_t>(td);
+        reg_out[b] = static_cast<scalar_t>(tr);
+      } else {
+        sv += tv;
+        sd += td;
+        sr += tr;
+      }
+    }
+    if (!per_image) {
+      sv = block_sum(sv, scratch);
+      sd = block_sum(sd, scratch);
+      sr = block_sum(sr, scratch);
+      if (threadIdx.x == 0) {
+        const acc_t scale = reduction_scale<acc_t>(c, B);
+        var_out[0] = static_cast<scalar_t>(sv * scale);
+        dist_out[0] = static_cast<scalar_t>(sd * scale);
+        reg_out[0] = static_cast<scalar_t>(sr * scale);
+      }
+    }
+  } else if (threadIdx.x == 0) {
+    acc_t pv = acc_t(0), pd = acc_t(0), pr = acc_t(0);
+    for (int64_t u = 0; u < tiles; ++u) {
+      pv += __ldcg(partials + u * 3);
+      pd += __ldcg(partials + u * 3 + 1);
+      pr += __ldcg(partials + u * 3 + 2);
+    }
+    var_out[0] = static_cast<scalar_t>(alpha * pv);
+    dist_out[0] = static_cast<scalar_t>(beta * dist_pair_weight<acc_t>(c, 0, B) * pd);
+    reg_out[0] = static_cast<scalar_t>(gamma * reg_weight<acc_t>(c, 0, B) * pr);
+  }
+}
+
+// ---- backward: per-slot coefficients --------------------------------------------------
+// One block per (image, slot) row (grid-stride). For a slot with pixels:
+//   var_coef = grad_var * alpha * scale * var_weight,
+//   mean_coef = (-var_coef * V + push gradient + reg gradient) / n,
+// the push gradient summed over the other clusters of the image (paper:
+// present ones; chainer: every slot), in a fixed order: threads compute the
+// pair coefficients of blockDim clusters at a time, then each (part, e) cell
+// is owned by one thread. Slots without pixels get 0. Reads means, counts,
+// hinge_grad_sums through the cache; writes var_coef and mean_coef once.
+template <typename acc_t>
+__global__ void __launch_bounds__(kCoefThreads)
+    slot_coefficients_kernel(const LossConfig c, int64_t B, int64_t E, const acc_t* __restrict__ grad_var,
+                             const acc_t* __restrict__ grad_dist, const acc_t* __restrict__ grad_reg, bool per_image,
+                             const acc_t* __restrict__ means, const int64_t* __restrict__ counts,
+                             const acc_t* __restrict__ hinge_grad, const int* __restrict__ present,
+                             const int* __restrict__ num_present, acc_t* __restrict__ var_coef, acc_t* mean_coef) {
+  __shared__ acc_t sh_pair_coef[kCoefThreads];
+  __shared__ int sh_pair_slot[kCoefThreads];
+  __shared__ acc_t sh_push[kCoefThreads];
+  __shared__ acc_t sh_a, sh_wd, sh_wr, sh_reg_norm;
+  const int64_t K = c.num_slots;
+  const bool paper = c.normalization == Normalization::Paper;
+  const int norm = c.norm;
+  const acc_t delta_d = acc_t(c.delta_d);
+  const acc_t scale = reduction_scale<acc_t>(c, B);
+  const int64_t threads = blockDim.x;
+  // Push-gradient cells: parts x E, each owned by one thread; in shared
+  // memory when they fit, else (E > blockDim, parts = 1) in the output row.
+  const int64_t parts = E <= threads ? threads / E : 1;
+  for (int64_t row = blockIdx.x; row < B * K; row += gridDim.x) {
+    const int64_t b = row / K, k = row - b * K;
+    const int64_t n = counts[row];
+    acc_t* out = mean_coef + row * E;
+    if (n == 0) {  // uniform over the block
+      if (threadIdx.x == 0) var_coef[row] = acc_t(0);
+      for (int64_t e = threadIdx.x; e < E; e += threads) out[e] = acc_t(0);
+      continue;
+    }
+    const int64_t C = paper ? int64_t(num_present[b]) : K;
+    const int* P = paper ? present + b * K : nullptr;
+    const acc_t* mu_b = means + b * K * E;
+    const acc_t* mu = mu_b + k * E;
+    if (threadIdx.x == 0) {
+      const int64_t gi = per_image ? b : 0;
+      int64_t slot_total = 0;
+      acc_t reg_norm = acc_t(0);
+      if (paper) {
+        for (int64_t e = 0; e < E; ++e) reg_norm += norm_term<acc_t>(mu[e], norm);
+        reg_norm = finish_norm(reg_norm, norm);
+      } else {
+        for (int64_t bb = 0; bb < B; ++bb) {
+          slot_total += counts[bb * K + k];
+          for (int64_t e = 0; e < E; ++e) reg_norm += norm_term<acc_t>(means[(bb * K + k) * E + e], norm);
+        }
+        reg_norm = finish_norm(reg_norm, norm);
+      }
+      sh_a = grad_var[gi] * acc_t(c.alpha) * scale * var_weight<acc_t>(c, C, n, slot_total);
+      sh_wd = grad_dist[gi] * acc_t(c.beta) * scale * dist_pair_weight<acc_t>(c, C, B);
+      sh_wr = grad_reg[gi] * acc_t(c.gamma) * scale * reg_weight<acc_t>(c, C, B);
+      sh_reg_norm = reg_norm;
+    }
+    __syncthreads();
+    const acc_t a = sh_a, wd = sh_wd, wr = sh_wr, reg_norm = sh_reg_norm;
+    acc_t* push = E <= threads ? sh_push : out;
+    for (int64_t cell = threadIdx.x; cell < parts * E; cell += threads) push[cell] = acc_t(0);
+    if (wd != acc_t(0)) {
+      for (int64_t base = 0; base < C; base += threads) {
+        const int64_t i = base + threadIdx.x;
+        acc_t coef = acc_t(0);
+        int l = -1;
+        if (i < C) {
+          l = P ? P[i] : static_cast<int>(i);
+          if (l != k) {
+            const acc_t dist = mean_distance(mu, mu_b + int64_t(l) * E, E, norm);
+            const acc_t p = push_hinge(dist, delta_d);
+            if (p > acc_t(0)) {
+              // d(p^2)/d mu_k = -2 p wd * d||mu_k - mu_l|| / d mu_k; the 1/r of
+              // the L2 norm is folded in here.
+              coef = norm == 2 ? (dist > acc_t(0) ? -2 * p * wd / dist : acc_t(0)) : -2 * p * wd;
+            }
+          }
+        }
+        sh_pair_coef[threadIdx.x] = coef;
+        sh_pair_slot[threadIdx.x] = l;
+        __syncthreads();
+        const int64_t count = min(threads, C - base);
+        for (int64_t cell = threadIdx.x; cell < parts * E; cell += threads) {
+          const int64_t part = cell / E, e = cell - part * E;
+          const acc_t me = mu[e];
+          acc_t s = push[cell];
+          for (int64_t jj = part; jj < count; jj += parts) {
+            const acc_t cf = sh_pair_coef[jj];
+            if (cf != acc_t(0)) s += cf * hinge_direction(me - mu_b[int64_t(sh_pair_slot[jj]) * E + e], norm);
+          }
+          push[cell] = s;
+        }
+        __syncthreads();
+      }
+    }
+    __syncthreads();
+    for (int64_t e = threadIdx.x; e < E; e += threads) {
+      acc_t g = -a * hinge_grad[row * E + e];
+      for (int64_t part = 0; part < parts; ++part) g += push[part * E + e];
+      if (paper || norm == 2) {
+        g += wr * norm_grad(mu[e], reg_norm, norm);
+      } else {
+        g += wr * norm_grad(mu[e], acc_t(0), 1);
+      }
+      out[e] = g / acc_t(n);
+    }
+    if (threadIdx.x == 0) var_coef[row] = a;
+    __syncthreads();  // shared memory is reused by the next row
+  }
+}
+
+// ---- pass 3: the gradient ----------------------------------------------------------
+// One thread per pixel: grad x_i = var_coef[c] * d(h_i^2)/dx_i + mean_coef[c]
+// (0 for pixels without a slot). Reads the label once, x twice (the second
+// read of the pixel's E values hits L1) and per-slot rows through the cache;
+// writes each gradient element once.
+template <typename scalar_t, typename label_t>
+__global__ void __launch_bounds__(kGradThreads)
+    write_grad_kernel(const scalar_t* __restrict__ x, const label_t* __restrict__ labels, scalar_t* __restrict__ grad,
+                      const PixelLayout L, const LossConfig c, bool unit,
+                      const typename Elem<scalar_t>::acc* __restrict__ means,
+                      const typename Elem<scalar_t>::acc* __restrict__ var_coef,
+                      const typename Elem<scalar_t>::acc* __restrict__ mean_coef) {
+  using acc_t = typename Elem<scalar_t>::acc;
+  const int64_t K = c.num_slots, E = L.embed_dim, N = L.num_pixels;
+  const int norm = c.norm;
+  const acc_t delta_v = acc_t(c.delta_v);
+  for (int64_t b = blockIdx.y; b < L.batch; b += gridDim.y) {
+    for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < N; p += int64_t(gridDim.x) * blockDim.x) {
+      const PixelOffsets o = unit ? PixelOffsets{p, p, p} : pixel_offsets(L, p);
+      const scalar_t* xp = x + b * L.x_batch_stride + o.x;
+      scalar_t* gp = grad + b * L.grad_batch_stride + o.grad;
+      const int64_t s = slot_of(static_cast<int64_t>(labels[b * L.label_batch_stride + o.label]), c);
+      if (s < 0) {
+        for (int64_t e = 0; e < E; ++e) gp[e * L.grad_embed_stride] = static_cast<scalar_t>(acc_t(0));
+        continue;
+      }
+      const int64_t row = b * K + s;
+      const acc_t* mu = means + row * E;
+      const acc_t* bc = mean_coef + row * E;
+      acc_t r = acc_t(0);
+      for (int64_t e = 0; e < E; ++e) r += norm_term<acc_t>(load_elem(xp, e * L.x_embed_stride) - __ldg(mu + e), norm);
+      const acc_t coef = __ldg(var_coef + row) * pull_hinge(finish_norm(r, norm), delta_v, norm).coef;
+      for (int64_t e = 0; e < E; ++e) {
+        const acc_t dlt = load_elem(xp, e * L.x_embed_stride) - __ldg(mu + e);
+        gp[e * L.grad_embed_stride] = static_cast<scalar_t>(coef * hinge_direction(dlt, norm) + __ldg(bc + e));
+      }
+    }
+  }
+}
+
+// ---- host side ------------------------------------------------------------------------
+
+template <typename Fn>
+void dispatch_label_type(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kByte: return fn(uint8_t{});
+    case at::kChar: return fn(int8_t{});
+    case at::kShort: return fn(int16_t{});
+    case at::kInt: return fn(int32_t{});
+    case at::kLong: return fn(int64_t{});
+    default: TORCH_CHECK(false, "labels: expected uint8, int8, int16, int32 or int64, got ", t);
+  }
+}
+
+int64_t grid_for(int64_t n, int threads) {
+  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, threads), int64_t(sm_count()) * 32));
+}
+
+void check_slots(const LossConfig& c) {
+  TORCH_CHECK(c.num_slots <= kMaxSlots, "max_instances: the CUDA kernels support at most ", kMaxSlots,
+              " slots, got ", c.num_slots);
+}
+
+// present/num_present of the paper normalisation (empty tensors for chainer).
+std::pair<at::Tensor, at::Tensor> compact_present(const at::Tensor& counts, const LossConfig& c, int64_t B,
+                                                  cudaStream_t stream) {
+  const auto opts = counts.options().dtype(at::kInt);
+  if (c.normalization != Normalization::Paper || B == 0) return {at::empty({0}, opts), at::empty({0}, opts)};
+  const int64_t K = c.num_slots;
+  at::Tensor present = at::empty({B, K}, opts), num_present = at::empty({B}, opts);
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(B, 65535));
+  compact_present_kernel<<<grid, kCompactThreads, 0, stream>>>(counts.data_ptr<int64_t>(), B, K,
+                                                               present.data_ptr<int>(), num_present.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {present, num_present};
+}
+
+template <typename scalar_t, typename label_t, bool kHinge>
+void launch_slot_sums(const at::Tensor& x, const at::Tensor& lab, const PixelLayout& L, const LossConfig& c,
+                      const SumsPlan& plan, const void* means, void* sums_out, void* extras_out, cudaStream_t stream) {
+  using acc_t = typename Elem<scalar_t>::acc;
+  using Types = PassTypes<acc_t, kHinge>;
+  const int64_t blocks = plan.chunks * plan.ranges * L.batch;
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "embeddings: too many pixel chunks for one launch (", blocks,
+              ")");
+  const size_t smem = plan.global_atomics
+                          ? 0
+                          : static_cast<size_t>(plan.warps * plan.slots_per_range *
+                                                (L.embed_dim * int64_t(sizeof(acc_t)) +
+                                                 int64_t(sizeof(typename Types::shared_extra))));
+  slot_sums_kernel<scalar_t, label_t, kHinge><<<static_cast<unsigned>(blocks), plan.warps * 32, smem, stream>>>(
+      static_cast<const scalar_t*>(x.data_ptr()), static_cast<const label_t*>(lab.data_ptr()), L, c, plan,
+      static_cast<const acc_t*>(means), static_cast<acc_t*>(sums_out),
+      static_cast<typename Types::global_extra*>(extras_out));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+    const at::Tensor& embeddings, const at::Tensor& labels, int64_t max_instances, double delta_v, double delta_d,
+    int64_t norm, double alpha, double beta, double gamma, std::optional<int64_t> ignore_index,
+    c10::string_view normalization, c10::string_view reduction) {
+  const LossConfig c = make_config(max_instances, delta_v, delta_d, norm, alpha, beta, gamma, ignore_index,
+                                   normalization, reduction);
+  check_forward_inputs(embeddings, labels, c);
+  check_slots(c);
+  const c10::cuda::CUDAGuard guard(embeddings.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor x = embeddings, lab = labels;
+  PixelLayout L;
+  if (!make_pixel_layout(x, lab, nullptr, &L)) {
+    x = x.contiguous();
+    lab = lab.contiguous();
+    make_pixel_layout(x, lab, nullptr, &L);
+  }
+  const int64_t B = L.batch, E = L.embed_dim, K = c.num_slots, N = L.num_pixels;
+  const auto acc_type = accumulate_type(x.scalar_type());
+  const auto acc_opts = x.options().dtype(acc_type);
+  const auto shape = term_shape(c, B);
+  at::Tensor var = at::empty(shape, x.options()), dist = at::empty(shape, x.options()),
+             reg = at::empty(shape, x.options());
+  at::Tensor means = at::empty({B, K, E}, acc_opts);
+  at::Tensor counts = at::empty({B, K}, x.options().dtype(at::kLong));
+  at::Tensor hinge_grad = at::empty({B, K, E}, acc_opts);
+  at::Tensor hinge = at::empty({B, K}, acc_opts);
+  const bool paper = c.normalization == Normalization::Paper;
+  if (paper && B == 0) {  // no image: the terms are empty (none) or 0
+    var.zero_();
+    dist.zero_();
+    reg.zero_();
+    return {var, dist, reg, means, counts, hinge_grad};
+  }
+
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const SumsPlan plan0 = plan_slot_sums(L, K, static_cast<int64_t>(c10::elementSize(acc_type)), deterministic);
+  SumsPlan plan = plan0;
+  plan.vec = vector_loads_ok(plan0, L, x);
+  const bool have_pixels = B > 0 && N > 0;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "discloss_forward_cuda", [&] {
+    using acc_t = typename Elem<scalar_t>::acc;
+    // pass 1
+    at::Tensor part_sums, part_extras;
+    if (!have_pixels) {
+      means.zero_();
+      counts.zero_();
+    } else {
+      dispatch_label_type(lab.scalar_type(), [&](auto label_tag) {
+        using label_t = decltype(label_tag);
+        if (plan.global_atomics) {
+          means.zero_();
+          counts.zero_();
+          launch_slot_sums<scalar_t, label_t, false>(x, lab, L, c, plan, nullptr, means.data_ptr(),
+                                                     counts.data_ptr(), stream);
+          finish_means_kernel<acc_t><<<grid_for(B * K * E, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+              means.data_ptr<acc_t>(), counts.data_ptr<int64_t>(), 1, B * K, E, means.data_ptr<acc_t>(),
+              counts.data_ptr<int64_t>(), false);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        } else if (plan.direct) {
+          launch_slot_sums<scalar_t, label_t, false>(x, lab, L, c, plan, nullptr, means.data_ptr(),
+                                                     counts.data_ptr(), stream);
+        } else {
+          part_sums = at::empty({plan.chunks, B, K, E}, acc_opts);
+          part_extras = at::empty({plan.chunks, B, K}, x.options().dtype(at::kLong));
+          launch_slot_sums<scalar_t, label_t, false>(x, lab, L, c, plan, nullptr, part_sums.data_ptr(),
+                                                     part_extras.data_ptr(), stream);
+          finish_means_kernel<acc_t><<<grid_for(B * K * E, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+              part_sums.data_ptr<acc_t>(), part_extras.data_ptr<int64_t>(), plan.chunks, B * K, E,
+              means.data_ptr<acc_t>(), counts.data_ptr<int64_t>(), true);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+    }
+
+    // pass 2
+    if (!have_pixels) {
+      hinge_grad.zero_();
+      hinge.zero_();
+    } else {
+      dispatch_label_type(lab.scalar_type(), [&](auto label_tag) {
+        using label_t = decltype(label_tag);
+        if (plan.global_atomics) {
+          hinge_grad.zero_();
+          hinge.zero_();
+          launch_slot_sums<scalar_t, label_t, true>(x, lab, L, c, plan, means.data_ptr(), hinge_grad.data_ptr(),
+                                                    hinge.data_ptr(), stream);
+        } else if (plan.direct) {
+          launch_slot_sums<scalar_t, label_t, true>(x, lab, L, c, plan, means.data_ptr(), hinge_grad.data_ptr(),
+                                                    hinge.data_ptr(), stream);
+        } else {
+          at::Tensor part_hinge = at::empty({plan.chunks, B, K}, acc_opts);
+          launch_slot_sums<scalar_t, label_t, true>(x, lab, L, c, plan, means.data_ptr(), part_sums.data_ptr(),
+                                                    part_hinge.data_ptr(), stream);
+          sum_partials_kernel<acc_t><<<grid_for(B * K * E, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+              part_sums.data_ptr<acc_t>(), plan.chunks, B * K * E, hinge_grad.data_ptr<acc_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          sum_partials_kernel<acc_t><<<grid_for(B * K, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+              part_hinge.data_ptr<acc_t>(), plan.chunks, B * K, hinge.data_ptr<acc_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+    }
+
+    // finalize
+    const auto present = compact_present(counts, c, B, stream);
+    const int64_t tiles = paper ? std::min<int64_t>(std::max<int64_t>(ceil_div(K, 64), 1), 64)
+                                : std::min<int64_t>(std::max<int64_t>(ceil_div(B * K, 64), 1), 1024);
+    const int64_t blocks = paper ? B * tiles : tiles;
+    TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "embeddings: batch too large for one launch (", B, ")");
+    at::Tensor partials = at::empty({blocks, 3}, acc_opts);
+    at::Tensor tickets = at::zeros({1}, x.options().dtype(at::kInt));
+    finalize_forward_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kFinalizeThreads, 0, stream>>>(
+        c, B, E, tiles, means.data_ptr<acc_t>(), counts.data_ptr<int64_t>(), hinge.data_ptr<acc_t>(),
+        paper ? present.first.data_ptr<int>() : nullptr, paper ? present.second.data_ptr<int>() : nullptr,
+        partials.data_ptr<acc_t>(), reinterpret_cast<unsigned*>(tickets.data_ptr<int>()), var.data_ptr<scalar_t>(),
+        dist.data_ptr<scalar_t>(), reg.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {var, dist, reg, means, counts, hinge_grad};
+}
+
+at::Tensor backward_cuda(const at::Tensor& grad_var, const at::Tensor& grad_dist, const at::Tensor& grad_reg,
+                         const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& means,
+                         const at::Tensor& counts, const at::Tensor& hinge_grad_sums, double delta_v, double delta_d,
+                         int64_t norm, double alpha, double beta, double gamma, std::optional<int64_t> ignore_index,
+                         c10::string_view normalization, c10::string_view reduction) {
+  const LossConfig c = make_config(means.dim() == 3 ? means.size(1) : 1, delta_v, delta_d, norm, alpha, beta, gamma,
+                                   ignore_index, normalization, reduction);
+  check_backward_inputs(grad_var, grad_dist, grad_reg, embeddings, labels, means, counts, hinge_grad_sums, c);
+  check_slots(c);
+  const c10::cuda::CUDAGuard guard(embeddings.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor x = embeddings, lab = labels;
+  at::Tensor grad = at::empty_like(x);
+  PixelLayout L;
+  if (!make_pixel_layout(x, lab, &grad, &L)) {
+    x = x.contiguous();
+    lab = lab.contiguous();
+    grad = at::empty_like(x);
+    make_pixel_layout(x, lab, &grad, &L);
+  }
+  if (x.numel() == 0) return grad;
+  const int64_t B = L.batch, E = L.embed_dim, K = c.num_slots, N = L.num_pixels;
+  const auto acc_type = accumulate_type(x.scalar_type());
+  const auto acc_opts = x.options().dtype(acc_type);
+  at::Tensor var_coef = at::empty({B, K}, acc_opts);
+  at::Tensor mean_coef = at::empty({B, K, E}, acc_opts);
+  at::Tensor gv = grad_var.to(acc_type).contiguous(), gd = grad_dist.to(acc_type).contiguous(),
+             gr = grad_reg.to(acc_type).contiguous();
+  at::Tensor means_c = means.contiguous(), counts_c = counts.contiguous(), hg = hinge_grad_sums.contiguous();
+  const bool unit = L.ndim == 1 && L.x_strides[0] == 1 && L.label_strides[0] == 1 && L.grad_strides[0] == 1;
+  const auto present = compact_present(counts_c, c, B, stream);
+  const bool paper = c.normalization == Normalization::Paper;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "discloss_backward_cuda", [&] {
+    using acc_t = typename Elem<scalar_t>::acc;
+    const int64_t coef_blocks = std::max<int64_t>(1, std::min<int64_t>(B * K, int64_t(sm_count()) * 32));
+    slot_coefficients_kernel<acc_t><<<static_cast<unsigned>(coef_blocks), kCoefThreads, 0, stream>>>(
+        c, B, E, gv.data_ptr<acc_t>(), gd.data_ptr<acc_t>(), gr.data_ptr<acc_t>(), c.reduction == Reduction::None,
+        means_c.data_ptr<acc_t>(), counts_c.data_ptr<int64_t>(), hg.data_ptr<acc_t>(),
+        paper ? present.first.data_ptr<int>() : nullptr, paper ? present.second.data_ptr<int>() : nullptr,
+        var_coef.data_ptr<acc_t>(), mean_coef.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(N, kGradThreads), 1 << 30)),
+                    static_cast<unsigned>(std::min<int64_t>(B, 65535)));
+    dispatch_label_type(lab.scalar_type(), [&](auto label_tag) {
+      using label_t = decltype(label_tag);
+      write_grad_kernel<scalar_t, label_t><<<grid, kGradThreads, 0, stream>>>(
+          static_cast<const scalar_t*>(x.data_ptr()), static_cast<const label_t*>(lab.data_ptr()),
+          static_cast<scalar_t*>(grad.data_ptr()), L, c, unit, means_c.data_ptr<acc_t>(), var_coef.data_ptr<acc_t>(),
+          mean_coef.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(discloss, CUDA, m) {
+  m.impl("forward", &cuda::forward_cuda);
+  m.impl("backward", &cuda::backward_cuda);
+}
+
+}  // namespace discloss
