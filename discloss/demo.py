@@ -243,7 +243,11 @@ def _embedding_scatter(embeddings: np.ndarray, labels: np.ndarray, size: int, de
         return np.clip(np.round(size / 2 + xy * scale).astype(int), 0, size - 1)
 
     pixels = to_pixel(projected)
-    canvas[pixels[:, 1], pixels[:, 0]] = palette[np.clip(point_labels, 0, len(palette) - 1)]
+    colours = palette[np.clip(point_labels, 0, len(palette) - 1)]
+    dot = max(1, size // 128)  # dots of 2x2 pixels on a 256 px tile
+    for dr in range(dot):
+        for dc in range(dot):
+            canvas[np.minimum(pixels[:, 1] + dr, size - 1), np.minimum(pixels[:, 0] + dc, size - 1)] = colours
     angles = np.linspace(0, 2 * np.pi, 90)
     circle = np.stack([np.cos(angles), np.sin(angles)], axis=1) * delta_v
     for label in np.unique(point_labels):
@@ -268,25 +272,64 @@ def write_png(path: str, image: np.ndarray) -> None:
                      + chunk(b"IEND", b""))
 
 
-def save_panel(path: str, batch, predicted: torch.Tensor, embeddings: torch.Tensor, delta_v: float) -> None:
-    """One row per image of ``batch``: image | ground truth | predicted instances | embeddings in 2D."""
+def _match_to_truth(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Renumber predicted instances after the ground-truth instance each overlaps most.
+
+    Only for display: matched instances then share the ground truth's
+    colour. Each truth label is given once, largest overlaps first; the
+    other instances get labels past the truth's.
+    """
+    num_pred, num_truth = int(predicted.max()) + 1, int(truth.max()) + 1
+    overlap = np.zeros((num_pred, num_truth), dtype=np.int64)
+    np.add.at(overlap, (predicted.ravel(), truth.ravel()), 1)
+    overlap[0, :] = overlap[:, 0] = 0
+    mapping = np.zeros(num_pred, dtype=np.int64)
+    next_free = num_truth
+    for flat in np.argsort(overlap, axis=None)[::-1]:
+        p, t = divmod(int(flat), num_truth)
+        if overlap[p, t] == 0:
+            break
+        if mapping[p] == 0 and t not in mapping:
+            mapping[p] = t
+    for p in range(1, num_pred):
+        if mapping[p] == 0 and (predicted == p).any():
+            mapping[p] = next_free
+            next_free += 1
+    return mapping[predicted]
+
+
+def save_panel(path: str, batch, predicted: torch.Tensor, embeddings: torch.Tensor, delta_v: float,
+               tile_size: int = 256) -> None:
+    """One row per image of ``batch``: image | ground truth | predicted instances | embeddings in 2D.
+
+    Images are enlarged (nearest neighbour) by an integer factor to about
+    ``tile_size`` pixels; predicted instances take the colour of the
+    ground-truth instance they overlap most.
+    """
     rows = batch.image.shape[0]
     size = batch.image.shape[-1]
-    count = int(max(batch.labels[:rows].max(), predicted[:rows].max())) + 1
+    zoom = max(1, tile_size // size)
+    tile = size * zoom
+    matched = [_match_to_truth(predicted[row].numpy(), batch.labels[row].numpy()) for row in range(rows)]
+    count = max([int(batch.labels.max())] + [int(m.max()) for m in matched]) + 1
     palette = _palette(max(count, 2))
     gap = 4
     lines = []
+
+    def enlarge(array: np.ndarray) -> np.ndarray:
+        return array.repeat(zoom, axis=0).repeat(zoom, axis=1)
+
     for row in range(rows):
         image = (batch.image[row].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         truth = batch.labels[row].numpy()
         tiles = [
-            image,
-            _colour_labels(truth, palette),
-            _colour_labels(predicted[row].numpy(), palette),
-            _embedding_scatter(embeddings[row].numpy(), truth, size, delta_v, palette),
+            enlarge(image),
+            enlarge(_colour_labels(truth, palette)),
+            enlarge(_colour_labels(matched[row], palette)),
+            _embedding_scatter(embeddings[row].numpy(), truth, tile, delta_v, palette),
         ]
-        spacer = np.full((size, gap, 3), 255, dtype=np.uint8)
-        line = np.concatenate(sum(([tile, spacer] for tile in tiles), [])[:-1], axis=1)
+        spacer = np.full((tile, gap, 3), 255, dtype=np.uint8)
+        line = np.concatenate(sum(([part, spacer] for part in tiles), [])[:-1], axis=1)
         lines.extend([line, np.full((gap, line.shape[1], 3), 255, dtype=np.uint8)])
     write_png(path, np.concatenate(lines[:-1], axis=0))
 
@@ -299,7 +342,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         description="Train a small U-Net with the discriminative loss on synthetic scattered sticks, "
                     "cluster its embeddings into instances and report SBD and |DiC| on held-out images.",
     )
-    parser.add_argument("--steps", type=int, default=1200, help="training steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=600, help="training steps (default: %(default)s)")
     parser.add_argument("--time-limit", type=float, default=480.0,
                         help="stop training after this many seconds even if --steps are not done; the learning "
                              "rate schedule follows the clock then; 0: no limit (default: %(default)s)")
@@ -319,6 +362,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None,
                         help="torch device, e.g. cpu or cuda (default: cuda when available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the network's initialisation (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's default, one per core); on a machine busy "
+                             "with other work, 1 can be much faster")
     parser.add_argument("--log-every", type=float, default=10.0,
                         help="seconds between progress lines (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -329,6 +375,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error(f"--image-size: expected a multiple of 8, >= 16, got {args.image_size}")
     if args.time_limit < 0:
         parser.error(f"--time-limit: expected >= 0 seconds, got {args.time_limit}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads: expected >= 1, got {args.threads}")
     if args.min_size < 0:
         parser.error(f"--min-size: expected >= 0, got {args.min_size}")
     return args
@@ -338,6 +386,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     """Run the demo; returns a dict with the mean SBD, mean |DiC|, timings and output paths."""
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     train_set = ScatteredSticks(length=args.steps * args.batch_size, image_size=args.image_size, seed=_TRAIN_SEED)

@@ -48,8 +48,8 @@ def test_demo_smoke(tmp_path, capsys):
     assert f"mean SBD {result['sbd']:.3f}" in printed
 
     panel = read_png(result["panel"])
-    # 3 rows and 4 columns of 64 px tiles, 4 px apart.
-    assert panel.shape == (3 * 64 + 2 * 4, 4 * 64 + 3 * 4, 3)
+    # 3 rows and 4 columns of 64 px images enlarged to 256 px tiles, 4 px apart.
+    assert panel.shape == (3 * 256 + 2 * 4, 4 * 256 + 3 * 4, 3)
 
     checkpoint = torch.load(result["checkpoint"], weights_only=True)
     model = demo.StickNet(embedding_dim=checkpoint["embedding_dim"], widths=checkpoint["widths"])
@@ -59,6 +59,15 @@ def test_demo_smoke(tmp_path, capsys):
         logits, embeddings = model(torch.rand(1, 3, 64, 64))
     assert logits.shape == (1, 64, 64) and embeddings.shape == (1, 8, 64, 64)
     assert torch.isfinite(embeddings).all()
+
+
+def test_predictions_take_the_colour_of_their_best_match():
+    truth = np.array([[0, 1, 1, 2, 2, 2]])
+    predicted = np.array([[0, 2, 2, 1, 1, 3]])  # 2 is truth 1, 1 is truth 2, 3 is extra
+    np.testing.assert_array_equal(demo._match_to_truth(predicted, truth), [[0, 1, 1, 2, 2, 3]])
+    one_stick = np.array([[0, 2, 2, 2, 2, 2]])
+    clash = np.array([[0, 1, 1, 1, 2, 2]])  # both overlap truth 2; the larger overlap gets its colour
+    np.testing.assert_array_equal(demo._match_to_truth(clash, one_stick), [[0, 2, 2, 2, 3, 3]])
 
 
 def test_time_limit_stops_training(tmp_path, capsys):
