@@ -1,0 +1,332 @@
+"""How things are measured: median time, peak memory, copy bandwidth, and the
+worker that runs one job (one configuration family, one or more
+implementations) in its own process.
+
+Time: torch.utils.benchmark.Timer (it synchronises the device around each
+block), after warm-up, median of the measured runs.
+
+Peak memory, the extra bytes one call needs on top of its inputs:
+  CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(),
+        minus memory_allocated() before the call.
+  CPU:  the process's peak resident set (VmHWM) during the call, minus its
+        resident set (VmRSS) just before it. The peak is reset first by
+        writing 5 to /proc/self/clear_refs, and freed heap pages are handed
+        back with malloc_trim(0), so earlier calls (and torch.compile's own
+        memory) do not leak into the figure. Each implementation runs in a
+        fresh process so that peaks never mix. Where clear_refs cannot be
+        written, getrusage's ru_maxrss minus the resident set before the first
+        call is used instead (and the figure then includes warm-up).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import contextlib
+import resource
+import signal
+import sys
+import time
+import traceback
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.utils.benchmark as tbench
+
+import workloads as W
+
+# --------------------------------------------------------------------------
+# memory
+
+
+def _proc_status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_cpu_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_peak(call: Callable[[], object], device: str) -> Tuple[int, float]:
+    """(extra bytes, seconds) of one call, the bytes above what is allocated
+    before it."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        out = call()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return peak, seconds
+    _malloc_trim()
+    if _reset_cpu_peak():
+        base = _proc_status_kib("VmRSS")
+        t0 = time.perf_counter()
+        out = call()
+        seconds = time.perf_counter() - t0
+        peak = _proc_status_kib("VmHWM") - base
+    else:  # no clear_refs: high-water mark of the whole process so far
+        base = _BASELINE_RSS_KIB
+        t0 = time.perf_counter()
+        out = call()
+        seconds = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+    del out
+    return max(peak, 0) * 1024, seconds
+
+
+_BASELINE_RSS_KIB = _proc_status_kib("VmRSS") or 0
+
+# --------------------------------------------------------------------------
+# time
+
+
+class OverBudget(Exception):
+    pass
+
+
+_ALARM = {"fired": False}
+
+
+@contextlib.contextmanager
+def wall_clock_limit(seconds: float):
+    """Raise OverBudget once `seconds` have passed. The signal is handled
+    between Python-level torch calls: it stops the per-instance loop within
+    milliseconds, a single long C++ call only when it returns."""
+    if seconds <= 0 or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def handler(signum, frame):
+        _ALARM["fired"] = True  # the exception may come back wrapped by autograd
+        raise OverBudget()
+
+    _ALARM["fired"] = False
+    previous = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def timed_once(call: Callable[[], object], device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = call()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    del out
+    return time.perf_counter() - t0
+
+
+def median_time(call: Callable[[], object], device: str, warm_s: float, min_run_time: float,
+                slow_reps: int, allowance_s: float) -> Dict[str, float]:
+    """Median seconds per call, after warm-up.
+
+    Calls faster than a quarter second: Timer.blocked_autorange for at least
+    `min_run_time` seconds. Slower calls: single calls timed between device
+    synchronisations (what Timer does, without the two extra warm-up calls
+    Timer.timeit makes each time), `warm_s` (an already measured warm call)
+    included, as many as fit in `allowance_s`, at least 1 and at most
+    `slow_reps`."""
+    if warm_s > 0.25:
+        reps = max(1, min(slow_reps, int(allowance_s / warm_s)))
+        times = sorted([warm_s] + [timed_once(call, device) for _ in range(reps - 1)])
+        q1, q3 = times[len(times) // 4], times[(3 * len(times)) // 4]
+        return {"median_s": _median(times), "iqr_s": q3 - q1, "runs": len(times)}
+    timer = tbench.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    return {"median_s": m.median, "iqr_s": m.iqr, "runs": len(m.times) * m.number_per_run}
+
+
+def _median(values):
+    n = len(values)
+    return values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
+
+
+def copy_bandwidth(device: str, nbytes: int, min_run_time: float = 1.0) -> float:
+    """Bytes per second of dst.copy_(src): read + write counted (2 * nbytes);
+    the write-allocate traffic of CPU caches is not counted."""
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    timer = tbench.Timer(stmt="dst.copy_(src)", globals={"dst": dst, "src": src},
+                         num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    return 2 * n * 4 / m.median
+
+
+# --------------------------------------------------------------------------
+# one (implementation, dtype, pass) case
+
+
+def _pass_call(fn, x, labels, pass_: str) -> Callable[[], object]:
+    if pass_ == "fwd":
+        def call():
+            with torch.no_grad():
+                return fn(x, labels)
+        return call
+    xg = x.detach().requires_grad_(True)
+
+    def call():
+        var, dist, reg = fn(xg, labels)
+        (grad,) = torch.autograd.grad(var + dist + reg, xg)
+        return grad
+    return call
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError if hasattr(torch, "OutOfMemoryError") else MemoryError):
+        return True
+    text = str(exc)
+    return "out of memory" in text or "can't allocate memory" in text or isinstance(exc, MemoryError)
+
+
+def run_case(fn, x, labels, cfg: W.Config, impl: str, pass_: str, job: dict, log) -> dict:
+    """Warm up, measure peak memory, then time. Returns the measured fields
+    and a status: "ok", "skipped (budget)", "skipped (out of memory)", "error"."""
+    device = job["device"]
+    budget = job["time_budget_s"]
+    row: Dict[str, object] = {"status": "ok", "note": ""}
+    dtype = x.dtype
+    if impl == "loop":
+        predicted = W.predicted_loop_seconds(cfg, pass_, device)
+        if predicted > budget:
+            row.update(status="skipped (budget)",
+                       note=f"predicted {predicted:.0f} s per call > budget {budget:g} s")
+            return row
+    predicted_mem = W.predicted_peak_bytes(impl, cfg, dtype, pass_)
+    if predicted_mem > job["mem_budget_bytes"]:
+        row.update(status="skipped (budget)",
+                   note=f"predicted {predicted_mem / 2**30:.1f} GiB > budget "
+                        f"{job['mem_budget_bytes'] / 2**30:.1f} GiB")
+        return row
+    call = _pass_call(fn, x, labels, pass_)
+    try:
+        # The first call warms up (and compiles, for ref_compiled: not limited).
+        limit = 0 if impl == "ref_compiled" else budget
+        t0 = time.perf_counter()
+        with wall_clock_limit(limit):
+            row["first_call_s"] = timed_once(call, device)
+        if row["first_call_s"] > budget and impl != "ref_compiled":
+            raise OverBudget()
+        # The second call measures memory and, being warm, decides how to time.
+        t0 = time.perf_counter()
+        with wall_clock_limit(budget):
+            row["peak_bytes"], second = measure_peak(call, device)
+        if second > budget:
+            raise OverBudget()
+        row.update(median_time(call, device, second, job["min_run_time"], job["slow_reps"],
+                               job["case_allowance_s"]))
+    except Exception as exc:  # noqa: BLE001 - a failing baseline must not stop the run
+        row.pop("peak_bytes", None)
+        if isinstance(exc, OverBudget) or _ALARM["fired"]:
+            row.update(status="skipped (budget)",
+                       note=f"one call took more than the {budget:g} s budget (stopped after "
+                            f"{time.perf_counter() - t0:.1f} s)")
+        elif _is_oom(exc):
+            row.update(status="skipped (out of memory)", note=str(exc).splitlines()[0][:120])
+        else:
+            row.update(status="error", note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            log(traceback.format_exc())
+    finally:
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+# --------------------------------------------------------------------------
+# the worker: runs one job file, appends one JSON line per result
+
+
+def _max_value(dtype: torch.dtype) -> int:
+    return torch.iinfo(dtype).max
+
+
+def run_job(job: dict) -> None:
+    device = job["device"]
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 64
+    else:
+        torch._dynamo.config.cache_size_limit = 64
+    label_dtype = W.LABEL_DTYPES[job["label_dtype"]]
+    out = open(job["result_file"], "a")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    stop_impls = set()  # sweeps: past the budget at one size, skip the larger ones
+    for cfg_dict in job["configs"]:
+        cfg = W.Config(**{**cfg_dict, "spatial": tuple(cfg_dict["spatial"])})
+        labels_cpu = torch.load(job["labels"][cfg.name])
+        for dtype_name in job["dtypes"]:
+            dtype = W.DTYPES[dtype_name]
+            x = W.make_embeddings(cfg, dtype, device)
+            labels = labels_cpu.to(device=device, dtype=label_dtype)
+            if cfg.instances > _max_value(label_dtype):
+                raise SystemExit(f"--label-dtype: {job['label_dtype']} cannot hold label {cfg.instances} "
+                                 f"of {cfg.name}")
+            for impl in job["impls"]:
+                if impl == "ref_compiled":
+                    torch._dynamo.reset()
+                fn = W.make_loss_fn(impl, cfg, device)
+                for pass_ in job["passes"]:
+                    key = dict(job=job["kind"], config=cfg.name, batch=cfg.batch, embed_dim=cfg.embed_dim,
+                               spatial=list(cfg.spatial), instances=cfg.instances, dtype=dtype_name,
+                               impl=impl, pass_=pass_)
+                    tag = f"{cfg.name} {dtype_name} {pass_:6s} {impl:12s}"
+                    if (impl, pass_) in stop_impls:
+                        row = {"status": "skipped (budget)", "note": "a smaller size was over budget"}
+                    else:
+                        log(f"  {tag} ...")
+                        t0 = time.perf_counter()
+                        row = run_case(fn, x, labels, cfg, impl, pass_, job, log)
+                        row["wall_s"] = time.perf_counter() - t0
+                    if row["status"] == "skipped (budget)" and job["kind"] == "sweep":
+                        stop_impls.add((impl, pass_))
+                    msg = (f"{row['median_s'] * 1e3:10.2f} ms  peak {row['peak_bytes'] / 2**20:8.1f} MiB"
+                           if row["status"] == "ok" else f"{row['status']}: {row['note']}")
+                    log(f"  {tag} {msg}")
+                    out.write(json.dumps({**key, **row}) + "\n")
+                    out.flush()
+                del fn
+            del x, labels
+            gc.collect()
+    out.close()
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        run_job(json.load(f))
