@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import struct
 import sys
 import time
@@ -39,7 +40,7 @@ from .cluster import cluster_embeddings
 from .data import ScatteredSticks
 from .loss import discriminative_loss
 
-__all__ = ["StickNet", "main", "parse_args", "train", "evaluate"]
+__all__ = ["StickNet", "ThreadChooser", "main", "parse_args", "train", "evaluate"]
 
 # Training and held-out samples come from data sets with different seeds.
 _TRAIN_SEED = 0
@@ -126,7 +127,64 @@ def _learning_rate(progress: float, peak: float, warmup: float) -> float:
     return peak * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def train(model: StickNet, dataset: ScatteredSticks, args, device: torch.device, log=print) -> int:
+class ThreadChooser:
+    """Runs CPU training with whichever thread count is fastest now, re-checked every so often.
+
+    Why: PyTorch's OpenMP threads wait for each other at every operation, so
+    when other programs keep the cores busy one descheduled thread stalls the
+    others. On a busy 2-core machine a demo step took 2-5 s with 2 threads
+    and 0.7-0.9 s with 1; on idle cores 2 threads are faster. So the
+    candidates take turns for a few (real, not wasted) training steps, the
+    fastest median wins, and the contest is held again every
+    ``recheck_seconds``.
+    """
+
+    def __init__(self, candidates: Sequence[int], recheck_seconds: float = 90.0, probe_steps: int = 3,
+                 log=print) -> None:
+        self.candidates = list(dict.fromkeys(candidates))
+        self.recheck_seconds = recheck_seconds
+        self.probe_steps = probe_steps
+        self.log = log
+        self.chosen: Optional[int] = None
+        self._start_probe()
+
+    def _start_probe(self) -> None:
+        # The first step after a switch is not timed: it pays for the switch.
+        self._plan = [threads for threads in self.candidates for _ in range(self.probe_steps + 1)]
+        self._times = {threads: [] for threads in self.candidates}
+        self._previous: Optional[int] = None
+
+    def before_step(self) -> None:
+        if self._plan:
+            threads = self._plan[0]
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+        elif time.perf_counter() >= self._recheck_at and len(self.candidates) > 1:
+            self._start_probe()
+            self.before_step()
+
+    def after_step(self, seconds: float) -> None:
+        if not self._plan:
+            return
+        threads = self._plan.pop(0)
+        if self._previous == threads:
+            self._times[threads].append(seconds)
+        self._previous = threads
+        if self._plan:
+            return
+        medians = {count: statistics.median(times) for count, times in self._times.items() if times}
+        best = min(medians, key=medians.get)
+        if best != self.chosen:
+            timings = ", ".join(f"{count} thread{'s' if count > 1 else ''} {medians[count]:.2f} s"
+                                for count in self.candidates if count in medians)
+            self.log(f"using {best} CPU thread{'s' if best > 1 else ''} (median step time: {timings})")
+        self.chosen = best
+        torch.set_num_threads(best)
+        self._recheck_at = time.perf_counter() + self.recheck_seconds
+
+
+def train(model: StickNet, dataset: ScatteredSticks, args, device: torch.device, log=print,
+          thread_chooser: Optional[ThreadChooser] = None) -> int:
     """Train for ``args.steps`` steps or ``args.time_limit`` seconds, whichever ends first.
 
     The learning rate schedule follows whichever of the two is further
@@ -141,11 +199,13 @@ def train(model: StickNet, dataset: ScatteredSticks, args, device: torch.device,
     reported_steps = 0
     time_limit = args.time_limit if args.time_limit > 0 else math.inf
     for step in range(args.steps):
-        elapsed = time.perf_counter() - start
-        progress = max(step / args.steps, elapsed / time_limit)
+        step_start = time.perf_counter()
+        progress = max(step / args.steps, (step_start - start) / time_limit)
         if progress >= 1.0:
             log(f"time limit of {args.time_limit:g} s reached after {step} of {args.steps} steps")
             return step
+        if thread_chooser is not None:
+            thread_chooser.before_step()
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(progress, args.lr, warmup=0.04)
         first = step * args.batch_size
@@ -167,6 +227,8 @@ def train(model: StickNet, dataset: ScatteredSticks, args, device: torch.device,
         totals += [foreground_loss.item(), var.item(), dist.item(), reg.item()]
         reported_steps += 1
         now = time.perf_counter()
+        if thread_chooser is not None:
+            thread_chooser.after_step(now - step_start)
         if step + 1 == args.steps or now - last_report >= args.log_every:
             elapsed = now - start
             eta = min(elapsed / (step + 1) * (args.steps - step - 1), max(time_limit - elapsed, 0.0))
@@ -343,7 +405,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     "cluster its embeddings into instances and report SBD and |DiC| on held-out images.",
     )
     parser.add_argument("--steps", type=int, default=600, help="training steps (default: %(default)s)")
-    parser.add_argument("--time-limit", type=float, default=480.0,
+    parser.add_argument("--time-limit", type=float, default=420.0,
                         help="stop training after this many seconds even if --steps are not done; the learning "
                              "rate schedule follows the clock then; 0: no limit (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (default: %(default)s)")
@@ -363,8 +425,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="torch device, e.g. cpu or cuda (default: cuda when available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the network's initialisation (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's default, one per core); on a machine busy "
-                             "with other work, 1 can be much faster")
+                        help="CPU threads for torch (default: whichever of torch's default, one per core, and 1 "
+                             "trains faster, re-checked every 90 s: on cores busy with other work 1 thread can "
+                             "be several times faster)")
     parser.add_argument("--log-every", type=float, default=10.0,
                         help="seconds between progress lines (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -385,9 +448,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> dict:
     """Run the demo; returns a dict with the mean SBD, mean |DiC|, timings and output paths."""
     args = parse_args(argv)
+    threads_before = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads_before)  # a caller's setting outlives the demo
+
+
+def _run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    thread_chooser = None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    elif device.type == "cpu" and torch.get_num_threads() > 1:
+        thread_chooser = ThreadChooser([torch.get_num_threads(), 1], log=lambda line: print(line, flush=True))
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     train_set = ScatteredSticks(length=args.steps * args.batch_size, image_size=args.image_size, seed=_TRAIN_SEED)
@@ -395,12 +469,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
     model = StickNet(embedding_dim=args.embedding_dim).to(device)
     print(f"discloss demo: {args.steps} steps of {args.batch_size} images of {args.image_size}x{args.image_size} px "
           f"(ScatteredSticks at {args.image_size / 256:g}x the 256 px geometry) on {device}"
-          + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""), flush=True)
+          + (f" ({torch.get_num_threads()} threads" + (" or 1, whichever is faster)" if thread_chooser else ")")
+             if device.type == "cpu" else ""), flush=True)
     print(f"model: U-Net widths {model.widths}, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"embedding dim {args.embedding_dim}, delta_v {args.delta_v}, delta_d {args.delta_d}", flush=True)
 
     start = time.perf_counter()
-    steps_done = train(model, train_set, args, device, log=lambda line: print(line, flush=True))
+    steps_done = train(model, train_set, args, device, log=lambda line: print(line, flush=True),
+                       thread_chooser=thread_chooser)
     train_seconds = time.perf_counter() - start
     checkpoint_path = os.path.join(args.out, "checkpoint.pt")
     torch.save({"model": model.state_dict(), "embedding_dim": args.embedding_dim, "widths": model.widths,

@@ -77,6 +77,27 @@ def test_time_limit_stops_training(tmp_path, capsys):
     assert "time limit of 0.5 s reached" in capsys.readouterr().out
 
 
+def test_thread_chooser_keeps_the_faster_thread_count():
+    original = torch.get_num_threads()
+    lines = []
+    chooser = demo.ThreadChooser([2, 1], recheck_seconds=1e9, probe_steps=2, log=lines.append)
+    try:
+        used = []
+        for _ in range(8):
+            chooser.before_step()
+            used.append(torch.get_num_threads())
+            chooser.after_step(1.0 if torch.get_num_threads() == 2 else 0.25)
+        assert used == [2, 2, 2, 1, 1, 1, 1, 1]
+        assert chooser.chosen == 1 and lines == ["using 1 CPU thread (median step time: 2 threads 1.00 s, 1 thread 0.25 s)"]
+        chooser.recheck_seconds = 0.0
+        chooser.after_step(0.0)  # not probing: ignored
+        chooser._recheck_at = 0.0
+        chooser.before_step()  # due for a recheck: the contest starts again
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(original)
+
+
 def test_learning_rate_schedule_warms_up_then_anneals():
     peak = 1.0
     assert demo._learning_rate(0.0, peak, warmup=0.1) < 0.1
