@@ -73,8 +73,11 @@ def extensions():
     debug = os.environ.get("DISCLOSS_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = ["csrc/discloss.cpp", "csrc/checks.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = opt + ["-DDISCLOSS_PYTHON_MODULE", "-fopenmp"]
-    kwargs = dict(extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
+    # -fno-math-errno, -fno-trapping-math: sqrt without an errno branch and
+    # if-converted divisions, so that the per-pixel loops vectorize.
+    cxx = opt + ["-DDISCLOSS_PYTHON_MODULE", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    # No -I csrc: csrc/math.h would shadow the system <math.h>; sources include relatively.
+    kwargs = dict(extra_link_args=["-fopenmp"], include_dirs=[])
     if _want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]

@@ -80,10 +80,11 @@ struct PullHinge {
 
 template <typename acc_t>
 DISCLOSS_HD PullHinge<acc_t> pull_hinge(acc_t r, acc_t delta_v, int norm) {
-  acc_t h = r - delta_v;
-  if (!(h > 0)) return {acc_t(0), acc_t(0)};
-  if (norm == 1) return {h, 2 * h};
-  return {h, r > 0 ? 2 * h / r : acc_t(0)};
+  // Branch-free so that the CPU loops over pixels vectorize; delta_v >= 0,
+  // so h > 0 implies r > 0 and the division is safe where it is selected.
+  const acc_t h = r - delta_v > 0 ? r - delta_v : acc_t(0);
+  const acc_t coef = norm == 1 ? 2 * h : 2 * h / (r > 0 ? r : acc_t(1));
+  return {h, coef};
 }
 
 // Push hinge of a pair of means: p = [2 delta_d - ||m||]+, term p^2, and

@@ -27,7 +27,10 @@ namespace discloss {
 namespace cpu {
 namespace DISCLOSS_CPU_ISA {
 
-constexpr int64_t kTile = 256;
+// 4096 pixels x E planes per segment: long enough for the hardware prefetcher
+// to stream every plane (measured 1.4x faster than 256 at E = 16), small
+// enough that the segment is still in L2 for its second look.
+constexpr int64_t kTile = 4096;
 
 // ---- element conversions (no c10 here, see above) -------------------------
 
@@ -106,17 +109,40 @@ static inline void for_each_segment(const PixelLayout& L, int64_t p0, int64_t p1
   }
 }
 
+// Slots of a segment's labels (math.h's slot_of, written without branches so
+// that it vectorizes: it runs once per pixel per pass). Invalid labels become
+// kIgnored; the first one is reported through *bad when bad is not null.
 template <typename label_t>
 static inline void fill_slots(const label_t* lab, int64_t stride, int64_t len, const LossConfig& c, int64_t* slots,
                               BadLabel* bad) {
+  const int64_t K = c.num_slots;
+  if (c.normalization == Normalization::Chainer) {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      const int64_t v = int64_t(lab[j * stride]);
+      slots[j] = (v >= 1) & (v <= K) ? v - 1 : kIgnored;
+    }
+    return;
+  }
+  const bool has_ignore = c.has_ignore;
+  const int64_t ignore = c.ignore_index;
+  int64_t invalid = 0;
+#pragma omp simd reduction(| : invalid)
   for (int64_t j = 0; j < len; ++j) {
     const int64_t v = int64_t(lab[j * stride]);
-    int64_t s = slot_of(v, c);
-    if (s == kInvalid) {
-      if (bad && !bad->found) *bad = {true, v};
-      s = kIgnored;
+    const bool in_range = (v >= 0) & (v < K);
+    const bool ignored = has_ignore & (v == ignore);
+    slots[j] = ignored ? kIgnored : (in_range ? v : kIgnored);
+    invalid |= int64_t(!in_range & !ignored);
+  }
+  if (invalid && bad && !bad->found) {
+    for (int64_t j = 0; j < len; ++j) {
+      const int64_t v = int64_t(lab[j * stride]);
+      if (slot_of(v, c) == kInvalid) {
+        *bad = {true, v};
+        break;
+      }
     }
-    slots[j] = s;
   }
 }
 
@@ -182,7 +208,7 @@ static void cluster_sums_impl(const ChunkArgs& a) {
 
 // ---- pass 2: per-slot sums of h^2 and of d(h^2)/dx --------------------------
 // Reads each embedding of the chunk once from memory (the second look at a
-// segment hits L1); writes the chunk's K partial hinge sums and K x E partial
+// segment, kTile x E values, hits cache); writes the chunk's K partial hinge sums and K x E partial
 // gradient sums.
 template <typename scalar_t, int kNorm, bool kUnit>
 static void hinge_sums_impl(const ChunkArgs& a) {

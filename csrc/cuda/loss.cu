@@ -423,6 +423,21 @@ __global__ void __launch_bounds__(kSumWarps * 32)
 
     const bool lane_has_pixels = runs > 0;
     const bool vec = plan.vec && tile + kTilePx <= p_end;
+    // Calls body(e, values of channel e) for e = 0 .. E-1, loading channel
+    // e + 1 before body(e) runs, so that two loads per lane are in flight
+    // while the warp combines the previous channel.
+    auto for_each_channel = [&](auto&& body) {
+      acc_t cur[kM], next[kM];
+#pragma unroll
+      for (int j = 0; j < kM; ++j) next[j] = acc_t(0);
+      load_channel(x_img, first, xoff, slot, vec, lane_has_pixels, cur);
+      for (int64_t e = 0; e < E; ++e) {
+        if (e + 1 < E) load_channel(x_img + (e + 1) * L.x_embed_stride, first, xoff, slot, vec, lane_has_pixels, next);
+        body(e, cur);
+#pragma unroll
+        for (int j = 0; j < kM; ++j) cur[j] = next[j];
+      }
+    };
     if constexpr (!kHinge) {
 #pragma unroll
       for (int q = 0; q < kM; ++q) {
@@ -435,19 +450,13 @@ __global__ void __launch_bounds__(kSumWarps * 32)
           __syncwarp();
         }
       }
-      for (int64_t e = 0; e < E; ++e) {
-        acc_t v[kM];
-        load_channel(x_img + e * L.x_embed_stride, first, xoff, slot, vec, lane_has_pixels, v);
-        flush(std::false_type{}, e, v);
-      }
+      for_each_channel([&](int64_t e, acc_t(&v)[kM]) { flush(std::false_type{}, e, v); });
     } else {
       const acc_t* mu_img = means + (b * K + lo) * E;  // rows of this range
       acc_t r[kM];
 #pragma unroll
       for (int j = 0; j < kM; ++j) r[j] = acc_t(0);
-      for (int64_t e = 0; e < E; ++e) {
-        acc_t v[kM];
-        load_channel(x_img + e * L.x_embed_stride, first, xoff, slot, vec, lane_has_pixels, v);
+      for_each_channel([&](int64_t e, acc_t(&v)[kM]) {
         acc_t m = acc_t(0);
         int prev_slot = -1;
 #pragma unroll
@@ -458,10 +467,10 @@ __global__ void __launch_bounds__(kSumWarps * 32)
           }
           prev_slot = slot[j];
         }
-      }
+      });
       acc_t coef[kM];
       acc_t h2[kM];
-      bool any_coef = false;
+      bool any_hinge = false;
 #pragma unroll
       for (int j = 0; j < kM; ++j) {
         coef[j] = acc_t(0);
@@ -470,16 +479,14 @@ __global__ void __launch_bounds__(kSumWarps * 32)
           const PullHinge<acc_t> ph = pull_hinge(finish_norm(r[j], norm), delta_v, norm);
           coef[j] = ph.coef;
           h2[j] = ph.h * ph.h;
-          any_coef = any_coef || ph.coef != acc_t(0);
+          any_hinge = any_hinge || ph.h > acc_t(0);
         }
       }
-      // Every pixel of the warp tile within delta_v of its mean: h = 0 and
-      // d(h^2)/dx = 0, nothing to add.
-      if (!__any_sync(kFullMask, any_coef)) continue;
+      // Every pixel of the warp tile within delta_v of its mean: h = 0, so
+      // h^2 = 0 and d(h^2)/dx = 0; nothing to add, and no second read of x.
+      if (!__any_sync(kFullMask, any_hinge)) continue;
       flush(std::true_type{}, 0, h2);
-      for (int64_t e = 0; e < E; ++e) {
-        acc_t v[kM];
-        load_channel(x_img + e * L.x_embed_stride, first, xoff, slot, vec, lane_has_pixels, v);
+      for_each_channel([&](int64_t e, acc_t(&v)[kM]) {
         acc_t m = acc_t(0);
         int prev_slot = -1;
 #pragma unroll
@@ -493,7 +500,7 @@ __global__ void __launch_bounds__(kSumWarps * 32)
           prev_slot = slot[j];
         }
         flush(std::false_type{}, e, v);
-      }
+      });
     }
   }
 
