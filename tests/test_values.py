@@ -214,3 +214,16 @@ def test_thread_count_does_not_change_results():
     for terms, grad in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(terms, results[0][0]))
         assert torch.equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_slot_without_ignore_index(device):
+    # K = 1 with no background: every pixel is one cluster.
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, device=device)
+    labels = torch.zeros(2, 9, 9, dtype=torch.uint8, device=device)
+    terms, grad = run(x, labels, ignore_index=None, max_instances=1, gamma=0.5)
+    ref_terms, ref_grad = reference64(x, labels, ignore_index=None, max_instances=1, gamma=0.5)
+    for a, b in zip(terms, ref_terms):
+        assert_close(a, b, torch.float64)
+    assert_grad_close(grad, ref_grad, torch.float64)
+    assert float(terms[0]) > 0 and float(terms[1]) == 0
