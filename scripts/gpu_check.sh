@@ -101,6 +101,9 @@ EOF
 }
 
 # ---- tests --------------------------------------------------------------------------------
+if ! "$PY" -c "import pytest" >/dev/null 2>&1; then
+  say "pytest is not installed for $PY (and there is no network to install it): the test steps fail"
+fi
 if ! skipped cuda-tests; then
   say "pytest tests/test_cuda.py -> $OUT/test_cuda.log"
   "$PY" -m pytest tests/test_cuda.py -v -rs --junitxml="$OUT/test_cuda.xml" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/test_cuda.log" | tail -30

@@ -10,7 +10,10 @@
 //   backward  [compact_present_kernel]  slot_coefficients_kernel  write_grad_kernel
 //
 // Bracketed launches depend on the path (below) and the normalisation;
-// compaction of the clusters present is for the paper normalisation only.
+// compaction of the clusters present is for the paper normalisation only. It
+// is its own small launch (one block per image, an ordered block scan over
+// the K counts) because every block of the finalize needs its image's list,
+// and a grid-wide barrier inside one launch would need a cooperative launch.
 // A training step reads the embeddings three times (pass 1, pass 2, pass 3)
 // and writes the gradient once; everything per slot is O(B*K*E).
 //
