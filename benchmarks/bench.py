@@ -65,10 +65,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mem-budget", type=float, default=None,
                    help="GiB an implementation may be predicted to need (default: CPU min(8, 60%% of "
                         "available memory), CUDA 80%% of free memory)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock limit of the whole run; what has not run by then is reported as "
+                        "skipped (budget) (default: none on CPU, 5 on CUDA, where scripts/gpu_check.sh "
+                        "runs it inside a 10-minute command)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the workers (default: torch's)")
     p.add_argument("--cache", default=None,
                    help="label maps and raw worker output (default benchmarks/results/<device>/raw, git-ignored)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--rerender", metavar="RUN_JSON", default=None,
+                   help="measure nothing: rewrite the tables and plots from a finished run's "
+                        "<cache>/runs/<stamp>/run.json (into its --out, or the given --out)")
     args = p.parse_args(argv)
     if not args.quick and not args.full:
         args.full = args.device == "cuda"
@@ -130,9 +137,10 @@ def plan(args) -> Dict:
         time_budget_s=args.time_budget or (5.0 if quick else 10.0),
         mem_budget_bytes=int(mem_budget),
         min_run_time=0.3 if quick else 1.0,
-        slow_reps=3 if quick else 5,
-        case_allowance_s=4.0 if quick else 15.0,
+        slow_reps=3,
+        case_allowance_s=4.0 if quick else 8.0,
         job_timeout_s=240 if quick else 1200,
+        max_minutes=args.max_minutes if args.max_minutes is not None else (5.0 if args.device == "cuda" else None),
     )
 
 
@@ -198,6 +206,8 @@ def prepare_labels(configs: List[W.Config], cache: str) -> Dict[str, str]:
 
 
 def run_worker(job: Dict, job_dir: str, index: int, timeout_s: float) -> List[Dict]:
+    """Run one job in a fresh process; return its rows, one per planned
+    (configuration, dtype, implementation, pass), measured or not."""
     job_file = os.path.join(job_dir, f"job{index:03d}.json")
     job["result_file"] = os.path.join(job_dir, f"job{index:03d}.jsonl")
     with open(job_file, "w") as f:
@@ -205,12 +215,17 @@ def run_worker(job: Dict, job_dir: str, index: int, timeout_s: float) -> List[Di
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("PYTHONWARNINGS", "ignore")
-    try:
-        proc = subprocess.run([sys.executable, os.path.join(HERE, "measure.py"), job_file], env=env,
-                              timeout=timeout_s)
-        failure = None if proc.returncode == 0 else f"worker exited with status {proc.returncode}"
-    except subprocess.TimeoutExpired:
-        failure = f"worker timed out after {timeout_s:.0f} s"
+    if job.get("deadline"):
+        timeout_s = min(timeout_s, job["deadline"] - time.time() + 60)
+    if timeout_s < 1:
+        failure = "past the run's --max-minutes deadline"
+    else:
+        try:
+            proc = subprocess.run([sys.executable, os.path.join(HERE, "measure.py"), job_file], env=env,
+                                  timeout=timeout_s)
+            failure = None if proc.returncode == 0 else f"worker exited with status {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            failure = f"worker timed out after {timeout_s:.0f} s"
     rows = []
     if os.path.exists(job["result_file"]):
         with open(job["result_file"]) as f:
@@ -222,7 +237,8 @@ def run_worker(job: Dict, job_dir: str, index: int, timeout_s: float) -> List[Di
             for impl in job["impls"]:
                 for pass_ in job["passes"]:
                     if (cfg["name"], dtype, impl, pass_) not in done:
-                        status = "skipped (budget)" if failure and "timed out" in failure else "error"
+                        over = failure and ("timed out" in failure or "deadline" in failure)
+                        status = "skipped (budget)" if over else "error"
                         rows.append(dict(job=job["kind"], config=cfg["name"], batch=cfg["batch"],
                                          embed_dim=cfg["embed_dim"], spatial=list(cfg["spatial"]),
                                          instances=cfg["instances"], dtype=dtype, impl=impl, pass_=pass_,
@@ -230,11 +246,26 @@ def run_worker(job: Dict, job_dir: str, index: int, timeout_s: float) -> List[Di
     return rows
 
 
+def rerender(run_json: str, out: str = None, plots: bool = True) -> int:
+    """Write the tables and plots again from a finished run's run.json."""
+    with open(run_json) as f:
+        run = json.load(f)
+    out = out or run["out"]
+    os.makedirs(out, exist_ok=True)
+    report.write_all(out, run["meta"], run["table_rows"], run["sweep_rows"], plots=plots)
+    print(f"wrote {out}/results.md, results.csv" + (", plots" if plots else ""))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.rerender:
+        return rerender(args.rerender, args.out, plots=not args.no_plots)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available to torch", file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the copy bandwidth is measured with the workers' threads
     slug = device_slug(args.device)
     p = plan(args)
     out = args.out or os.path.join(HERE, "results", slug, *(["quick"] if args.quick else []))
@@ -259,33 +290,48 @@ def main(argv=None) -> int:
     k_cfgs = [W.k_sweep_config(k) for k in p["k_sweep"]]
     labels = prepare_labels(main_cfgs + pixel_cfgs + k_cfgs, cache)
 
-    common = dict(device=args.device, label_dtype=args.label_dtype, labels=labels, threads=args.threads,
+    deadline = t_start + 60 * p["max_minutes"] if p["max_minutes"] else None
+    common = dict(device=args.device, deadline=deadline, label_dtype=args.label_dtype, labels=labels,
+                  threads=args.threads,
                   time_budget_s=p["time_budget_s"], mem_budget_bytes=p["mem_budget_bytes"],
                   min_run_time=p["min_run_time"], slow_reps=p["slow_reps"],
                   case_allowance_s=p["case_allowance_s"])
-    jobs = []
-    for cfg in main_cfgs:
-        groups = [[i] for i in p["impls"]] if args.device == "cpu" else [p["impls"]]
-        for impls in groups:
-            jobs.append(dict(common, kind="table", configs=[dataclasses.asdict(cfg)], dtypes=p["dtypes"], impls=impls,
-                             passes=p["passes"]))
-    # Quick sweeps: discloss against the eager reference only (the loop and the
-    # compiler would take the whole two minutes), unless --impl says otherwise.
+    # CPU: one process per (configuration, implementation), so that resident
+    # memory peaks never mix. CUDA: memory is counted per call by the caching
+    # allocator, so processes are grouped: one per configuration for the
+    # uncompiled implementations, one for all compiled runs (it keeps the
+    # compiler warm), the compiled runs last so a deadline cuts them first.
+    per_impl = args.device == "cpu"
     sweep_impls = [i for i in p["impls"] if args.impl or p["mode"] == "full" or i in ("discloss", "ref_eager")]
-    for sweep, cfgs in (("pixels", pixel_cfgs), ("K", k_cfgs)):
-        if not cfgs:
-            continue
-        groups = [[i] for i in sweep_impls] if args.device == "cpu" else [sweep_impls]
-        for impls in groups:
-            # Full sweeps allow 3x the time per call: their largest sizes are the point.
-            sweep_budget = p["time_budget_s"] * (1 if p["mode"] == "quick" or args.time_budget else 3)
-            jobs.append(dict(common, kind="sweep", sweep=sweep, configs=[dataclasses.asdict(c) for c in cfgs],
-                             time_budget_s=sweep_budget,
-                             dtypes=["float32"], impls=impls, passes=["fwdbwd"]))
+    # Full sweeps allow 3x the time per call: their largest sizes are the point.
+    sweep_budget = p["time_budget_s"] * (1 if p["mode"] == "quick" or args.time_budget else 3)
+
+    def table_job(cfgs, impls):
+        return dict(common, kind="table", configs=[dataclasses.asdict(c) for c in cfgs], dtypes=p["dtypes"],
+                    impls=impls, passes=p["passes"])
+
+    def sweep_job(sweep, cfgs, impls):
+        return dict(common, kind="sweep", sweep=sweep, configs=[dataclasses.asdict(c) for c in cfgs],
+                    time_budget_s=sweep_budget, dtypes=["float32"], impls=impls, passes=["fwdbwd"])
+
+    sweeps = [(s, c) for s, c in (("pixels", pixel_cfgs), ("K", k_cfgs)) if c]
+    jobs = []
+    if per_impl:
+        jobs += [table_job([cfg], [i]) for cfg in main_cfgs for i in p["impls"]]
+        jobs += [sweep_job(s, cfgs, [i]) for s, cfgs in sweeps for i in sweep_impls]
+    else:
+        eager = [i for i in p["impls"] if i != "ref_compiled"]
+        jobs += [table_job([cfg], eager) for cfg in main_cfgs]
+        jobs += [sweep_job(s, cfgs, [i for i in sweep_impls if i != "ref_compiled"]) for s, cfgs in sweeps]
+        if "ref_compiled" in p["impls"] and main_cfgs:
+            jobs.append(table_job(main_cfgs, ["ref_compiled"]))
+        if "ref_compiled" in sweep_impls:
+            jobs += [sweep_job(s, cfgs, ["ref_compiled"]) for s, cfgs in sweeps]
 
     table_rows, sweep_rows = [], []
     for i, job in enumerate(jobs, 1):
-        what = job["configs"][0]["name"] if job["kind"] == "table" else f"{job['sweep']} sweep"
+        what = (", ".join(c["name"] for c in job["configs"]) if job["kind"] == "table"
+                else f"{job['sweep']} sweep")
         print(f"[{i}/{len(jobs)}] {what}: {', '.join(job['impls'])} "
               f"({', '.join(job['dtypes'])}; {', '.join(job['passes'])})  t={time.time() - t_start:.0f}s",
               flush=True)
@@ -303,6 +349,8 @@ def main(argv=None) -> int:
                 copy_bytes=copy_bytes, label_dtype=args.label_dtype, load_start=load_start,
                 load_end=load_average(), elapsed_s=time.time() - t_start, plan=p,
                 argv=" ".join(sys.argv[1:]))
+    with open(os.path.join(job_dir, "run.json"), "w") as f:
+        json.dump(dict(meta=meta, table_rows=table_rows, sweep_rows=sweep_rows, out=out), f)
     report.write_all(out, meta, table_rows, sweep_rows, plots=not args.no_plots)
     print(f"done in {time.time() - t_start:.0f} s; wrote {out}/results.md, results.csv"
           + ("" if args.no_plots else ", plots"), flush=True)

@@ -182,6 +182,9 @@ def copy_bandwidth(device: str, nbytes: int, min_run_time: float = 1.0) -> float
     timer = tbench.Timer(stmt="dst.copy_(src)", globals={"dst": dst, "src": src},
                          num_threads=torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=min_run_time)
+    del src, dst
+    if device == "cuda":
+        torch.cuda.empty_cache()  # leave the memory to the workers
     return 2 * n * 4 / m.median
 
 
@@ -273,8 +276,23 @@ def _max_value(dtype: torch.dtype) -> int:
     return torch.iinfo(dtype).max
 
 
+def _import_discloss(attempts: int = 12, wait_s: float = 10.0):
+    """discloss is built in place; while it is being rebuilt its import can
+    fail for a moment, so wait and retry rather than lose the job."""
+    for attempt in range(attempts):
+        try:
+            import discloss  # noqa: F401
+            return
+        except (ImportError, OSError) as exc:
+            if attempt == attempts - 1:
+                raise
+            print(f"  import discloss failed ({exc}); retrying in {wait_s:g} s", file=sys.stderr, flush=True)
+            time.sleep(wait_s)
+
+
 def run_job(job: dict) -> None:
     device = job["device"]
+    _import_discloss()
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     if hasattr(torch._dynamo.config, "recompile_limit"):
@@ -309,6 +327,8 @@ def run_job(job: dict) -> None:
                     tag = f"{cfg.name} {dtype_name} {pass_:6s} {impl:12s}"
                     if (impl, pass_) in stop_impls:
                         row = {"status": "skipped (budget)", "note": "a smaller size was over budget"}
+                    elif job.get("deadline") and time.time() > job["deadline"]:
+                        row = {"status": "skipped (budget)", "note": "past the run's --max-minutes deadline"}
                     else:
                         log(f"  {tag} ...")
                         t0 = time.perf_counter()

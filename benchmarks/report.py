@@ -226,7 +226,7 @@ def plot_sweep(path: str, sweep_rows: List[Dict], sweep: str, meta: Dict) -> boo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4.4))
     for impl in W.IMPLS:
         pts = sorted((_sweep_x(r, sweep), r) for r in srows if r["impl"] == impl)
         if not pts:
@@ -255,8 +255,9 @@ def plot_sweep(path: str, sweep_rows: List[Dict], sweep: str, meta: Dict) -> boo
     ax_m.set_ylabel("peak memory above inputs, MiB")
     fixed = "1 image, E=16, K=64" if sweep == "pixels" else "1 image, E=16, 512×512"
     fig.suptitle(f"forward+backward, float32, {fixed} — {meta['slug']}", fontsize=10)
-    ax_t.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = ax_t.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return True
