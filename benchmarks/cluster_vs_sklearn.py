@@ -100,7 +100,12 @@ def machine_description(device: torch.device) -> str:
                     break
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} cores visible, torch using {torch.get_num_threads()} threads"
+    try:
+        # Other programs on the machine skew the timings: say how busy it was.
+        load = f", load average {os.getloadavg()[0]:.1f}"
+    except OSError:
+        load = ""
+    return f"{model}, {os.cpu_count()} cores visible{load}, torch using {torch.get_num_threads()} threads"
 
 
 def main(argv=None) -> int:

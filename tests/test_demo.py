@@ -38,9 +38,11 @@ def test_write_png_round_trip(tmp_path):
 
 
 def test_demo_smoke(tmp_path, capsys):
+    # One thread: tiny tensors gain nothing from more, and it keeps the test
+    # fast when other programs keep the cores busy.
     out = tmp_path / "run"
     result = demo.main(["--steps", "4", "--image-size", "64", "--batch-size", "2", "--eval-images", "3",
-                        "--out", str(out), "--device", "cpu", "--log-every", "0"])
+                        "--out", str(out), "--device", "cpu", "--log-every", "0", "--threads", "1"])
     printed = capsys.readouterr().out
     assert "step     4/4" in printed and "mean SBD" in printed
     assert result["steps"] == 4
@@ -72,7 +74,7 @@ def test_predictions_take_the_colour_of_their_best_match():
 
 def test_time_limit_stops_training(tmp_path, capsys):
     result = demo.main(["--steps", "1000", "--time-limit", "0.5", "--image-size", "32", "--batch-size", "1",
-                        "--eval-images", "1", "--out", str(tmp_path), "--device", "cpu"])
+                        "--eval-images", "1", "--out", str(tmp_path), "--device", "cpu", "--threads", "1"])
     assert 1 <= result["steps"] < 1000
     assert "time limit of 0.5 s reached" in capsys.readouterr().out
 
@@ -94,6 +96,10 @@ def test_thread_chooser_keeps_the_faster_thread_count():
         chooser._recheck_at = 0.0
         chooser.before_step()  # due for a recheck: the contest starts again
         assert torch.get_num_threads() == 2
+        chooser.settle()  # training ended mid-contest: back to the chosen count
+        assert torch.get_num_threads() == 1
+        chooser.before_step()
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(original)
 
