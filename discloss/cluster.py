@@ -70,6 +70,21 @@ def _per_point(values: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     return values.index_select(0, image)
 
 
+def _seed_priority(pixel: torch.Tensor, seed: int) -> torch.Tensor:
+    """A pseudo-random order of pixel positions: distinct values for distinct positions < 2**32.
+
+    It depends on the position only, so that an image is clustered the same
+    alone or in any batch, and it is computed on the pixels' device with no
+    O(image size) permutation to build or copy. Multiplying by an odd
+    constant modulo 2**32 is a bijection that spreads consecutive positions
+    evenly over the range (a Weyl sequence: seeds fall all over the image);
+    the xor with a seed-dependent mask, also a bijection, varies the order.
+    The constant is below 2**31 so that the int64 product cannot overflow.
+    """
+    mask = (seed * 0x9E3779B1 + 0x7F4A7C15) & 0xFFFFFFFF
+    return ((pixel & 0xFFFFFFFF) * 0x5BD1E995 & 0xFFFFFFFF) ^ mask
+
+
 def _mean_shift(points, image, points_per_image, centres, bandwidth_sq, steps, stop_when_converged):
     """Flat-kernel mean shift of one centre per image over all its points.
 
@@ -208,10 +223,7 @@ def cluster_embeddings(
     if num_points == 0:
         return labels_flat.reshape((batch,) + spatial), torch.zeros(batch, 0, device=device)
 
-    # Seed order: a random order of the pixel positions, the same for every
-    # image, so that an image is clustered the same alone or in any batch.
-    generator = torch.Generator().manual_seed(seed)
-    priority = torch.randperm(flat.shape[2], generator=generator).to(device)[pixel]
+    priority = _seed_priority(pixel, seed)
     bandwidth_sq = float(bandwidth) ** 2
     threshold_sq = float(threshold) ** 2
     merge_sq = float(delta_d) ** 2

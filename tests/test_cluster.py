@@ -138,3 +138,12 @@ def test_cuda_matches_cpu(sticks):
     assert on_gpu.is_cuda
     assert torch.equal(on_cpu, on_gpu.cpu())
     torch.testing.assert_close(scores_cpu, scores_gpu.cpu())
+
+
+def test_seed_order_is_a_permutation_of_positions():
+    from discloss.cluster import _seed_priority
+
+    positions = torch.arange(200_000)
+    first, second = _seed_priority(positions, 0), _seed_priority(positions, 1)
+    assert first.unique().numel() == positions.numel() and first.min() >= 0
+    assert not torch.equal(first.argsort(), second.argsort())
