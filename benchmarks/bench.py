@@ -216,8 +216,9 @@ def run_worker(job: Dict, job_dir: str, index: int, timeout_s: float) -> List[Di
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("PYTHONWARNINGS", "ignore")
     if job.get("deadline"):
-        timeout_s = min(timeout_s, job["deadline"] - time.time() + 60)
-    if timeout_s < 1:
+        # a job already started may finish its current case (one time budget)
+        timeout_s = min(timeout_s, job["deadline"] - time.time() + 3 * job["time_budget_s"] + 60)
+    if job.get("deadline") and time.time() > job["deadline"]:
         failure = "past the run's --max-minutes deadline"
     else:
         try:

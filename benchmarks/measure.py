@@ -313,9 +313,7 @@ def run_job(job: dict) -> None:
             dtype = W.DTYPES[dtype_name]
             x = W.make_embeddings(cfg, dtype, device)
             labels = labels_cpu.to(device=device, dtype=label_dtype)
-            if cfg.instances > _max_value(label_dtype):
-                raise SystemExit(f"--label-dtype: {job['label_dtype']} cannot hold label {cfg.instances} "
-                                 f"of {cfg.name}")
+            too_small = cfg.instances > _max_value(label_dtype)
             for impl in job["impls"]:
                 if impl == "ref_compiled":
                     torch._dynamo.reset()
@@ -325,10 +323,13 @@ def run_job(job: dict) -> None:
                                spatial=list(cfg.spatial), instances=cfg.instances, dtype=dtype_name,
                                impl=impl, pass_=pass_)
                     tag = f"{cfg.name} {dtype_name} {pass_:6s} {impl:12s}"
-                    if (impl, pass_) in stop_impls:
-                        row = {"status": "skipped (budget)", "note": "a smaller size was over budget"}
+                    if too_small:
+                        row = {"status": "error", "note": f"--label-dtype {job['label_dtype']} cannot hold "
+                                                          f"label {cfg.instances}"}
                     elif job.get("deadline") and time.time() > job["deadline"]:
                         row = {"status": "skipped (budget)", "note": "past the run's --max-minutes deadline"}
+                    elif (impl, pass_) in stop_impls:
+                        row = {"status": "skipped (budget)", "note": "a smaller size was over budget"}
                     else:
                         log(f"  {tag} ...")
                         t0 = time.perf_counter()
