@@ -157,9 +157,10 @@ def machine_info(device: str) -> Dict[str, str]:
     try:
         commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", "--",
+                                "csrc", "discloss", "setup.py", "CMakeLists.txt"],
                                capture_output=True, text=True).stdout.strip()
-        commit += " (with uncommitted changes)" if dirty else ""
+        commit += " (with uncommitted changes to csrc/ or discloss/)" if dirty else ""
     except OSError:
         commit = "unknown"
     info = {

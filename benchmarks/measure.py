@@ -290,9 +290,18 @@ def _import_discloss(attempts: int = 12, wait_s: float = 10.0):
             time.sleep(wait_s)
 
 
+def discloss_build() -> str:
+    """When the loaded extension was built (its file's mtime, UTC): the
+    extension is rebuilt in place, so a run can straddle two builds."""
+    import discloss._C as ext
+    stamp = os.path.getmtime(ext.__file__)
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(stamp))
+
+
 def run_job(job: dict) -> None:
     device = job["device"]
     _import_discloss()
+    build = discloss_build()
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     if hasattr(torch._dynamo.config, "recompile_limit"):
@@ -340,7 +349,7 @@ def run_job(job: dict) -> None:
                     msg = (f"{row['median_s'] * 1e3:10.2f} ms  peak {row['peak_bytes'] / 2**20:8.1f} MiB"
                            if row["status"] == "ok" else f"{row['status']}: {row['note']}")
                     log(f"  {tag} {msg}")
-                    out.write(json.dumps({**key, **row}) + "\n")
+                    out.write(json.dumps({**key, **row, "build": build}) + "\n")
                     out.flush()
                 del fn
             del x, labels

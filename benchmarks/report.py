@@ -38,7 +38,7 @@ def derive(rows: List[Dict], meta: Dict) -> List[Dict]:
 
 CSV_FIELDS = ["device", "config", "batch", "embed_dim", "spatial", "instances", "dtype", "label_dtype", "pass",
               "impl", "status", "median_ms", "iqr_ms", "runs", "peak_mib", "input_mib", "floor_mb",
-              "achieved_gbps", "frac_copy_bw", "floor_ratio", "discloss_speedup", "first_call_s", "note"]
+              "achieved_gbps", "frac_copy_bw", "floor_ratio", "discloss_speedup", "first_call_s", "build", "note"]
 
 
 def _num(v, scale=1.0, digits=4):
@@ -64,7 +64,8 @@ def write_csv(path: str, rows: List[Dict], meta: Dict, extra: Optional[List[str]
                 "achieved_gbps": _num(r.get("achieved_Bps"), 1e-9, 3), "frac_copy_bw": _num(r.get("frac_copy"), 1, 3),
                 "floor_ratio": _num(r.get("floor_ratio"), 1, 3),
                 "discloss_speedup": _num(r.get("discloss_speedup"), 1, 3),
-                "first_call_s": _num(r.get("first_call_s"), 1, 3), "note": r.get("note", ""),
+                "first_call_s": _num(r.get("first_call_s"), 1, 3), "build": r.get("build", ""),
+                "note": r.get("note", ""),
             })
 
 
@@ -105,8 +106,13 @@ def markdown(meta: Dict, rows: List[Dict], sweep_rows: List[Dict], plots: List[s
     short = {"discloss": "discloss", "ref_eager": "ref eager", "ref_compiled": "ref compiled", "loop": "loop"}
     info = meta["info"]
     bw = meta["copy_bw"]
+    builds = sorted({r["build"] for r in rows + sweep_rows if r.get("build")})
+    build_line = ", ".join(builds) if builds else "unknown"
+    if len(builds) > 1:
+        build_line += " — **the extension was rebuilt during this run; the CSV's build column says which rows used which**"
     lines = [f"# discloss benchmark: {meta['slug']} ({meta['mode']} mode)", ""]
     lines += _md_table(["", ""], [[k, v] for k, v in info.items()] + [
+        ["discloss build (UTC mtime of _C)", build_line],
         ["copy bandwidth", f"{bw[0] / 1e9:.1f} GB/s at the start, {bw[1] / 1e9:.1f} GB/s at the end "
                            f"(dst.copy_(src) of {meta['copy_bytes'] >> 20} MiB, read + write); "
                            f"fractions use the higher"],
