@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1
 DEPS := numpy pytest hypothesis expecttest ninja matplotlib scipy scikit-learn
 PYTEST_ARGS ?=
+# The package is used from the source tree (the extension is built in place).
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: all venv build test test-cpp test-py bench bench-full demo clean
 
@@ -21,10 +23,17 @@ $(VENV)/.deps: Makefile
 
 venv: $(VENV)/.deps
 
-# Incremental (ninja): quick when nothing changed. USE_CUDA=0 / FORCE_CUDA=1
-# choose the CUDA sources (see setup.py).
-build: venv
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps -e .
+# The extension is built in place (discloss/_C*.so) with ninja, incrementally
+# in build/temp: quick when nothing changed. USE_CUDA=0 / FORCE_CUDA=1 choose
+# the CUDA sources (see setup.py); after changing them, `make clean`.
+SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+BUILT := build/.built
+
+$(BUILT): $(VENV)/.deps $(SOURCES)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace --build-temp build/temp
+	@mkdir -p build && touch $@
+
+build: $(BUILT)
 
 test-cpp: venv
 	bash scripts/cmake_check.sh $(PY) build/cmake

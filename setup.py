@@ -3,7 +3,10 @@ CUDA toolkit is found (or FORCE_CUDA=1), never with USE_CUDA=0.
 
 Environment:
   USE_CUDA=0             skip the CUDA sources
-  FORCE_CUDA=1           compile them even without a visible GPU (CI does)
+  FORCE_CUDA=1           compile them even without a visible GPU (CI does);
+                         without it they are compiled when torch is a CUDA build,
+                         a toolkit is found and a GPU is visible or
+                         TORCH_CUDA_ARCH_LIST is set
   CUDA_HOME              toolkit root; found from nvcc when unset
   TORCH_CUDA_ARCH_LIST   architectures, e.g. "9.0" for H100/H200
   DISCLOSS_DEBUG=1       -O0 -g
@@ -57,7 +60,15 @@ def _want_cuda():
                 % (torch.__version__, CUDA_HOME)
             )
         return True
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return False
+    # Without a GPU to build for, torch would compile for every architecture
+    # it supports (tens of minutes) for kernels that cannot run here.
+    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        print("discloss: no GPU visible, skipping the CUDA sources "
+              "(FORCE_CUDA=1 or TORCH_CUDA_ARCH_LIST=... compiles them)", file=sys.stderr)
+        return False
+    return True
 
 
 def _pip_cuda_includes():
