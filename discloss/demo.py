@@ -14,9 +14,10 @@ To fit the CPU budget the defaults train and evaluate at 128 x 128 pixels:
 1/2 (sticks 7.5 px wide, 40-50 px long). Pass ``--image-size 256`` for the
 full size (on a GPU). Training runs 600 steps of 8 images, or stops after
 ``--time-limit`` (420 s) with the learning rate annealed on the clock, so a
-slow or busy machine still finishes in time. Measured on 2 shared AMD EPYC
-cores busy with other work (load average 3-5): 566-600 steps, mean SBD
-0.948, mean |DiC| 0.38-0.42, 7-8 minutes wall time in all.
+slow or busy machine still finishes in time. Measured in four runs on 2
+shared AMD EPYC cores busy with other work (load average 2-5): 533-600
+steps, mean SBD 0.935-0.948, mean |DiC| 0.38-0.54, 6-8 minutes wall time in
+all.
 
 Outputs go to ``--out`` (default runs/demo): checkpoint.pt and panel.png
 (per row: image, ground truth, predicted instances coloured after the
