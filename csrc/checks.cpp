@@ -155,4 +155,15 @@ bool make_pixel_layout(const at::Tensor& embeddings, const at::Tensor& labels, c
   return true;
 }
 
+KernelInputs kernel_inputs(const at::Tensor& embeddings, const at::Tensor& labels, bool with_grad) {
+  KernelInputs in{embeddings, labels, with_grad ? at::empty_like(embeddings) : at::Tensor(), PixelLayout{}};
+  if (!make_pixel_layout(in.x, in.labels, with_grad ? &in.grad : nullptr, &in.layout)) {
+    in.x = in.x.contiguous();
+    in.labels = in.labels.contiguous();
+    if (with_grad) in.grad = at::empty_like(in.x);
+    make_pixel_layout(in.x, in.labels, with_grad ? &in.grad : nullptr, &in.layout);
+  }
+  return in;
+}
+
 }  // namespace discloss

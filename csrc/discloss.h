@@ -31,6 +31,15 @@ void check_backward_inputs(const at::Tensor& grad_var, const at::Tensor& grad_di
 bool make_pixel_layout(const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor* grad,
                        PixelLayout* layout);
 
+// What the kernels read (x, labels) and write (grad, backward only), with
+// their layout: the given tensors when a PixelLayout can describe their
+// strides, contiguous copies otherwise. grad is allocated like x.
+struct KernelInputs {
+  at::Tensor x, labels, grad;
+  PixelLayout layout;
+};
+KernelInputs kernel_inputs(const at::Tensor& embeddings, const at::Tensor& labels, bool with_grad);
+
 // float for float16/bfloat16/float32 embeddings, double for float64.
 at::ScalarType accumulate_type(at::ScalarType embeddings_type);
 

@@ -3,16 +3,27 @@
     import discloss
     terms = discloss.discriminative_loss(embeddings, labels)   # (var, dist, reg)
     loss = sum(terms)
+
+Around the loss: ``cluster_embeddings`` (embeddings to instances),
+``metrics`` (Symmetric Best Dice, |DiC|), ``data.ScatteredSticks`` (a
+synthetic data set) and ``python -m discloss.demo`` (end-to-end training).
 """
 
-from . import chainer, reference
+from . import chainer, cluster, data, metrics, reference
+from .cluster import cluster_embeddings
+from .data import ScatteredSticks
 from .loss import DiscriminativeLoss, DiscriminativeLossTerms, discriminative_loss
 
 __all__ = [
     "DiscriminativeLoss",
     "DiscriminativeLossTerms",
     "discriminative_loss",
+    "cluster_embeddings",
+    "ScatteredSticks",
     "chainer",
+    "cluster",
+    "data",
+    "metrics",
     "reference",
 ]
 __version__ = "0.1.0"

@@ -322,13 +322,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const LossConfig c = make_config(max_instances, delta_v, delta_d, norm, alpha, beta, gamma, ignore_index,
                                    normalization, reduction);
   check_forward_inputs(embeddings, labels, c);
-  at::Tensor x = embeddings, lab = labels;
-  PixelLayout L;
-  if (!make_pixel_layout(x, lab, nullptr, &L)) {
-    x = x.contiguous();
-    lab = lab.contiguous();
-    make_pixel_layout(x, lab, nullptr, &L);
-  }
+  const KernelInputs in = kernel_inputs(embeddings, labels, /*with_grad=*/false);
+  const at::Tensor &x = in.x, &lab = in.labels;
+  const PixelLayout& L = in.layout;
   const int64_t B = L.batch, E = L.embed_dim, K = c.num_slots;
   const auto acc_type = accumulate_type(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc_type);
@@ -407,15 +403,9 @@ at::Tensor backward_cpu(const at::Tensor& grad_var, const at::Tensor& grad_dist,
   const LossConfig c = make_config(counts.dim() == 2 ? counts.size(1) : 1, delta_v, delta_d, norm, alpha, beta, gamma,
                                    ignore_index, normalization, reduction);
   check_backward_inputs(grad_var, grad_dist, grad_reg, embeddings, labels, means, counts, hinge_grad_sums, c);
-  at::Tensor x = embeddings, lab = labels;
-  at::Tensor grad = at::empty_like(x);
-  PixelLayout L;
-  if (!make_pixel_layout(x, lab, &grad, &L)) {
-    x = x.contiguous();
-    lab = lab.contiguous();
-    grad = at::empty_like(x);
-    make_pixel_layout(x, lab, &grad, &L);
-  }
+  const KernelInputs in = kernel_inputs(embeddings, labels, /*with_grad=*/true);
+  const at::Tensor &x = in.x, &lab = in.labels, &grad = in.grad;
+  const PixelLayout& L = in.layout;
   advise_huge_pages(grad);
   const int64_t B = L.batch, E = L.embed_dim, K = c.num_slots;
   const auto acc_type = accumulate_type(x.scalar_type());

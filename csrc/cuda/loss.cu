@@ -941,13 +941,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_slots(c);
   const c10::cuda::CUDAGuard guard(embeddings.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor x = embeddings, lab = labels;
-  PixelLayout L;
-  if (!make_pixel_layout(x, lab, nullptr, &L)) {
-    x = x.contiguous();
-    lab = lab.contiguous();
-    make_pixel_layout(x, lab, nullptr, &L);
-  }
+  const KernelInputs in = kernel_inputs(embeddings, labels, /*with_grad=*/false);
+  const at::Tensor &x = in.x, &lab = in.labels;
+  const PixelLayout& L = in.layout;
   const int64_t B = L.batch, E = L.embed_dim, K = c.num_slots, N = L.num_pixels;
   const auto acc_type = accumulate_type(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc_type);
@@ -1059,21 +1055,15 @@ at::Tensor backward_cuda(const at::Tensor& grad_var, const at::Tensor& grad_dist
                          const at::Tensor& counts, const at::Tensor& hinge_grad_sums, double delta_v, double delta_d,
                          int64_t norm, double alpha, double beta, double gamma, std::optional<int64_t> ignore_index,
                          c10::string_view normalization, c10::string_view reduction) {
-  const LossConfig c = make_config(means.dim() == 3 ? means.size(1) : 1, delta_v, delta_d, norm, alpha, beta, gamma,
+  const LossConfig c = make_config(counts.dim() == 2 ? counts.size(1) : 1, delta_v, delta_d, norm, alpha, beta, gamma,
                                    ignore_index, normalization, reduction);
   check_backward_inputs(grad_var, grad_dist, grad_reg, embeddings, labels, means, counts, hinge_grad_sums, c);
   check_slots(c);
   const c10::cuda::CUDAGuard guard(embeddings.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor x = embeddings, lab = labels;
-  at::Tensor grad = at::empty_like(x);
-  PixelLayout L;
-  if (!make_pixel_layout(x, lab, &grad, &L)) {
-    x = x.contiguous();
-    lab = lab.contiguous();
-    grad = at::empty_like(x);
-    make_pixel_layout(x, lab, &grad, &L);
-  }
+  const KernelInputs in = kernel_inputs(embeddings, labels, /*with_grad=*/true);
+  const at::Tensor &x = in.x, &lab = in.labels, &grad = in.grad;
+  const PixelLayout& L = in.layout;
   if (x.numel() == 0) return grad;
   const int64_t B = L.batch, E = L.embed_dim, K = c.num_slots, N = L.num_pixels;
   const auto acc_type = accumulate_type(x.scalar_type());
