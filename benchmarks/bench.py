@@ -172,6 +172,11 @@ def machine_info(device: str) -> Dict[str, str]:
         "discloss commit": commit,
         "date (UTC)": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
     }
+    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
+                                              "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR")
+           if k in os.environ]
+    if env:
+        info["environment"] = " ".join(env)
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         info["GPU"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor}"

@@ -12,19 +12,20 @@ Peak memory, the extra bytes one call needs on top of its inputs:
         resident set (VmRSS) just before it. The peak is reset first by
         writing 5 to /proc/self/clear_refs, and freed heap pages are handed
         back with malloc_trim(0), so earlier calls (and torch.compile's own
-        memory) do not leak into the figure. Each implementation runs in a
-        fresh process so that peaks never mix. Where clear_refs cannot be
+        memory) do not leak into the figure. On CPU each implementation of
+        each configuration runs in a fresh worker process (bench.py plans
+        that), so that peaks never mix. Where clear_refs cannot be
         written, getrusage's ru_maxrss minus the resident set before the first
         call is used instead (and the figure then includes warm-up).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
 import os
-import contextlib
 import resource
 import signal
 import sys
