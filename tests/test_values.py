@@ -227,3 +227,24 @@ def test_single_slot_without_ignore_index(device):
         assert_close(a, b, torch.float64)
     assert_grad_close(grad, ref_grad, torch.float64)
     assert float(terms[0]) > 0 and float(terms[1]) == 0
+
+
+def test_backward_reuses_no_gradient_still_in_use():
+    # The CPU backward recycles gradient buffers nothing else holds; one still
+    # held must never be handed out again (and overwritten).
+    labels = blob_labels(1, (512, 512), 6, seed=8)
+    x = torch.randn(1, 8, 512, 512, requires_grad=True)  # 8 MiB: above the cache's threshold
+    grads = []
+    for scale in [1.0, 2.0, 3.0, 4.0]:
+        terms = discloss.discriminative_loss(x, labels, max_instances=8)
+        (g,) = torch.autograd.grad(scale * (terms.var + terms.dist + terms.reg), x)
+        grads.append(g)
+    ptrs = {g.data_ptr() for g in grads}
+    assert len(ptrs) == 4
+    for k in range(1, 4):
+        torch.testing.assert_close(grads[k], grads[0] * (k + 1))
+    # Released buffers are reused: the same address comes back.
+    del grads
+    terms = discloss.discriminative_loss(x, labels, max_instances=8)
+    (g,) = torch.autograd.grad(sum(terms), x)
+    assert g.data_ptr() in ptrs

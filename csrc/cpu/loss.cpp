@@ -10,11 +10,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 #include "../discloss.h"
 #include "kernel_table.h"
@@ -106,21 +104,39 @@ void for_each_chunk(const PixelLayout& L, const ChunkPlan& plan, const ChunkArgs
   });
 }
 
-// The gradient is as large as the embeddings and written once into fresh
-// memory, where first-touch page faults on 4 KiB pages cost more than the
-// write itself (measured: 35 ms vs 4 ms to fill 128 MiB on 2 cores). Asking
-// for transparent huge pages removes most of that; a no-op where unsupported.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t bytes = t.storage().nbytes();
-  if (bytes < 2 * kHuge) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.storage().data()) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.storage().data()) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
+// The gradient is as large as the embeddings and written once. Into fresh
+// memory, the first touch of every page costs a fault and the kernel zeroing
+// the page, more than our own write (measured on 2 cores: filling a fresh
+// 128 MiB tensor 52-60 ms, an existing one 4-10 ms). In a training loop the
+// same size comes back every step, so backward reuses the storage of a
+// gradient it returned earlier once nothing else holds it, like CUDA's
+// caching allocator: at most kCachedGradients buffers of at least
+// kMinCachedBytes are kept. (Transparent huge pages were tried instead: on
+// this VM a huge-page fault storm was 5x slower than 4 KiB pages.)
+constexpr size_t kCachedGradients = 2;
+constexpr size_t kMinCachedBytes = size_t(4) << 20;
+
+// at::empty_like(x), from the cache when a free buffer of the right size is
+// there. A cached storage is free when the cache holds its only reference.
+at::Tensor empty_gradient_like(const at::Tensor& x) {
+  static std::mutex mutex;
+  static std::vector<at::Storage> cache;  // most recently used last
+  const bool dense = x.is_non_overlapping_and_dense();
+  const size_t bytes = static_cast<size_t>(x.numel()) * x.element_size();
+  if (!dense || bytes < kMinCachedBytes) return at::empty_like(x);
+  std::lock_guard<std::mutex> lock(mutex);
+  at::Storage storage;
+  for (size_t i = 0; i < cache.size(); ++i) {
+    if (cache[i].nbytes() == bytes && cache[i].use_count() == 1) {
+      storage = cache[i];
+      cache.erase(cache.begin() + static_cast<std::ptrdiff_t>(i));
+      break;
+    }
+  }
+  if (!storage) storage = at::empty_like(x).storage();
+  cache.push_back(storage);
+  if (cache.size() > kCachedGradients) cache.erase(cache.begin());
+  return at::empty({0}, x.options()).set_(storage, 0, x.sizes(), x.strides());
 }
 
 // out[b, i] = sum over chunks c (in order) of partial[b, c, i].
@@ -416,10 +432,11 @@ at::Tensor backward_cpu(const at::Tensor& grad_var, const at::Tensor& grad_dist,
   const LossConfig c = make_config(counts.dim() == 2 ? counts.size(1) : 1, delta_v, delta_d, norm, alpha, beta, gamma,
                                    ignore_index, normalization, reduction);
   check_backward_inputs(grad_var, grad_dist, grad_reg, embeddings, labels, means, counts, hinge_grad_sums, c);
-  const KernelInputs in = kernel_inputs(embeddings, labels, /*with_grad=*/true);
+  KernelInputs in = kernel_inputs(embeddings, labels, /*with_grad=*/false);
+  in.grad = empty_gradient_like(in.x);
+  make_pixel_layout(in.x, in.labels, &in.grad, &in.layout);
   const at::Tensor &x = in.x, &lab = in.labels, &grad = in.grad;
   const PixelLayout& L = in.layout;
-  advise_huge_pages(grad);
   const int64_t B = L.batch, E = L.embed_dim, K = c.num_slots;
   const auto acc_type = accumulate_type(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc_type);
