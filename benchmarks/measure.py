@@ -5,18 +5,21 @@ implementations) in its own process.
 Time: torch.utils.benchmark.Timer (it synchronises the device around each
 block), after warm-up, median of the measured runs.
 
-Peak memory, the extra bytes one call needs on top of its inputs:
+Peak memory, the extra bytes an implementation needs on top of its inputs:
+the high-water mark during one warm call minus the memory in use before the
+implementation's first call. Memory it keeps between calls (a buffer cache,
+compiled code) therefore counts; the transient peak of the warm-up call
+(torch.compile compiling) does not.
   CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(),
-        minus memory_allocated() before the call.
-  CPU:  the process's peak resident set (VmHWM) during the call, minus its
-        resident set (VmRSS) just before it. The peak is reset first by
-        writing 5 to /proc/self/clear_refs, and freed heap pages are handed
-        back with malloc_trim(0), so earlier calls (and torch.compile's own
-        memory) do not leak into the figure. On CPU each implementation of
-        each configuration runs in a fresh worker process (bench.py plans
-        that), so that peaks never mix. Where clear_refs cannot be
-        written, getrusage's ru_maxrss minus the resident set before the first
-        call is used instead (and the figure then includes warm-up).
+        against memory_allocated() before the first call.
+  CPU:  the process's peak resident set (VmHWM, reset after warm-up by
+        writing 5 to /proc/self/clear_refs) against its resident set before
+        the first call; freed heap pages are handed back with malloc_trim(0)
+        before each reading. On CPU each implementation of each
+        configuration runs in a fresh worker process (bench.py plans that),
+        so that peaks never mix. Where clear_refs cannot be written,
+        getrusage's ru_maxrss is used instead (and the figure then includes
+        the warm-up's peak).
 """
 
 from __future__ import annotations
@@ -69,39 +72,47 @@ def _reset_cpu_peak() -> bool:
         return False
 
 
-def measure_peak(call: Callable[[], object], device: str) -> Tuple[int, float]:
-    """(extra bytes, seconds) of one call, the bytes above what is allocated
-    before it."""
+def current_bytes(device: str) -> int:
+    """Memory in use now: allocated CUDA bytes, or the resident set after
+    handing freed heap pages back to the system."""
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    _malloc_trim()
+    return (_proc_status_kib("VmRSS") or 0) * 1024
+
+
+def measure_peak(call: Callable[[], object], device: str, cold_bytes: int) -> Tuple[int, int, float]:
+    """(peak bytes, retained bytes, seconds) of one warm call.
+
+    peak: the high-water mark during the call minus `cold_bytes`, the memory
+    in use before the implementation's first (warm-up) call. So memory an
+    implementation keeps between calls (a buffer cache, compiled code) counts,
+    while the transient peak of torch.compile's compilation, during warm-up,
+    does not. retained: the part of it already held before the call.
+    """
+    before = current_bytes(device)
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         out = call()
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated() - base
-        del out
-        return peak, seconds
-    _malloc_trim()
-    if _reset_cpu_peak():
-        base = _proc_status_kib("VmRSS")
+        high = torch.cuda.max_memory_allocated()
+    elif _reset_cpu_peak():
         t0 = time.perf_counter()
         out = call()
         seconds = time.perf_counter() - t0
-        peak = _proc_status_kib("VmHWM") - base
+        high = (_proc_status_kib("VmHWM") or 0) * 1024
     else:  # no clear_refs: high-water mark of the whole process so far
-        base = _BASELINE_RSS_KIB
         t0 = time.perf_counter()
         out = call()
         seconds = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+        high = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del out
-    return max(peak, 0) * 1024, seconds
+    return max(high - cold_bytes, 0), max(before - cold_bytes, 0), seconds
 
-
-_BASELINE_RSS_KIB = _proc_status_kib("VmRSS") or 0
 
 # --------------------------------------------------------------------------
 # time
@@ -236,6 +247,7 @@ def run_case(fn, x, labels, cfg: W.Config, impl: str, pass_: str, job: dict, log
         return row
     call = _pass_call(fn, x, labels, pass_)
     try:
+        cold = current_bytes(device)
         # The first call warms up (and compiles, for ref_compiled: not limited).
         limit = 0 if impl == "ref_compiled" else budget
         t0 = time.perf_counter()
@@ -246,13 +258,14 @@ def run_case(fn, x, labels, cfg: W.Config, impl: str, pass_: str, job: dict, log
         # The second call measures memory and, being warm, decides how to time.
         t0 = time.perf_counter()
         with wall_clock_limit(budget):
-            row["peak_bytes"], second = measure_peak(call, device)
+            row["peak_bytes"], row["retained_bytes"], second = measure_peak(call, device, cold)
         if second > budget:
             raise OverBudget()
         row.update(median_time(call, device, second, job["min_run_time"], job["slow_reps"],
                                job["case_allowance_s"]))
     except Exception as exc:  # noqa: BLE001 - a failing baseline must not stop the run
         row.pop("peak_bytes", None)
+        row.pop("retained_bytes", None)
         if isinstance(exc, OverBudget) or _ALARM["fired"]:
             row.update(status="skipped (budget)",
                        note=f"one call took more than the {budget:g} s budget (stopped after "

@@ -37,7 +37,7 @@ def derive(rows: List[Dict], meta: Dict) -> List[Dict]:
 
 
 CSV_FIELDS = ["device", "config", "batch", "embed_dim", "spatial", "instances", "dtype", "label_dtype", "pass",
-              "impl", "status", "median_ms", "iqr_ms", "runs", "peak_mib", "input_mib", "floor_mb",
+              "impl", "status", "median_ms", "iqr_ms", "runs", "peak_mib", "retained_mib", "input_mib", "floor_mb",
               "achieved_gbps", "frac_copy_bw", "floor_ratio", "discloss_speedup", "first_call_s", "build", "note"]
 
 
@@ -60,6 +60,7 @@ def write_csv(path: str, rows: List[Dict], meta: Dict, extra: Optional[List[str]
                 "pass": r["pass_"], "impl": r["impl"], "status": r["status"],
                 "median_ms": _num(r.get("median_s"), 1e3), "iqr_ms": _num(r.get("iqr_s"), 1e3, 3),
                 "runs": r.get("runs", ""), "peak_mib": _num(r.get("peak_bytes"), 2**-20),
+                "retained_mib": _num(r.get("retained_bytes"), 2**-20),
                 "input_mib": _num(r.get("input_bytes"), 2**-20), "floor_mb": _num(r.get("floor_bytes"), 1e-6),
                 "achieved_gbps": _num(r.get("achieved_Bps"), 1e-9, 3), "frac_copy_bw": _num(r.get("frac_copy"), 1, 3),
                 "floor_ratio": _num(r.get("floor_ratio"), 1, 3),
@@ -153,8 +154,10 @@ def markdown(meta: Dict, rows: List[Dict], sweep_rows: List[Dict], plots: List[s
                   "labels; fwdbwd: 3 reads + 1 write of the embeddings + 3 reads of the labels). "
                   "GB/s = floor / discloss's time; % copy = that over the copy bandwidth above; "
                   "× floor = discloss's time over the time the floor takes at copy bandwidth (1 is ideal). "
-                  "Peak memory: MiB needed on top of the inputs during one call (the fwdbwd figure includes "
-                  "the gradient, the size of the embeddings).", ""]
+                  "Peak memory: MiB needed on top of the inputs during one warm call, counted from before "
+                  "the implementation's first call, so memory kept between calls (discloss's CPU gradient "
+                  "buffer cache, torch.compile's code) counts; the fwdbwd figure includes the gradient, "
+                  "the size of the embeddings.", ""]
         header = ["config", "dtype", "pass", "floor MB", "discloss GB/s", "% copy", "× floor"] + \
                  [f"peak MiB {short[i]}" for i in impls]
         body = []
