@@ -211,7 +211,7 @@ def prepare_labels(configs: List[W.Config], cache: str) -> Dict[str, str]:
     return paths
 
 
-def run_worker(job: Dict, job_dir: str, index: int, timeout_s: float) -> List[Dict]:
+def run_worker(job: Dict, job_dir: str, index: int, timeout_s: float, skip: str = None) -> List[Dict]:
     """Run one job in a fresh process; return its rows, one per planned
     (configuration, dtype, implementation, pass), measured or not."""
     job_file = os.path.join(job_dir, f"job{index:03d}.json")
@@ -224,7 +224,9 @@ def run_worker(job: Dict, job_dir: str, index: int, timeout_s: float) -> List[Di
     if job.get("deadline"):
         # a job already started may finish its current case (one time budget)
         timeout_s = min(timeout_s, job["deadline"] - time.time() + 3 * job["time_budget_s"] + 60)
-    if job.get("deadline") and time.time() > job["deadline"]:
+    if skip:
+        failure = skip
+    elif job.get("deadline") and time.time() > job["deadline"]:
         failure = "past the run's --max-minutes deadline"
     else:
         try:
@@ -244,7 +246,8 @@ def run_worker(job: Dict, job_dir: str, index: int, timeout_s: float) -> List[Di
             for impl in job["impls"]:
                 for pass_ in job["passes"]:
                     if (cfg["name"], dtype, impl, pass_) not in done:
-                        over = failure and ("timed out" in failure or "deadline" in failure)
+                        over = failure and ("timed out" in failure or "deadline" in failure
+                                            or "over budget" in failure)
                         status = "skipped (budget)" if over else "error"
                         rows.append(dict(job=job["kind"], config=cfg["name"], batch=cfg["batch"],
                                          embed_dim=cfg["embed_dim"], spatial=list(cfg["spatial"]),
@@ -325,7 +328,9 @@ def main(argv=None) -> int:
     jobs = []
     if per_impl:
         jobs += [table_job([cfg], [i]) for cfg in main_cfgs for i in p["impls"]]
-        jobs += [sweep_job(s, cfgs, [i]) for s, cfgs in sweeps for i in sweep_impls]
+        # Sweeps too get a process per point: discloss's CPU backward keeps
+        # its gradient buffers for reuse, which would hide the next point's.
+        jobs += [sweep_job(s, [cfg], [i]) for s, cfgs in sweeps for i in sweep_impls for cfg in cfgs]
     else:
         eager = [i for i in p["impls"] if i != "ref_compiled"]
         jobs += [table_job([cfg], eager) for cfg in main_cfgs]
@@ -336,16 +341,24 @@ def main(argv=None) -> int:
             jobs += [sweep_job(s, cfgs, ["ref_compiled"]) for s, cfgs in sweeps]
 
     table_rows, sweep_rows = [], []
+    over_budget = set()  # (sweep, impl) past the budget at a smaller size
     for i, job in enumerate(jobs, 1):
-        what = (", ".join(c["name"] for c in job["configs"]) if job["kind"] == "table"
-                else f"{job['sweep']} sweep")
+        if job["kind"] == "table":
+            what = ", ".join(c["name"] for c in job["configs"])
+        else:
+            what = f"{job['sweep']} sweep" + (f" {job['configs'][0]['name']}" if len(job["configs"]) == 1 else "")
         print(f"[{i}/{len(jobs)}] {what}: {', '.join(job['impls'])} "
               f"({', '.join(job['dtypes'])}; {', '.join(job['passes'])})  t={time.time() - t_start:.0f}s",
               flush=True)
-        rows = run_worker(job, job_dir, i, p["job_timeout_s"])
+        skip = None
+        if job["kind"] == "sweep" and all((job["sweep"], impl) in over_budget for impl in job["impls"]):
+            skip = "a smaller size was over budget"
+        rows = run_worker(job, job_dir, i, p["job_timeout_s"], skip=skip)
         if job["kind"] == "sweep":
             for r in rows:
                 r["sweep"] = job["sweep"]
+                if r["status"] == "skipped (budget)":
+                    over_budget.add((job["sweep"], r["impl"]))
             sweep_rows += rows
         else:
             table_rows += rows
