@@ -8,7 +8,7 @@
 namespace discloss {
 
 LossConfig make_config(int64_t max_instances, double delta_v, double delta_d, int64_t norm, double alpha,
-                       double beta, double gamma, std::optional<int64_t> ignore_index,
+                       double beta, double gamma, double unlabeled_push, std::optional<int64_t> ignore_index,
                        c10::string_view normalization, c10::string_view reduction) {
   TORCH_CHECK(max_instances >= 1, "max_instances: expected an integer >= 1, got ", max_instances);
   TORCH_CHECK(norm == 1 || norm == 2, "norm: expected 1 or 2, got ", norm);
@@ -16,8 +16,13 @@ LossConfig make_config(int64_t max_instances, double delta_v, double delta_d, in
   TORCH_CHECK(std::isfinite(delta_d) && delta_d >= 0, "delta_d: expected a finite value >= 0, got ", delta_d);
   TORCH_CHECK(std::isfinite(alpha) && std::isfinite(beta) && std::isfinite(gamma),
               "alpha, beta, gamma: expected finite weights, got ", alpha, ", ", beta, ", ", gamma);
+  TORCH_CHECK(std::isfinite(unlabeled_push) && unlabeled_push >= 0,
+              "unlabeled_push: expected a finite weight >= 0, got ", unlabeled_push);
+  TORCH_CHECK(unlabeled_push == 0 || ignore_index.has_value(),
+              "unlabeled_push: the unlabeled pixels are those labelled ignore_index, which is None");
   LossConfig c{};
   c.num_slots = max_instances;
+  c.unlabeled_push = unlabeled_push;
   c.delta_v = delta_v;
   c.delta_d = delta_d;
   c.norm = static_cast<int>(norm);
@@ -42,6 +47,8 @@ LossConfig make_config(int64_t max_instances, double delta_v, double delta_d, in
   } else {
     TORCH_CHECK(false, "reduction: expected 'mean', 'sum' or 'none', got '", std::string(reduction), "'");
   }
+  TORCH_CHECK(c.normalization == Normalization::Paper || unlabeled_push == 0,
+              "unlabeled_push: not defined for the chainer normalization; expected 0, got ", unlabeled_push);
   TORCH_CHECK(c.normalization == Normalization::Paper || c.reduction == Reduction::Mean,
               "reduction: the chainer normalization returns batch-level terms; expected 'mean', got '",
               std::string(reduction), "'");
@@ -52,8 +59,16 @@ static bool is_label_type(at::ScalarType t) {
   return t == at::kByte || t == at::kChar || t == at::kShort || t == at::kInt || t == at::kLong;
 }
 
-void check_forward_inputs(const at::Tensor& embeddings, const at::Tensor& labels, const LossConfig& c) {
-  (void)c;
+void check_slot_map_inputs(const at::Tensor& labels, int64_t max_instances) {
+  TORCH_CHECK(max_instances >= 1, "max_instances: expected an integer >= 1, got ", max_instances);
+  TORCH_CHECK(is_label_type(labels.scalar_type()), "labels: expected uint8, int8, int16, int32 or int64, got ",
+              labels.scalar_type());
+  TORCH_CHECK(labels.dim() >= 1, "labels: expected shape (B, *spatial), got a 0-dim tensor");
+}
+
+void check_forward_inputs(const at::Tensor& embeddings, const at::Tensor& labels,
+                          const std::optional<at::Tensor>& slot_ids, const std::optional<at::Tensor>& num_ids,
+                          const LossConfig& c) {
   const auto t = embeddings.scalar_type();
   TORCH_CHECK(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble,
               "embeddings: expected float16, bfloat16, float32 or float64, got ", t);
@@ -69,12 +84,39 @@ void check_forward_inputs(const at::Tensor& embeddings, const at::Tensor& labels
               " to match embeddings ", embeddings.sizes(), ", got ", labels.sizes());
   TORCH_CHECK(labels.device() == embeddings.device(), "labels: expected the device of embeddings (",
               embeddings.device(), "), got ", labels.device());
+  TORCH_CHECK(slot_ids.has_value() == num_ids.has_value(),
+              "slot_ids, num_ids: expected both (from discloss::slot_map) or neither");
+  if (slot_ids.has_value()) {
+    const int64_t B = embeddings.size(0), K = c.num_slots;
+    TORCH_CHECK(c.normalization == Normalization::Paper,
+                "slot_ids: the chainer normalization has fixed slots (labels 1..K); expected None");
+    TORCH_CHECK(slot_ids->scalar_type() == at::kLong && slot_ids->sizes() == at::IntArrayRef({B, K}),
+                "slot_ids: expected int64 of shape (", B, ", ", K, "), got ", slot_ids->scalar_type(), " ",
+                slot_ids->sizes());
+    TORCH_CHECK(num_ids->scalar_type() == at::kLong && num_ids->sizes() == at::IntArrayRef({B}),
+                "num_ids: expected int64 of shape (", B, "), got ", num_ids->scalar_type(), " ", num_ids->sizes());
+    TORCH_CHECK(slot_ids->device() == embeddings.device() && num_ids->device() == embeddings.device(),
+                "slot_ids, num_ids: expected the device of embeddings (", embeddings.device(), ")");
+  }
+}
+
+void check_slot_memory(const LossConfig& c, int64_t batch, int64_t embed_dim, int64_t acc_size,
+                       double device_bytes, const char* device) {
+  // means, hinge sums, partials and (push) push sums: about 4 tensors of
+  // B x K x E accumulators; the check is for a K that cannot work at all.
+  const double need = 4.0 * double(batch) * double(c.num_slots) * double(embed_dim + 1) * double(acc_size);
+  TORCH_CHECK(device_bytes <= 0 || need <= device_bytes, "max_instances: ", c.num_slots, " slots need about ",
+              need / double(1 << 30), " GiB of per-slot tensors (4 x B x K x (E+1) accumulators with B=", batch,
+              ", E=", embed_dim, "), more than the ", device_bytes / double(1 << 30), " GiB of ", device,
+              " memory; max_instances is the most clusters one image may hold, not the largest id");
 }
 
 void check_backward_inputs(const at::Tensor& grad_var, const at::Tensor& grad_dist, const at::Tensor& grad_reg,
-                           const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& means,
-                           const at::Tensor& counts, const at::Tensor& hinge_grad_sums, const LossConfig& c) {
-  check_forward_inputs(embeddings, labels, c);
+                           const at::Tensor& grad_push, const at::Tensor& embeddings, const at::Tensor& labels,
+                           const std::optional<at::Tensor>& slot_ids, const std::optional<at::Tensor>& num_ids,
+                           const at::Tensor& means, const at::Tensor& counts, const at::Tensor& hinge_grad_sums,
+                           const at::Tensor& push_grad_sums, const LossConfig& c) {
+  check_forward_inputs(embeddings, labels, slot_ids, num_ids, c);
   const int64_t B = embeddings.size(0), E = embeddings.size(1), K = c.num_slots;
   const auto acc = accumulate_type(embeddings.scalar_type());
   TORCH_CHECK(means.sizes() == at::IntArrayRef({B, K, E}) && means.scalar_type() == acc,
@@ -83,18 +125,24 @@ void check_backward_inputs(const at::Tensor& grad_var, const at::Tensor& grad_di
   TORCH_CHECK(hinge_grad_sums.sizes() == means.sizes() && hinge_grad_sums.scalar_type() == acc,
               "hinge_grad_sums: expected ", acc, " of shape ", means.sizes(), ", got ", hinge_grad_sums.scalar_type(),
               " ", hinge_grad_sums.sizes());
-  TORCH_CHECK(counts.sizes() == at::IntArrayRef({B, K}) && counts.scalar_type() == at::kLong,
-              "counts: expected int64 of shape (", B, ", ", K, "), got ", counts.scalar_type(), " ", counts.sizes());
+  const int64_t P = push_rows(c);
+  TORCH_CHECK(push_grad_sums.sizes() == at::IntArrayRef({B, P, E}) && push_grad_sums.scalar_type() == acc,
+              "push_grad_sums: expected ", acc, " of shape (", B, ", ", P, ", ", E, "), got ",
+              push_grad_sums.scalar_type(), " ", push_grad_sums.sizes());
+  TORCH_CHECK(counts.sizes() == at::IntArrayRef({B, K + 1}) && counts.scalar_type() == at::kLong,
+              "counts: expected int64 of shape (", B, ", ", K + 1, "), got ", counts.scalar_type(), " ",
+              counts.sizes());
   const auto shape = term_shape(c, B);
   const std::pair<const char*, const at::Tensor*> grads[] = {
-      {"grad_var", &grad_var}, {"grad_dist", &grad_dist}, {"grad_reg", &grad_reg}};
+      {"grad_var", &grad_var}, {"grad_dist", &grad_dist}, {"grad_reg", &grad_reg}, {"grad_push", &grad_push}};
   for (const auto& g : grads) {
     TORCH_CHECK(g.second->sizes() == at::IntArrayRef(shape), g.first, ": expected shape ", at::IntArrayRef(shape),
                 ", got ", g.second->sizes());
     TORCH_CHECK(g.second->is_floating_point(), g.first, ": expected a floating point tensor, got ",
                 g.second->scalar_type());
   }
-  for (const at::Tensor* t : {&means, &counts, &hinge_grad_sums, &grad_var, &grad_dist, &grad_reg}) {
+  for (const at::Tensor* t :
+       {&means, &counts, &hinge_grad_sums, &push_grad_sums, &grad_var, &grad_dist, &grad_reg, &grad_push}) {
     TORCH_CHECK(t->device() == embeddings.device(), "backward: every tensor must be on ", embeddings.device(),
                 ", got one on ", t->device());
   }

@@ -13,17 +13,34 @@
 namespace discloss {
 
 LossConfig make_config(int64_t max_instances, double delta_v, double delta_d, int64_t norm, double alpha,
-                       double beta, double gamma, std::optional<int64_t> ignore_index,
+                       double beta, double gamma, double unlabeled_push, std::optional<int64_t> ignore_index,
                        c10::string_view normalization, c10::string_view reduction);
 
-// Shapes, dtypes and devices of the forward inputs. Label values are data:
-// the CPU kernels check them, the Python wrapper checks CUDA ones.
-void check_forward_inputs(const at::Tensor& embeddings, const at::Tensor& labels, const LossConfig& c);
+// Shapes, dtypes and devices of the forward inputs (and of the slot map when
+// given). Label values are data: the CPU kernels check them, the Python
+// wrapper checks CUDA ones. Also refuses a max_instances whose per-slot
+// tensors could not fit in memory, before anything is allocated.
+void check_forward_inputs(const at::Tensor& embeddings, const at::Tensor& labels,
+                          const std::optional<at::Tensor>& slot_ids, const std::optional<at::Tensor>& num_ids,
+                          const LossConfig& c);
 
 // The forward inputs again, and the saved tensors and grads of backward.
 void check_backward_inputs(const at::Tensor& grad_var, const at::Tensor& grad_dist, const at::Tensor& grad_reg,
-                           const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& means,
-                           const at::Tensor& counts, const at::Tensor& hinge_grad_sums, const LossConfig& c);
+                           const at::Tensor& grad_push, const at::Tensor& embeddings, const at::Tensor& labels,
+                           const std::optional<at::Tensor>& slot_ids, const std::optional<at::Tensor>& num_ids,
+                           const at::Tensor& means, const at::Tensor& counts, const at::Tensor& hinge_grad_sums,
+                           const at::Tensor& push_grad_sums, const LossConfig& c);
+
+// Refuses (naming max_instances) per-slot tensors larger than the memory of
+// the device (device_bytes; <= 0: unknown), before anything is allocated.
+void check_slot_memory(const LossConfig& c, int64_t batch, int64_t embed_dim, int64_t acc_size,
+                       double device_bytes, const char* device);
+
+// labels of slot_map: an integer tensor (B, *spatial); max_instances >= 1.
+void check_slot_map_inputs(const at::Tensor& labels, int64_t max_instances);
+
+// Rows of push_grad_sums: K with the unlabeled push, 0 without.
+inline int64_t push_rows(const LossConfig& c) { return c.unlabeled_push > 0 ? c.num_slots : 0; }
 
 // Fills *layout for embeddings, labels and (backward) grad. Returns false when
 // the strides leave more than kMaxSpatialDims spatial dims after coalescing;

@@ -19,8 +19,8 @@ enum class Normalization : int { Paper = 0, Chainer = 1 };
 enum class Reduction : int { None = 0, Mean = 1, Sum = 2 };
 
 // Slot codes for a pixel's label.
-constexpr int64_t kIgnored = -1;  // background / ignore_index / out of Chainer's 1..K
-constexpr int64_t kInvalid = -2;  // a label the paper mode rejects (negative or >= K)
+constexpr int64_t kIgnored = -1;  // ignore_index (the unlabeled pixels of the push), or out of Chainer's 1..K
+constexpr int64_t kInvalid = -2;  // a label with no slot: the paper mode without a slot map rejects it
 
 // Everything a kernel needs to know about the loss; plain data so that it can
 // be passed by value to a CUDA kernel.
@@ -32,6 +32,7 @@ struct LossConfig {
   double alpha;
   double beta;
   double gamma;
+  double unlabeled_push;  // w of the unlabeled push (paper normalisation, needs ignore_index); 0 = off
   bool has_ignore;
   int64_t ignore_index;
   Normalization normalization;
@@ -49,6 +50,34 @@ DISCLOSS_HD int64_t slot_of(int64_t label, const LossConfig& c) {
   return (label >= 0 && label < c.num_slots) ? label : kInvalid;
 }
 
+// Slot of a label under a slot map (DESIGN §1, arbitrary ids): ids[0 .. n)
+// are the distinct ids of the image other than ignore_index, sorted; the
+// slot is the id's position, found by binary search. n < 0 means the identity
+// map (every id of the image lies in [0, K)). Ids not in the table get
+// kInvalid, which the kernels treat as "no cluster", so no label can make
+// them read or write out of bounds.
+DISCLOSS_HD int64_t mapped_slot(int64_t label, const LossConfig& c, const int64_t* ids, int64_t n) {
+  if (c.has_ignore && label == c.ignore_index) return kIgnored;
+  if (n < 0) return (label >= 0 && label < c.num_slots) ? label : kInvalid;
+  int64_t lo = 0, hi = n;  // first position with ids[pos] >= label
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (ids[mid] < label) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return (lo < n && ids[lo] == label) ? lo : kInvalid;
+}
+
+// Hinges propagate NaN: [z]+ is written as (z < 0 ? 0 : z), which keeps a
+// NaN z (std::max and fmax would turn it into 0 and hide a diverging network).
+template <typename acc_t>
+DISCLOSS_HD acc_t hinge(acc_t z) {
+  return z < acc_t(0) ? acc_t(0) : z;
+}
+
 // ||v|| is accumulated component by component: add_norm_term per component,
 // then finish_norm.
 template <typename acc_t>
@@ -62,11 +91,11 @@ DISCLOSS_HD acc_t finish_norm(acc_t acc, int norm) {
 }
 
 // Component of the gradient of ||v|| given the component d and r = ||v||.
-// 0 at the zero vector (torch.linalg.vector_norm's subgradient).
+// 0 at the zero vector (torch.linalg.vector_norm's subgradient); NaN in, NaN out.
 template <typename acc_t>
 DISCLOSS_HD acc_t norm_grad(acc_t d, acc_t r, int norm) {
-  if (norm == 1) return d > 0 ? acc_t(1) : (d < 0 ? acc_t(-1) : acc_t(0));
-  return r > 0 ? d / r : acc_t(0);
+  if (norm == 1) return d > 0 ? acc_t(1) : (d < 0 ? acc_t(-1) : (d == acc_t(0) ? acc_t(0) : d));
+  return r == acc_t(0) ? acc_t(0) : d / r;
 }
 
 // Pull hinge of a pixel: h = [r - delta_v]+ with r = ||x - mu||. Its
@@ -82,17 +111,27 @@ template <typename acc_t>
 DISCLOSS_HD PullHinge<acc_t> pull_hinge(acc_t r, acc_t delta_v, int norm) {
   // Branch-free so that the CPU loops over pixels vectorize; delta_v >= 0,
   // so h > 0 implies r > 0 and the division is safe where it is selected.
-  const acc_t h = r - delta_v > 0 ? r - delta_v : acc_t(0);
+  // A NaN r gives a NaN h and coef.
+  const acc_t h = hinge(r - delta_v);
   const acc_t coef = norm == 1 ? 2 * h : 2 * h / (r > 0 ? r : acc_t(1));
   return {h, coef};
+}
+
+// Unlabeled push of a pixel and a cluster mean: q = [delta_d - r]+ with
+// r = ||x - mu||; d(q^2)/dx = coef * u (u as for the pull) and
+// d(q^2)/dmu = -coef * u, coef = -2 q / r (L2) or -2 q (L1), 0 at r = 0.
+template <typename acc_t>
+DISCLOSS_HD PullHinge<acc_t> unlabeled_hinge(acc_t r, acc_t delta_d, int norm) {
+  const acc_t q = hinge(delta_d - r);
+  const acc_t coef = norm == 1 ? -2 * q : (r == acc_t(0) ? acc_t(0) : -2 * q / r);
+  return {q, coef};
 }
 
 // Push hinge of a pair of means: p = [2 delta_d - ||m||]+, term p^2, and
 // d(p^2)/dm = push_coef * norm_grad(m).
 template <typename acc_t>
 DISCLOSS_HD acc_t push_hinge(acc_t dist, acc_t delta_d) {
-  acc_t p = 2 * delta_d - dist;
-  return p > 0 ? p : acc_t(0);
+  return hinge(2 * delta_d - dist);
 }
 
 // ---- normalisation weights (DESIGN §1) -----------------------------------
@@ -127,9 +166,16 @@ DISCLOSS_HD acc_t dist_pair_weight(const LossConfig& c, int64_t present_b, int64
 template <typename acc_t>
 DISCLOSS_HD acc_t reg_weight(const LossConfig& c, int64_t present_b, int64_t batch) {
   if (c.normalization == Normalization::Chainer) {
-    return acc_t(1) / (acc_t(c.num_slots) * acc_t(batch));
+    return batch > 0 ? acc_t(1) / (acc_t(c.num_slots) * acc_t(batch)) : acc_t(0);
   }
   return present_b > 0 ? acc_t(1) / acc_t(present_b) : acc_t(0);
+}
+
+// unlabeled push: weight of sum_{i in U} q_ic^2 for one cluster c of an image
+// with C clusters and n_u unlabeled pixels: w / (C n_u), 0 when either is 0.
+template <typename acc_t>
+DISCLOSS_HD acc_t unlabeled_push_weight(const LossConfig& c, int64_t present_b, int64_t n_u) {
+  return (present_b > 0 && n_u > 0) ? acc_t(c.unlabeled_push) / (acc_t(present_b) * acc_t(n_u)) : acc_t(0);
 }
 
 // Factor the reduction applies to per-image terms (paper mode); Chainer's
@@ -158,7 +204,7 @@ DISCLOSS_HD void add_push_grad(acc_t* grad, const acc_t* a, const acc_t* b, int6
                                int norm, acc_t scale) {
   acc_t r = mean_distance(a, b, E, norm);
   acc_t p = push_hinge(r, delta_d);
-  if (!(p > 0)) return;
+  if (p == acc_t(0)) return;  // a NaN p goes on and reaches the gradient
   acc_t coef = -2 * p * scale;
   for (int64_t e = 0; e < E; ++e) grad[e] += coef * norm_grad(a[e] - b[e], r, norm);
 }

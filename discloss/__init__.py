@@ -12,11 +12,12 @@ synthetic data set) and ``python -m discloss.demo`` (end-to-end training).
 from . import chainer, cluster, data, metrics, reference
 from .cluster import cluster_embeddings
 from .data import ScatteredSticks
-from .loss import DiscriminativeLoss, DiscriminativeLossTerms, discriminative_loss
+from .loss import DiscriminativeLoss, DiscriminativeLossTerms, DiscriminativeLossTermsWithPush, discriminative_loss
 
 __all__ = [
     "DiscriminativeLoss",
     "DiscriminativeLossTerms",
+    "DiscriminativeLossTermsWithPush",
     "discriminative_loss",
     "cluster_embeddings",
     "ScatteredSticks",

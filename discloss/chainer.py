@@ -33,7 +33,8 @@ def discriminative_margin_based_clustering_loss(
         raise ValueError(f"max_embedding_dim: expected an int >= 1, got {max_embedding_dim!r}")
     if norm not in (1, 2):
         raise ValueError(f"norm: expected 1 or 2, got {norm!r}")
-    var, dist, reg, _, _, _ = _forward(
-        embeddings, labels, max_embedding_dim, delta_v, delta_d, norm, alpha, beta, gamma, None, "chainer", "mean"
-    )
+    var, dist, reg = _forward(
+        embeddings, labels, None, None, max_embedding_dim, delta_v, delta_d, norm, alpha, beta, gamma, 0.0, None,
+        "chainer", "mean",
+    )[:3]
     return var, dist, reg

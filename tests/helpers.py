@@ -62,3 +62,64 @@ def assert_grad_close(actual, expected, dtype, what="grad"):
         actual.to(torch.float64).cpu(), expected.to(torch.float64).cpu(), rtol=tol["rtol"],
         atol=max(tol["atol"], tol["rtol"] * scale), msg=lambda m: f"{what}: {m}",
     )
+
+
+def loop_terms(x, labels, delta_v=0.5, delta_d=1.5, *, norm=2, alpha=1.0, beta=1.0, gamma=0.001, ignore_index=0,
+               unlabeled_push=0.0, hinge_pull=True, reduction="mean"):
+    """DESIGN §1 written as a per-image, per-instance loop in the dtype of x:
+    the (var, dist, reg, push) terms, weighted and reduced. Clusters are the
+    distinct label values (any ids) other than ignore_index."""
+    B, E = x.shape[:2]
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)  # not x.sum() * 0: NaN for an inf in x
+
+    def nrm(v, dim=-1):
+        return torch.linalg.vector_norm(v, ord=norm, dim=dim)
+
+    per_image = []
+    for b in range(B):
+        xb = x[b].reshape(E, -1).T  # (N, E)
+        lab = labels[b].reshape(-1).long()
+        ids = torch.unique(lab)
+        if ignore_index is not None:
+            ids = ids[ids != ignore_index]
+        C = len(ids)
+        var = dist = reg = push = zero
+        if C > 0:
+            mus = []
+            for i in ids:
+                xi = xb[lab == i]
+                mu = xi.mean(0)
+                mus.append(mu)
+                r = nrm(xi - mu)
+                h = torch.relu(r - delta_v) if hinge_pull else r
+                var = var + (h ** 2).mean() / C
+                reg = reg + nrm(mu) / C
+            for a in range(C):
+                for c in range(C):
+                    if a != c:
+                        dist = dist + torch.relu(2 * delta_d - nrm(mus[a] - mus[c])) ** 2 / (C * (C - 1))
+            if unlabeled_push > 0:
+                xu = xb[lab == ignore_index]
+                if len(xu) > 0:
+                    for mu in mus:
+                        push = push + (torch.relu(delta_d - nrm(xu - mu)) ** 2).mean() / C
+        per_image.append(torch.stack([alpha * var, beta * dist, gamma * reg, unlabeled_push * push]))
+    t = torch.stack(per_image) if per_image else torch.zeros(0, 4, dtype=x.dtype)
+    if reduction == "mean":
+        t = t.mean(0) if B > 0 else torch.zeros(4, dtype=x.dtype)
+    elif reduction == "sum":
+        t = t.sum(0)
+    else:
+        t = t.T
+    return list(t)
+
+
+def loop_reference64(embeddings, labels, **kwargs):
+    """loop_terms in float64: the four terms and d(sum of terms)/d(embeddings)."""
+    x = embeddings.detach().to(torch.float64).requires_grad_(True)
+    terms = loop_terms(x, labels, **kwargs)
+    total = sum(t.sum() for t in terms)
+    grad = torch.autograd.grad(total, x, allow_unused=True)[0] if total.requires_grad else None
+    if grad is None:
+        grad = torch.zeros_like(x)
+    return [t.detach() for t in terms], grad

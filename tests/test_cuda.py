@@ -66,7 +66,8 @@ def check_against_reference(x, labels, dtype=None, **kw):
 
 
 def op_args(x, labels, max_instances, *, norm=2, ignore_index=0, normalization="paper", reduction="mean", gamma=0.01):
-    return (x, labels, max_instances, 0.5, 1.5, norm, 1.0, 1.0, gamma, ignore_index, normalization, reduction)
+    return (x, labels, None, None, max_instances, 0.5, 1.5, norm, 1.0, 1.0, gamma, 0.0, ignore_index, normalization,
+            reduction)
 
 
 # ---- every path against the float64 reference --------------------------------------
@@ -134,20 +135,21 @@ def test_cuda_op_matches_cpu_op(dtype, kw, det):
     with deterministic(det):
         out = torch.ops.discloss.forward(*op_args(x, labels, K, **args))
     ref = torch.ops.discloss.forward(*op_args(x.cpu(), labels.cpu(), K, **args))
-    for name, a, b in zip(["var", "dist", "reg", "means", "counts", "hinge_grad_sums"], out, ref):
+    for name, a, b in zip(["var", "dist", "reg", "push", "means", "counts", "hinge_grad_sums", "push_grad_sums"], out,
+                          ref):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert a.device.type == "cuda", name
         if name == "counts":
             assert torch.equal(a.cpu(), b), name
-        elif name in ("var", "dist", "reg"):
+        elif name in ("var", "dist", "reg", "push"):
             assert_close(a, b, dtype, name)
         else:  # per-slot sums: absolute tolerance scaled to their size
             assert_grad_close(a, b, dtype, name)
-    g = [torch.rand_like(t) + 0.5 for t in out[:3]]
-    rest = op_args(x, labels, K, **args)[3:]
+    g = [torch.rand_like(t) + 0.5 for t in out[:4]]
+    rest = op_args(x, labels, K, **args)[5:]
     with deterministic(det):
-        grad = torch.ops.discloss.backward(*g, x, labels, *out[3:], *rest)
-    grad_cpu = torch.ops.discloss.backward(*[t.cpu() for t in g], x.cpu(), labels.cpu(), *ref[3:], *rest)
+        grad = torch.ops.discloss.backward(*g, x, labels, None, None, *out[4:], *rest)
+    grad_cpu = torch.ops.discloss.backward(*[t.cpu() for t in g], x.cpu(), labels.cpu(), None, None, *ref[4:], *rest)
     assert grad.dtype == dtype and grad.shape == x.shape
     assert_grad_close(grad, grad_cpu, dtype)
 
@@ -220,11 +222,11 @@ def test_deterministic_bitwise(max_instances, instances, dtype):
         labels = torch.where(labels > 0, labels * (max_instances // (instances + 1)), 0)
     x = torch.randn(3, 16, 96, 80, device=CUDA).to(dtype)
     args = op_args(x, labels, max_instances)
-    g = [torch.full((), v, dtype=dtype, device=CUDA) for v in (1.0, 0.7, 1.3)]
+    g = [torch.full((), v, dtype=dtype, device=CUDA) for v in (1.0, 0.7, 1.3, 0.0)]
 
     def once():
         out = torch.ops.discloss.forward(*args)
-        grad = torch.ops.discloss.backward(*g, x, labels, *out[3:], *args[3:])
+        grad = torch.ops.discloss.backward(*g, x, labels, None, None, *out[4:], *args[5:])
         return [t.clone() for t in out] + [grad]
 
     with deterministic(True):
@@ -385,10 +387,11 @@ def test_degenerate_images_finite(max_instances, normalization):
             for a, b in zip(out[:3], ref[:3]):
                 assert torch.isfinite(a).all(), name
                 assert_close(a, b, torch.float64, name)
-            g = [torch.ones_like(t) for t in out[:3]]
-            rest = op_args(x, labels, max_instances, reduction=reduction, **kw)[3:]
-            grad = torch.ops.discloss.backward(*g, x, labels, *out[3:], *rest)
-            grad_cpu = torch.ops.discloss.backward(*[t.cpu() for t in g], x.cpu(), labels.cpu(), *ref[3:], *rest)
+            g = [torch.ones_like(t) for t in out[:4]]
+            rest = op_args(x, labels, max_instances, reduction=reduction, **kw)[5:]
+            grad = torch.ops.discloss.backward(*g, x, labels, None, None, *out[4:], *rest)
+            grad_cpu = torch.ops.discloss.backward(*[t.cpu() for t in g], x.cpu(), labels.cpu(), None, None, *ref[4:],
+                                                   *rest)
             assert torch.isfinite(grad).all(), name
             assert_grad_close(grad, grad_cpu, torch.float64, name)
 

@@ -13,8 +13,8 @@ ARGS = dict(max_instances=6, delta_v=0.5, delta_d=1.5, norm=2, alpha=1.0, beta=1
 
 def op_args(x, labels, **overrides):
     a = dict(ARGS, **overrides)
-    return (x, labels, a["max_instances"], a["delta_v"], a["delta_d"], a["norm"], a["alpha"], a["beta"],
-            a["gamma"], a["ignore_index"], a["normalization"], a["reduction"])
+    return (x, labels, None, None, a["max_instances"], a["delta_v"], a["delta_d"], a["norm"], a["alpha"], a["beta"],
+            a["gamma"], a.get("unlabeled_push", 0.0), a["ignore_index"], a["normalization"], a["reduction"])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -40,8 +40,8 @@ def test_opcheck_backward(device):
     a = ARGS
     torch.library.opcheck(
         torch.ops.discloss.backward.default,
-        (g, g * 0.5, g * 2, x, labels, out[3], out[4], out[5], a["delta_v"], a["delta_d"], a["norm"], a["alpha"],
-         a["beta"], a["gamma"], a["ignore_index"], a["normalization"], a["reduction"]),
+        (g, g * 0.5, g * 2, g * 0, x, labels, None, None, out[4], out[5], out[6], out[7], a["delta_v"], a["delta_d"],
+         a["norm"], a["alpha"], a["beta"], a["gamma"], 0.0, a["ignore_index"], a["normalization"], a["reduction"]),
     )
 
 
@@ -66,8 +66,8 @@ def test_gradcheck(device, norm, normalization):
 def test_raw_op_is_differentiable():
     labels = blob_labels(1, (6, 6), 3, seed=4)
     x = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
-    var, dist, reg, means, counts, sums = torch.ops.discloss.forward(*op_args(x, labels))
-    assert var.requires_grad and not means.requires_grad and not sums.requires_grad
+    var, dist, reg, push, means, counts, sums, push_sums = torch.ops.discloss.forward(*op_args(x, labels))
+    assert var.requires_grad and not means.requires_grad and not sums.requires_grad and not push_sums.requires_grad
     (var + dist + reg).backward()
     xr = x.detach().clone().requires_grad_(True)
     sum(discloss.discriminative_loss(xr, labels, gamma=0.01, max_instances=6)).backward()

@@ -28,9 +28,10 @@ struct BadLabel {
 };
 
 // One chunk [begin, end) of the pixels of one image. The per-slot arrays are
-// those of this image (sums, counts, hinge, hinge_grad: this chunk's private
-// partials; means, var_coef, mean_coef: the image's finished values), all
-// K x E (or K) row-major in the accumulation type: float, double for double.
+// those of this image (sums, counts, hinge, hinge_grad, push, push_grad: this
+// chunk's private partials; means, var_coef, mean_coef: the image's finished
+// values), all K x E (or K) row-major in the accumulation type: float,
+// double for double.
 struct ChunkArgs {
   const PixelLayout* layout;
   const LossConfig* config;
@@ -47,7 +48,25 @@ struct ChunkArgs {
   void* hinge_grad;
   const void* var_coef;
   const void* mean_coef;
+  // Slot map of the image (math.h mapped_slot): null for none (labels are
+  // the slots, checked), num_ids < 0 for the identity.
+  const int64_t* slot_ids;
+  int64_t num_ids;
+  // Unlabeled push (DESIGN §1), off when push is null (pass 2) or
+  // push_coef is null (pass 3): the image's clusters present, the partial
+  // sums of q^2 (K) and of d(q^2)/dx (K x E) over the unlabeled pixels, and
+  // the per-image coefficient of d(q^2)/dx in the gradient (pass 3).
+  const int64_t* present;
+  int64_t num_present;
+  int64_t* unlabeled;  // pass 1: count of pixels labelled ignore_index (paper)
+  void* push;
+  void* push_grad;
+  const void* push_coef;
+  void* push_scratch;  // pass 3 with the push: E * kPushBlock accumulators of the chunk
 };
+
+// Unlabeled pixels per block of the push gradient (pass 3).
+constexpr int64_t kPushBlock = 512;
 
 struct ChunkKernels {
   void (*cluster_sums)(const ChunkArgs&);  // pass 1

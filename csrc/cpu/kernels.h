@@ -112,15 +112,29 @@ static inline void for_each_segment(const PixelLayout& L, int64_t p0, int64_t p1
 // Slots of a segment's labels (math.h's slot_of, written without branches so
 // that it vectorizes: it runs once per pixel per pass). Invalid labels become
 // kIgnored; the first one is reported through *bad when bad is not null.
+// With a slot table (ids, n >= 0: sparse ids), each label is looked up once
+// per run of equal labels (labels are spatially coherent).
 template <typename label_t>
-static inline void fill_slots(const label_t* lab, int64_t stride, int64_t len, const LossConfig& c, int64_t* slots,
-                              BadLabel* bad) {
+static inline void fill_slots(const label_t* lab, int64_t stride, int64_t len, const LossConfig& c, const int64_t* ids,
+                              int64_t n_ids, int64_t* slots, BadLabel* bad) {
   const int64_t K = c.num_slots;
   if (c.normalization == Normalization::Chainer) {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
       const int64_t v = int64_t(lab[j * stride]);
       slots[j] = (v >= 1) & (v <= K) ? v - 1 : kIgnored;
+    }
+    return;
+  }
+  if (ids != nullptr && n_ids >= 0) {
+    int64_t prev = 0, slot = kInvalid;
+    for (int64_t j = 0; j < len; ++j) {
+      const int64_t v = int64_t(lab[j * stride]);
+      if (j == 0 || v != prev) {
+        prev = v;
+        slot = mapped_slot(v, c, ids, n_ids);
+      }
+      slots[j] = slot;
     }
     return;
   }
@@ -132,7 +146,7 @@ static inline void fill_slots(const label_t* lab, int64_t stride, int64_t len, c
     const int64_t v = int64_t(lab[j * stride]);
     const bool in_range = (v >= 0) & (v < K);
     const bool ignored = has_ignore & (v == ignore);
-    slots[j] = ignored ? kIgnored : (in_range ? v : kIgnored);
+    slots[j] = ignored ? kIgnored : (in_range ? v : kInvalid);
     invalid |= int64_t(!in_range & !ignored);
   }
   if (invalid && bad && !bad->found) {
@@ -146,27 +160,47 @@ static inline void fill_slots(const label_t* lab, int64_t stride, int64_t len, c
   }
 }
 
-static inline void segment_slots(const void* labels, LabelKind kind, int64_t offset, int64_t stride, int64_t len,
-                                 const LossConfig& c, int64_t* slots, BadLabel* bad) {
-  switch (kind) {
-    case LabelKind::UInt8: return fill_slots(static_cast<const uint8_t*>(labels) + offset, stride, len, c, slots, bad);
-    case LabelKind::Int8: return fill_slots(static_cast<const int8_t*>(labels) + offset, stride, len, c, slots, bad);
-    case LabelKind::Int16: return fill_slots(static_cast<const int16_t*>(labels) + offset, stride, len, c, slots, bad);
-    case LabelKind::Int32: return fill_slots(static_cast<const int32_t*>(labels) + offset, stride, len, c, slots, bad);
-    case LabelKind::Int64: return fill_slots(static_cast<const int64_t*>(labels) + offset, stride, len, c, slots, bad);
+static inline void segment_slots(const ChunkArgs& a, int64_t offset, int64_t stride, int64_t len, int64_t* slots,
+                                 BadLabel* bad) {
+  const LossConfig& c = *a.config;
+  switch (a.label_kind) {
+    case LabelKind::UInt8:
+      return fill_slots(static_cast<const uint8_t*>(a.labels) + offset, stride, len, c, a.slot_ids, a.num_ids, slots,
+                        bad);
+    case LabelKind::Int8:
+      return fill_slots(static_cast<const int8_t*>(a.labels) + offset, stride, len, c, a.slot_ids, a.num_ids, slots,
+                        bad);
+    case LabelKind::Int16:
+      return fill_slots(static_cast<const int16_t*>(a.labels) + offset, stride, len, c, a.slot_ids, a.num_ids, slots,
+                        bad);
+    case LabelKind::Int32:
+      return fill_slots(static_cast<const int32_t*>(a.labels) + offset, stride, len, c, a.slot_ids, a.num_ids, slots,
+                        bad);
+    case LabelKind::Int64:
+      return fill_slots(static_cast<const int64_t*>(a.labels) + offset, stride, len, c, a.slot_ids, a.num_ids, slots,
+                        bad);
   }
 }
 
-// Calls fn(start, end, slot) for each maximal run of equal non-ignored slots.
-template <typename Fn>
+// Calls fn(start, end, slot) for each maximal run of equal slots; with
+// kClustersOnly, only for runs of a cluster (slot >= 0).
+template <bool kClustersOnly = true, typename Fn>
 static inline void for_each_run(const int64_t* slots, int64_t len, Fn&& fn) {
   int64_t s = 0;
   while (s < len) {
     int64_t t = s + 1;
     while (t < len && slots[t] == slots[s]) ++t;
-    if (slots[s] >= 0) fn(s, t, slots[s]);
+    if (!kClustersOnly || slots[s] >= 0) fn(s, t, slots[s]);
     s = t;
   }
+}
+
+// Pixels [s, t) of a segment whose slot is kIgnored (label == ignore_index).
+static inline int64_t count_unlabeled(const int64_t* slots, int64_t len) {
+  int64_t n = 0;
+#pragma omp simd reduction(+ : n)
+  for (int64_t j = 0; j < len; ++j) n += slots[j] == kIgnored ? 1 : 0;
+  return n;
 }
 
 // Strides of the innermost spatial dim; kUnit makes them the constant 1 so
@@ -191,8 +225,8 @@ static void cluster_sums_impl(const ChunkArgs& a) {
   const InnerStride<kUnit> in{L.x_strides[L.ndim - 1], 0};
   int64_t slots[kTile];
   for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
-    segment_slots(a.labels, a.label_kind, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len,
-                  *a.config, slots, a.bad);
+    segment_slots(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, slots, a.bad);
+    if (a.unlabeled) *a.unlabeled += count_unlabeled(slots, len);
     for_each_run(slots, len, [&](int64_t s, int64_t t, int64_t k) {
       a.counts[k] += t - s;
       for (int64_t e = 0; e < E; ++e) {
@@ -225,8 +259,7 @@ static void hinge_sums_impl(const ChunkArgs& a) {
   acc_t r[kTile];
   acc_t coef[kTile];
   for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
-    segment_slots(a.labels, a.label_kind, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len,
-                  *a.config, slots, nullptr);
+    segment_slots(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, slots, nullptr);
     for_each_run(slots, len, [&](int64_t s, int64_t t, int64_t k) {
       const acc_t* mu = means + k * E;
       for (int64_t j = s; j < t; ++j) r[j] = 0;
@@ -256,7 +289,100 @@ static void hinge_sums_impl(const ChunkArgs& a) {
         hinge_grad[k * E + e] += g;
       }
     });
+    if (a.push == nullptr || a.num_present == 0) return;
+    // Unlabeled push: every unlabeled pixel against every cluster present,
+    // O(E) per pair; the segment is re-read from cache once per cluster.
+    acc_t* push = static_cast<acc_t*>(a.push);
+    acc_t* push_grad = static_cast<acc_t*>(a.push_grad);
+    const acc_t delta_d = acc_t(a.config->delta_d);
+    for_each_run<false>(slots, len, [&](int64_t s, int64_t t, int64_t slot) {
+      if (slot != kIgnored) return;
+      for (int64_t pi = 0; pi < a.num_present; ++pi) {
+        const int64_t k = a.present[pi];
+        const acc_t* mu = means + k * E;
+        for (int64_t j = s; j < t; ++j) r[j] = 0;
+        for (int64_t e = 0; e < E; ++e) {
+          const scalar_t* xe = x + o.x + e * L.x_embed_stride;
+          const acc_t m = mu[e];
+#pragma omp simd
+          for (int64_t j = s; j < t; ++j) r[j] += norm_term<acc_t>(to_acc(xe[j * in.xs()]) - m, kNorm);
+        }
+        acc_t q2 = 0;
+#pragma omp simd reduction(+ : q2)
+        for (int64_t j = s; j < t; ++j) {
+          const PullHinge<acc_t> uq = unlabeled_hinge(finish_norm(r[j], kNorm), delta_d, kNorm);
+          q2 += uq.h * uq.h;
+          coef[j] = uq.coef;
+        }
+        push[k] += q2;
+        for (int64_t e = 0; e < E; ++e) {
+          const scalar_t* xe = x + o.x + e * L.x_embed_stride;
+          const acc_t m = mu[e];
+          acc_t g = 0;
+#pragma omp simd reduction(+ : g)
+          for (int64_t j = s; j < t; ++j) {
+            const acc_t d = to_acc(xe[j * in.xs()]) - m;
+            g += coef[j] * (kNorm == 2 ? d : norm_grad(d, acc_t(0), 1));
+          }
+          push_grad[k * E + e] += g;
+        }
+      }
+    });
   });
+}
+
+// ---- pass 3, unlabeled pixels: the gradient of the push -----------------------
+// grad x_i = w * sum_c d(q_ic^2)/dx_i for the unlabeled pixels [s, t) of a
+// segment, in blocks of kPushBlock pixels whose E gradient rows are
+// accumulated in buf (the chunk's push_scratch) over the clusters present,
+// then written once.
+
+// (No std containers or algorithms in this header: their inline code would be
+// compiled per instruction set and one copy picked by the linker for both.)
+template <typename scalar_t, int kNorm, bool kUnit>
+static void write_push_grad(const ChunkArgs& a, PixelOffsets o, int64_t s, int64_t t,
+                            typename AccOf<scalar_t>::type w, typename AccOf<scalar_t>::type* r,
+                            typename AccOf<scalar_t>::type* coef, typename AccOf<scalar_t>::type* buf) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const PixelLayout& L = *a.layout;
+  const int64_t E = L.embed_dim;
+  const scalar_t* x = static_cast<const scalar_t*>(a.x) + a.image * L.x_batch_stride;
+  scalar_t* grad = static_cast<scalar_t*>(a.grad) + a.image * L.grad_batch_stride;
+  const acc_t* means = static_cast<const acc_t*>(a.means);
+  const acc_t delta_d = acc_t(a.config->delta_d);
+  const InnerStride<kUnit> in{L.x_strides[L.ndim - 1], L.grad_strides[L.ndim - 1]};
+  for (int64_t s0 = s; s0 < t; s0 += kPushBlock) {
+    const int64_t t0 = t < s0 + kPushBlock ? t : s0 + kPushBlock;
+    const int64_t n = t0 - s0;
+    for (int64_t i = 0; i < n * E; ++i) buf[i] = 0;
+    for (int64_t pi = 0; pi < a.num_present; ++pi) {
+      const acc_t* mu = means + a.present[pi] * E;
+      for (int64_t j = s0; j < t0; ++j) r[j] = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        const scalar_t* xe = x + o.x + e * L.x_embed_stride;
+        const acc_t m = mu[e];
+#pragma omp simd
+        for (int64_t j = s0; j < t0; ++j) r[j] += norm_term<acc_t>(to_acc(xe[j * in.xs()]) - m, kNorm);
+      }
+#pragma omp simd
+      for (int64_t j = s0; j < t0; ++j) coef[j] = w * unlabeled_hinge(finish_norm(r[j], kNorm), delta_d, kNorm).coef;
+      for (int64_t e = 0; e < E; ++e) {
+        const scalar_t* xe = x + o.x + e * L.x_embed_stride;
+        acc_t* be = buf + e * n - s0;
+        const acc_t m = mu[e];
+#pragma omp simd
+        for (int64_t j = s0; j < t0; ++j) {
+          const acc_t d = to_acc(xe[j * in.xs()]) - m;
+          be[j] += coef[j] * (kNorm == 2 ? d : norm_grad(d, acc_t(0), 1));
+        }
+      }
+    }
+    for (int64_t e = 0; e < E; ++e) {
+      scalar_t* ge = grad + o.grad + e * L.grad_embed_stride;
+      const acc_t* be = buf + e * n - s0;
+      for (int64_t j = s0; j < t0; ++j) ge[j * in.gs()] = from_acc(be[j], static_cast<scalar_t*>(nullptr));
+    }
+  }
 }
 
 // ---- pass 3: the gradient ----------------------------------------------------
@@ -272,19 +398,25 @@ static void write_grad_impl(const ChunkArgs& a) {
   const acc_t* means = static_cast<const acc_t*>(a.means);
   const acc_t* var_coef = static_cast<const acc_t*>(a.var_coef);
   const acc_t* mean_coef = static_cast<const acc_t*>(a.mean_coef);
+  const acc_t* push_coef = static_cast<const acc_t*>(a.push_coef);
   const acc_t delta_v = acc_t(a.config->delta_v);
   const InnerStride<kUnit> in{L.x_strides[L.ndim - 1], L.grad_strides[L.ndim - 1]};
   int64_t slots[kTile];
   acc_t r[kTile];
   acc_t coef[kTile];
+  acc_t* push_buf = static_cast<acc_t*>(a.push_scratch);
   for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
-    segment_slots(a.labels, a.label_kind, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len,
-                  *a.config, slots, nullptr);
+    segment_slots(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, slots, nullptr);
     int64_t s = 0;
     while (s < len) {
       int64_t t = s + 1;
       while (t < len && slots[t] == slots[s]) ++t;
       const int64_t k = slots[s];
+      if (k == kIgnored && push_coef != nullptr && a.num_present > 0) {
+        write_push_grad<scalar_t, kNorm, kUnit>(a, o, s, t, push_coef[0], r, coef, push_buf);
+        s = t;
+        continue;
+      }
       if (k < 0) {
         for (int64_t e = 0; e < E; ++e) {
           scalar_t* ge = grad + o.grad + e * L.grad_embed_stride;

@@ -11,7 +11,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <mutex>
+#include <unordered_set>
 #include <vector>
+
+#include <unistd.h>
 
 
 #include "../discloss.h"
@@ -153,12 +156,13 @@ void add_partials(const T* partial, int64_t batch, int64_t per_image, int64_t ro
   });
 }
 
-// Clusters present in each image: slots with at least one pixel.
+// Clusters present in each image: slots with at least one pixel (counts is
+// (B, K + 1), the last column the unlabeled pixels).
 std::vector<std::vector<int64_t>> present_slots(const int64_t* counts, int64_t B, int64_t K) {
   std::vector<std::vector<int64_t>> present(B);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t k = 0; k < K; ++k) {
-      if (counts[b * K + k] > 0) present[b].push_back(k);
+      if (counts[b * (K + 1) + k] > 0) present[b].push_back(k);
     }
   }
   return present;
@@ -189,19 +193,25 @@ std::vector<int64_t> all_slots(int64_t K) {
 // mode (then reduced), batch-level in chainer mode.
 template <typename acc_t>
 void finalize_forward(const LossConfig& c, int64_t B, int64_t K, int64_t E, const acc_t* means,
-                      const int64_t* counts, const acc_t* hinge, at::Tensor& var, at::Tensor& dist,
-                      at::Tensor& reg) {
+                      const int64_t* counts, const acc_t* hinge, const acc_t* push_sums,
+                      const std::vector<std::vector<int64_t>>& present, at::Tensor& var, at::Tensor& dist,
+                      at::Tensor& reg, at::Tensor& push) {
   const acc_t delta_d = acc_t(c.delta_d);
-  std::vector<acc_t> var_b, dist_b, reg_b;
+  std::vector<acc_t> var_b, dist_b, reg_b, push_b;
   if (c.normalization == Normalization::Paper) {
-    const auto present = present_slots(counts, B, K);
     for (int64_t b = 0; b < B; ++b) {
       const auto& P = present[b];
       const int64_t C = static_cast<int64_t>(P.size());
       const acc_t* mu = means + b * K * E;
-      acc_t v = 0, r = 0;
+      acc_t v = 0, r = 0, u = 0;
+      if (push_sums != nullptr) {
+        const acc_t wu = unlabeled_push_weight<acc_t>(c, C, counts[b * (K + 1) + K]);
+        for (int64_t k : P) u += push_sums[b * K + k];
+        u *= wu;
+      }
+      push_b.push_back(u);
       for (int64_t k : P) {
-        v += var_weight<acc_t>(c, C, counts[b * K + k], 0) * hinge[b * K + k];
+        v += var_weight<acc_t>(c, C, counts[b * (K + 1) + k], 0) * hinge[b * K + k];
         acc_t n = 0;
         for (int64_t e = 0; e < E; ++e) n += norm_term<acc_t>(mu[k * E + e], c.norm);
         r += finish_norm(n, c.norm);
@@ -227,7 +237,7 @@ void finalize_forward(const LossConfig& c, int64_t B, int64_t K, int64_t E, cons
       int64_t n = 0;
       acc_t h = 0;
       for (int64_t b = 0; b < B; ++b) {
-        n += counts[b * K + k];
+        n += counts[b * (K + 1) + k];
         h += hinge[b * K + k];
       }
       v += var_weight<acc_t>(c, 0, 0, n) * h;
@@ -254,6 +264,7 @@ void finalize_forward(const LossConfig& c, int64_t B, int64_t K, int64_t E, cons
     var_b.push_back(acc_t(c.alpha) * v);
     dist_b.push_back(acc_t(c.beta) * dist_pair_weight<acc_t>(c, 0, B) * d);
     reg_b.push_back(acc_t(c.gamma) * reg_weight<acc_t>(c, 0, B) * r);
+    push_b.push_back(acc_t(0));
   }
 
   const acc_t scale = reduction_scale<acc_t>(c, B);
@@ -271,28 +282,43 @@ void finalize_forward(const LossConfig& c, int64_t B, int64_t K, int64_t E, cons
   emit(var_b, var);
   emit(dist_b, dist);
   emit(reg_b, reg);
+  emit(push_b, push);
 }
 
 // ---- finalize (backward) -----------------------------------------------------
 // Per (image, slot): var_coef = the weight of d(h_i^2)/dx_i, and
 // mean_coef = dL/dmu (dist, reg and the -var_coef * V mean path) / n.
+//
+// With the unlabeled push, also push_coef[b] = the weight of d(q^2)/dx_i for
+// the unlabeled pixels of image b, and the push's mean path -w V^push_c
+// joins mean_coef.
 template <typename acc_t>
 void finalize_backward(const LossConfig& c, int64_t B, int64_t K, int64_t E, const acc_t* grad_var,
-                       const acc_t* grad_dist, const acc_t* grad_reg, bool per_image_grads, const acc_t* means,
-                       const int64_t* counts, const acc_t* hinge_grad, acc_t* var_coef, acc_t* mean_coef) {
+                       const acc_t* grad_dist, const acc_t* grad_reg, const acc_t* grad_push, bool per_image_grads,
+                       const acc_t* means, const int64_t* counts, const acc_t* hinge_grad, const acc_t* push_grad,
+                       const std::vector<std::vector<int64_t>>& present_paper, acc_t* var_coef, acc_t* mean_coef,
+                       acc_t* push_coef) {
   const acc_t delta_d = acc_t(c.delta_d);
   const acc_t scale = reduction_scale<acc_t>(c, B);
   const bool paper = c.normalization == Normalization::Paper;
-  const auto present = paper ? present_slots(counts, B, K) : std::vector<std::vector<int64_t>>(1, all_slots(K));
+  const auto present = paper ? present_paper : std::vector<std::vector<int64_t>>(1, all_slots(K));
   std::vector<int64_t> slot_total(K, 0);
   std::vector<acc_t> reg_norm(K, 0);  // chainer: R_k
   for (int64_t k = 0; k < K; ++k) {
     acc_t n = 0;
     for (int64_t b = 0; b < B; ++b) {
-      slot_total[k] += counts[b * K + k];
+      slot_total[k] += counts[b * (K + 1) + k];
       for (int64_t e = 0; e < E; ++e) n += norm_term<acc_t>(means[(b * K + k) * E + e], c.norm);
     }
     reg_norm[k] = finish_norm(n, c.norm);
+  }
+
+  if (push_coef != nullptr) {
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t gi = per_image_grads ? b : 0;
+      const int64_t C = static_cast<int64_t>(present[b].size());
+      push_coef[b] = grad_push[gi] * scale * unlabeled_push_weight<acc_t>(c, C, counts[b * (K + 1) + K]);
+    }
   }
 
   int64_t max_present = 0;
@@ -300,7 +326,7 @@ void finalize_backward(const LossConfig& c, int64_t B, int64_t K, int64_t E, con
   at::parallel_for(0, B * K, grain_for((max_present + 1) * E), [&](int64_t i0, int64_t i1) {
     std::vector<acc_t> g(E);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / K, k = i % K, n = counts[i];
+      const int64_t b = i / K, k = i % K, n = counts[b * (K + 1) + k];
       acc_t* out = mean_coef + i * E;
       if (n == 0) {
         var_coef[i] = 0;
@@ -315,6 +341,11 @@ void finalize_backward(const LossConfig& c, int64_t B, int64_t K, int64_t E, con
 
       const acc_t a = grad_var[gi] * acc_t(c.alpha) * scale * var_weight<acc_t>(c, C, n, slot_total[k]);
       for (int64_t e = 0; e < E; ++e) g[e] = -a * hinge_grad[i * E + e];
+      if (push_coef != nullptr) {
+        // d(q^2)/dmu_c = -d(q^2)/dx_i, summed over the unlabeled pixels in forward.
+        const acc_t wu = push_coef[b];
+        for (int64_t e = 0; e < E; ++e) g[e] -= wu * push_grad[i * E + e];
+      }
 
       const acc_t wd = grad_dist[gi] * acc_t(c.beta) * scale * dist_pair_weight<acc_t>(c, C, B);
       if (wd != 0) {
@@ -342,34 +373,117 @@ void finalize_backward(const LossConfig& c, int64_t B, int64_t K, int64_t E, con
   });
 }
 
+// ---- the slot map ------------------------------------------------------------------
+
+// Physical memory, for check_slot_memory (0 when unknown).
+double physical_memory_bytes() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGE_SIZE)
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  if (pages > 0 && page > 0) return double(pages) * double(page);
+#endif
+  return 0;
+}
+
+// One image: -1 when every label other than ignore_index lies in [0, K)
+// (the identity map), else the sorted distinct ids written to ids[0 .. n),
+// n returned; more than K distinct ids returns K + 1 (an error upstream).
+template <typename label_t>
+int64_t image_slot_map(const label_t* lab, int64_t n, int64_t stride, const LossConfig& c, int64_t* ids) {
+  const int64_t K = c.num_slots;
+  const bool has_ignore = c.has_ignore;
+  const int64_t ignore = c.ignore_index;
+  int64_t outside = 0;
+#pragma omp simd reduction(| : outside)
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t v = int64_t(lab[j * stride]);
+    outside |= int64_t(!((v >= 0) & (v < K)) & !(has_ignore & (v == ignore)));
+  }
+  if (!outside) return -1;
+  // Distinct ids, looked up once per run of equal labels; stops past K.
+  std::unordered_set<int64_t> seen;
+  seen.reserve(static_cast<size_t>(std::min<int64_t>(K, 1 << 16)) * 2);
+  int64_t prev = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t v = int64_t(lab[j * stride]);
+    if (j > 0 && v == prev) continue;
+    prev = v;
+    if (has_ignore && v == ignore) continue;
+    if (seen.insert(v).second && static_cast<int64_t>(seen.size()) > K) return K + 1;
+  }
+  std::vector<int64_t> sorted(seen.begin(), seen.end());
+  std::sort(sorted.begin(), sorted.end());
+  std::copy(sorted.begin(), sorted.end(), ids);
+  return static_cast<int64_t>(sorted.size());
+}
+
+std::tuple<at::Tensor, at::Tensor> slot_map_cpu(const at::Tensor& labels, int64_t max_instances,
+                                                std::optional<int64_t> ignore_index) {
+  check_slot_map_inputs(labels, max_instances);
+  LossConfig c{};
+  c.num_slots = max_instances;
+  c.has_ignore = ignore_index.has_value();
+  c.ignore_index = ignore_index.value_or(0);
+  const int64_t B = labels.size(0), K = max_instances;
+  check_slot_memory(c, B, 0, static_cast<int64_t>(sizeof(int64_t)), physical_memory_bytes(), "physical");
+  const at::Tensor lab = B > 0 ? labels.reshape({B, -1}) : labels.reshape({0, 0});
+  const int64_t N = lab.size(1), stride = lab.stride(1);
+  at::Tensor slot_ids = at::zeros({B, K}, labels.options().dtype(at::kLong));
+  at::Tensor num_ids = at::empty({B}, labels.options().dtype(at::kLong));
+  int64_t* ids_p = slot_ids.data_ptr<int64_t>();
+  int64_t* num_p = num_ids.data_ptr<int64_t>();
+  AT_DISPATCH_INTEGRAL_TYPES(lab.scalar_type(), "discloss_slot_map_cpu", [&] {
+    const scalar_t* base = lab.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        num_p[b] = image_slot_map(base + b * lab.stride(0), N, stride, c, ids_p + b * K);
+      }
+    });
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(num_p[b] <= K, "labels: image ", b, " holds more than max_instances=", K, " distinct ids",
+                c.has_ignore ? " other than ignore_index=" + std::to_string(c.ignore_index) : std::string(),
+                "; raise max_instances to the most clusters one image holds");
+  }
+  return {slot_ids, num_ids};
+}
+
 // ---- the ops -------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
-    const at::Tensor& embeddings, const at::Tensor& labels, int64_t max_instances, double delta_v, double delta_d,
-    int64_t norm, double alpha, double beta, double gamma, std::optional<int64_t> ignore_index,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& embeddings, const at::Tensor& labels, const std::optional<at::Tensor>& slot_ids,
+    const std::optional<at::Tensor>& num_ids, int64_t max_instances, double delta_v, double delta_d, int64_t norm,
+    double alpha, double beta, double gamma, double unlabeled_push, std::optional<int64_t> ignore_index,
     c10::string_view normalization, c10::string_view reduction) {
-  const LossConfig c = make_config(max_instances, delta_v, delta_d, norm, alpha, beta, gamma, ignore_index,
-                                   normalization, reduction);
-  check_forward_inputs(embeddings, labels, c);
+  const LossConfig c = make_config(max_instances, delta_v, delta_d, norm, alpha, beta, gamma, unlabeled_push,
+                                   ignore_index, normalization, reduction);
+  check_forward_inputs(embeddings, labels, slot_ids, num_ids, c);
+  check_slot_memory(c, embeddings.size(0), embeddings.size(1),
+                    static_cast<int64_t>(c10::elementSize(accumulate_type(embeddings.scalar_type()))),
+                    physical_memory_bytes(), "physical");
   const KernelInputs in = kernel_inputs(embeddings, labels, /*with_grad=*/false);
   const at::Tensor &x = in.x, &lab = in.labels;
   const PixelLayout& L = in.layout;
   const int64_t B = L.batch, E = L.embed_dim, K = c.num_slots;
+  const bool paper = c.normalization == Normalization::Paper;
+  const bool with_push = c.unlabeled_push > 0;
   const auto acc_type = accumulate_type(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc_type);
   const auto shape = term_shape(c, B);
   at::Tensor var = at::empty(shape, x.options()), dist = at::empty(shape, x.options()),
-             reg = at::empty(shape, x.options());
+             reg = at::empty(shape, x.options()), push = at::empty(shape, x.options());
   at::Tensor means = at::empty({B, K, E}, acc_opts);
-  at::Tensor counts = at::empty({B, K}, x.options().dtype(at::kLong));
+  at::Tensor counts = at::empty({B, K + 1}, x.options().dtype(at::kLong));
   at::Tensor hinge_grad = at::empty({B, K, E}, acc_opts);
+  at::Tensor push_grad = at::zeros({B, push_rows(c), E}, acc_opts);
   at::Tensor hinge = at::empty({B, K}, acc_opts);
+  const at::Tensor ids = slot_ids.has_value() ? slot_ids->contiguous() : at::Tensor();
+  const at::Tensor nids = num_ids.has_value() ? num_ids->contiguous() : at::Tensor();
 
   const ChunkKernels& kern = chunk_kernels_for(x.scalar_type());
-  const ChunkPlan plan = plan_chunks(L, K * (E + 1));
+  const ChunkPlan plan = plan_chunks(L, K * (E + 1) * (with_push ? 2 : 1));
   const int64_t tasks = B * plan.per_image;
   at::Tensor part = at::zeros({tasks, K, E}, acc_opts);
-  at::Tensor part_counts = at::zeros({tasks, K}, x.options().dtype(at::kLong));
+  at::Tensor part_counts = at::zeros({tasks, K + 1}, x.options().dtype(at::kLong));
   std::vector<BadLabel> bad(tasks, BadLabel{false, 0});
 
   ChunkArgs base{};
@@ -378,6 +492,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   base.x = x.data_ptr();
   base.labels = lab.data_ptr();
   base.label_kind = label_kind(lab.scalar_type());
+  const int64_t* ids_p = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
+  const int64_t* nids_p = nids.defined() ? nids.data_ptr<int64_t>() : nullptr;
+  auto set_map = [&](ChunkArgs& a) {
+    a.slot_ids = ids_p ? ids_p + a.image * K : nullptr;
+    a.num_ids = nids_p ? nids_p[a.image] : -1;
+  };
 
   // pass 1: sums and counts
   AT_DISPATCH_FLOATING_TYPES(acc_type, "discloss_forward_cpu", [&] {
@@ -385,73 +505,113 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     acc_t* part_p = part.data_ptr<acc_t>();
     int64_t* part_counts_p = part_counts.data_ptr<int64_t>();
     for_each_chunk(L, plan, base, [&](int64_t t, ChunkArgs& a) {
+      set_map(a);
       a.sums = part_p + t * K * E;
-      a.counts = part_counts_p + t * K;
+      a.counts = part_counts_p + t * (K + 1);
+      a.unlabeled = paper ? a.counts + K : nullptr;
       a.bad = &bad[t];
       kern.cluster_sums(a);
     });
     for (const BadLabel& bl : bad) {
       TORCH_CHECK(!bl.found, "labels: found label ", bl.value, "; expected values in [0, max_instances=", K, ")",
-                  c.has_ignore ? " or ignore_index=" + std::to_string(c.ignore_index) : std::string());
+                  c.has_ignore ? " or ignore_index=" + std::to_string(c.ignore_index) : std::string(),
+                  " (the wrapper discriminative_loss maps arbitrary ids to slots)");
     }
-    add_partials(part_counts_p, B, plan.per_image, K, counts.data_ptr<int64_t>());
+    add_partials(part_counts_p, B, plan.per_image, K + 1, counts.data_ptr<int64_t>());
     acc_t* means_p = means.data_ptr<acc_t>();
     add_partials(part_p, B, plan.per_image, K * E, means_p);
     const int64_t* counts_p = counts.data_ptr<int64_t>();
     at::parallel_for(0, B * K, grain_for(E), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const acc_t inv = counts_p[i] > 0 ? acc_t(1) / acc_t(counts_p[i]) : acc_t(0);
+        const int64_t n = counts_p[(i / K) * (K + 1) + i % K];
+        const acc_t inv = n > 0 ? acc_t(1) / acc_t(n) : acc_t(0);
         for (int64_t e = 0; e < E; ++e) means_p[i * E + e] *= inv;
       }
     });
+    const auto present = paper ? present_slots(counts_p, B, K) : std::vector<std::vector<int64_t>>(B);
 
-    // pass 2: hinge sums and their gradient sums (reusing the partials)
+    // pass 2: hinge sums and their gradient sums (reusing the partials), and
+    // the unlabeled push's sums
     part.zero_();
     at::Tensor part_hinge = at::zeros({tasks, K}, acc_opts);
+    at::Tensor part_push = with_push ? at::zeros({tasks, K}, acc_opts) : at::Tensor();
+    at::Tensor part_push_grad = with_push ? at::zeros({tasks, K, E}, acc_opts) : at::Tensor();
     acc_t* part_hinge_p = part_hinge.data_ptr<acc_t>();
     for_each_chunk(L, plan, base, [&](int64_t t, ChunkArgs& a) {
+      set_map(a);
       a.means = means_p + a.image * K * E;
       a.hinge = part_hinge_p + t * K;
       a.hinge_grad = part_p + t * K * E;
+      if (with_push) {
+        a.present = present[a.image].data();
+        a.num_present = static_cast<int64_t>(present[a.image].size());
+        a.push = part_push.data_ptr<acc_t>() + t * K;
+        a.push_grad = part_push_grad.data_ptr<acc_t>() + t * K * E;
+      }
       kern.hinge_sums(a);
     });
     add_partials(part_hinge_p, B, plan.per_image, K, hinge.data_ptr<acc_t>());
     add_partials(part_p, B, plan.per_image, K * E, hinge_grad.data_ptr<acc_t>());
+    at::Tensor push_sums;
+    if (with_push) {
+      push_sums = at::empty({B, K}, acc_opts);
+      add_partials(part_push.data_ptr<acc_t>(), B, plan.per_image, K, push_sums.data_ptr<acc_t>());
+      add_partials(part_push_grad.data_ptr<acc_t>(), B, plan.per_image, K * E, push_grad.data_ptr<acc_t>());
+    }
 
     // finalize
-    finalize_forward<acc_t>(c, B, K, E, means_p, counts_p, hinge.data_ptr<acc_t>(), var, dist, reg);
+    finalize_forward<acc_t>(c, B, K, E, means_p, counts_p, hinge.data_ptr<acc_t>(),
+                            with_push ? push_sums.data_ptr<acc_t>() : nullptr, present, var, dist, reg, push);
   });
-  return {var, dist, reg, means, counts, hinge_grad};
+  return {var, dist, reg, push, means, counts, hinge_grad, push_grad};
 }
 
 at::Tensor backward_cpu(const at::Tensor& grad_var, const at::Tensor& grad_dist, const at::Tensor& grad_reg,
-                        const at::Tensor& embeddings, const at::Tensor& labels, const at::Tensor& means,
-                        const at::Tensor& counts, const at::Tensor& hinge_grad_sums, double delta_v, double delta_d,
-                        int64_t norm, double alpha, double beta, double gamma, std::optional<int64_t> ignore_index,
+                        const at::Tensor& grad_push, const at::Tensor& embeddings, const at::Tensor& labels,
+                        const std::optional<at::Tensor>& slot_ids, const std::optional<at::Tensor>& num_ids,
+                        const at::Tensor& means, const at::Tensor& counts, const at::Tensor& hinge_grad_sums,
+                        const at::Tensor& push_grad_sums, double delta_v, double delta_d, int64_t norm, double alpha,
+                        double beta, double gamma, double unlabeled_push, std::optional<int64_t> ignore_index,
                         c10::string_view normalization, c10::string_view reduction) {
-  const LossConfig c = make_config(counts.dim() == 2 ? counts.size(1) : 1, delta_v, delta_d, norm, alpha, beta, gamma,
-                                   ignore_index, normalization, reduction);
-  check_backward_inputs(grad_var, grad_dist, grad_reg, embeddings, labels, means, counts, hinge_grad_sums, c);
+  // K from counts (B, K + 1); check_backward_inputs checks every other shape against it.
+  const LossConfig c = make_config(counts.dim() == 2 ? std::max<int64_t>(counts.size(1) - 1, 1) : 1, delta_v,
+                                   delta_d, norm, alpha, beta, gamma, unlabeled_push, ignore_index, normalization,
+                                   reduction);
+  check_backward_inputs(grad_var, grad_dist, grad_reg, grad_push, embeddings, labels, slot_ids, num_ids, means,
+                        counts, hinge_grad_sums, push_grad_sums, c);
   KernelInputs in = kernel_inputs(embeddings, labels, /*with_grad=*/false);
   in.grad = empty_gradient_like(in.x);
   make_pixel_layout(in.x, in.labels, &in.grad, &in.layout);
   const at::Tensor &x = in.x, &lab = in.labels, &grad = in.grad;
   const PixelLayout& L = in.layout;
   const int64_t B = L.batch, E = L.embed_dim, K = c.num_slots;
+  const bool paper = c.normalization == Normalization::Paper;
+  const bool with_push = c.unlabeled_push > 0;
   const auto acc_type = accumulate_type(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc_type);
   at::Tensor var_coef = at::empty({B, K}, acc_opts);
   at::Tensor mean_coef = at::empty({B, K, E}, acc_opts);
+  at::Tensor push_coef = at::zeros({B}, acc_opts);
   at::Tensor gv = grad_var.to(acc_type).contiguous(), gd = grad_dist.to(acc_type).contiguous(),
-             gr = grad_reg.to(acc_type).contiguous();
-  at::Tensor means_c = means.contiguous(), counts_c = counts.contiguous(), hg = hinge_grad_sums.contiguous();
+             gr = grad_reg.to(acc_type).contiguous(), gp = grad_push.to(acc_type).contiguous();
+  at::Tensor means_c = means.contiguous(), counts_c = counts.contiguous(), hg = hinge_grad_sums.contiguous(),
+             pg = push_grad_sums.contiguous();
+  const at::Tensor ids = slot_ids.has_value() ? slot_ids->contiguous() : at::Tensor();
+  const at::Tensor nids = num_ids.has_value() ? num_ids->contiguous() : at::Tensor();
+  const int64_t* ids_p = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
+  const int64_t* nids_p = nids.defined() ? nids.data_ptr<int64_t>() : nullptr;
+  const auto present = paper ? present_slots(counts_c.data_ptr<int64_t>(), B, K)
+                             : std::vector<std::vector<int64_t>>(B);
 
   const ChunkKernels& kern = chunk_kernels_for(x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(acc_type, "discloss_backward_cpu", [&] {
     using acc_t = scalar_t;
+    acc_t* push_coef_p = with_push ? push_coef.data_ptr<acc_t>() : nullptr;
     finalize_backward<acc_t>(c, B, K, E, gv.data_ptr<acc_t>(), gd.data_ptr<acc_t>(), gr.data_ptr<acc_t>(),
-                             c.reduction == Reduction::None, means_c.data_ptr<acc_t>(), counts_c.data_ptr<int64_t>(),
-                             hg.data_ptr<acc_t>(), var_coef.data_ptr<acc_t>(), mean_coef.data_ptr<acc_t>());
+                             gp.data_ptr<acc_t>(), c.reduction == Reduction::None, means_c.data_ptr<acc_t>(),
+                             counts_c.data_ptr<int64_t>(), hg.data_ptr<acc_t>(),
+                             with_push ? pg.data_ptr<acc_t>() : nullptr, present, var_coef.data_ptr<acc_t>(),
+                             mean_coef.data_ptr<acc_t>(), push_coef_p);
     ChunkArgs base{};
     base.layout = &L;
     base.config = &c;
@@ -463,9 +623,19 @@ at::Tensor backward_cpu(const at::Tensor& grad_var, const at::Tensor& grad_dist,
     const acc_t* var_coef_p = var_coef.data_ptr<acc_t>();
     const acc_t* mean_coef_p = mean_coef.data_ptr<acc_t>();
     for_each_chunk(L, plan_chunks(L, 0), base, [&](int64_t, ChunkArgs& a) {
+      a.slot_ids = ids_p ? ids_p + a.image * K : nullptr;
+      a.num_ids = nids_p ? nids_p[a.image] : -1;
       a.means = means_p + a.image * K * E;
       a.var_coef = var_coef_p + a.image * K;
       a.mean_coef = mean_coef_p + a.image * K * E;
+      std::vector<acc_t> scratch;
+      if (with_push) {
+        scratch.resize(static_cast<size_t>(E * kPushBlock));
+        a.present = present[a.image].data();
+        a.num_present = static_cast<int64_t>(present[a.image].size());
+        a.push_coef = push_coef_p + a.image;
+        a.push_scratch = scratch.data();
+      }
       kern.write_grad(a);
     });
   });
@@ -476,6 +646,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_var, const at::Tensor& grad_dist,
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(discloss, CPU, m) {
+  m.impl("slot_map", &cpu::slot_map_cpu);
   m.impl("forward", &cpu::forward_cpu);
   m.impl("backward", &cpu::backward_cpu);
 }
