@@ -79,7 +79,8 @@ def labels_from_onehot(
 
     Empty channels: a channel in use with no pixel gives a label that does
     not occur. discloss then has one cluster fewer in that image (C counts
-    the clusters present); the ports divide by zero there and return NaN.
+    the clusters present); nyoki-mtl and Wizaron return NaN on an empty
+    one-hot channel.
 
     Returns:
         (B, *spatial) int64 labels.
