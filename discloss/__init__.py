@@ -9,8 +9,9 @@ Around the loss: ``cluster_embeddings`` (embeddings to instances),
 synthetic data set) and ``python -m discloss.demo`` (end-to-end training).
 """
 
-from . import chainer, cluster, data, metrics, reference
+from . import chainer, cluster, convert, data, metrics, reference
 from .cluster import cluster_embeddings
+from .convert import labels_from_onehot
 from .data import ScatteredSticks
 from .loss import DiscriminativeLoss, DiscriminativeLossTerms, DiscriminativeLossTermsWithPush, discriminative_loss
 
@@ -20,9 +21,11 @@ __all__ = [
     "DiscriminativeLossTermsWithPush",
     "discriminative_loss",
     "cluster_embeddings",
+    "labels_from_onehot",
     "ScatteredSticks",
     "chainer",
     "cluster",
+    "convert",
     "data",
     "metrics",
     "reference",

@@ -1,0 +1,98 @@
+"""Cost of the label conventions and loss variants of DESIGN §1 on CPU or CUDA.
+
+One process, side by side, at the 2D segmenter configuration (B=8, E=16,
+512x512, 64 instances, float32), forward+backward, medians of
+torch.utils.benchmark:
+
+  dense     ids 1..64, max_instances=65 (the identity slot map)
+  sparse    the same label maps with ids 1..64 mapped to int64 values up to 2^40,
+            max_instances=64 (the sorted slot table, looked up once per run)
+  push      dense ids with unlabeled_push=1 (the background pixels are the unlabeled
+            ones), on label maps with about 20% background, against the plain
+            loss on the same maps (plain20)
+  unhinged  dense ids with hinge_pull=False
+
+and the memory floor of DESIGN's issue: 3 reads + 1 write of the embeddings
+and 3 reads of the labels at the copy bandwidth measured in the same run.
+
+    python benchmarks/variants.py [--device cpu|cuda] [--threads N] [--min-run-time S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+import torch
+import torch.utils.benchmark as tbench
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import measure as M  # noqa: E402
+import workloads as W  # noqa: E402
+
+import discloss  # noqa: E402
+
+
+def median_s(call, min_run_time: float) -> float:
+    call()  # warm-up
+    timer = tbench.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--min-run-time", type=float, default=2.0)
+    ap.add_argument("--config", default="2d_k64")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = next(c for c in W.CONFIGS if c.name == args.config)
+    dev = args.device
+    x = W.make_embeddings(cfg, torch.float32, dev).requires_grad_(True)
+    dense = W.make_labels(cfg).to(torch.int64).to(dev)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(2 ** 20, 2 ** 40, (cfg.instances,), generator=gen, dtype=torch.int64).unique()
+    assert len(ids) == cfg.instances
+    table = torch.cat([torch.zeros(1, dtype=torch.int64), ids[torch.randperm(len(ids), generator=gen)]]).to(dev)
+    sparse = table[dense]
+    gen20 = torch.Generator().manual_seed(2)
+    labels20 = torch.stack([W.voronoi_labels(cfg.spatial, cfg.instances, gen20, background_fraction=0.2)
+                            for _ in range(cfg.batch)]).to(dev)
+    unlabeled = float((labels20 == 0).double().mean())
+    K = cfg.instances
+
+    def step(labels, k, **kw):
+        def call():
+            terms = discloss.discriminative_loss(x, labels, max_instances=k, validate=False, **kw)
+            (g,) = torch.autograd.grad(sum(terms), x)
+            return g
+        return call
+
+    print(f"# discloss variants, {cfg.name}: B={cfg.batch} E={cfg.embed_dim} {cfg.shape_str} K={K} float32, "
+          f"fwd+bwd, device={dev}, threads={torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
+          f"load {os.getloadavg()[0]:.2f}, torch {torch.__version__}")
+    print(f"# push cases: unlabeled (background) pixels {100 * unlabeled:.1f}%")
+    bw = M.copy_bandwidth(dev, cfg.embedding_bytes(torch.float32), min_run_time=args.min_run_time)
+    floor = W.floor_bytes(cfg, torch.float32, torch.int64, "fwdbwd") / bw
+    print(f"# copy bandwidth {bw / 1e9:.1f} GB/s -> floor {1e3 * floor:.1f} ms")
+    rows = [
+        ("dense", step(dense, K + 1)),
+        ("sparse", step(sparse, K)),
+        ("plain20", step(labels20, K + 1)),
+        ("push20", step(labels20, K + 1, unlabeled_push=1.0)),
+        ("unhinged", step(dense, K + 1, hinge_pull=False)),
+    ]
+    results = {}
+    print("| case | median ms | x floor | x dense |")
+    print("|---|---|---|---|")
+    for name, call in rows:
+        results[name] = median_s(call, args.min_run_time)
+        t = results[name]
+        print(f"| {name} | {1e3 * t:.1f} | {t / floor:.2f} | {t / results['dense']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
