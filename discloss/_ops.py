@@ -2,11 +2,21 @@
 
 With these, ``torch.ops.discloss.forward`` is differentiable, traceable by
 ``torch.compile(fullgraph=True)`` and passes ``torch.library.opcheck``.
+
+Double backward: ``discloss::backward`` is a fused kernel with no derivative
+of its own. When a graph is created through the gradient
+(``create_graph=True``: Hessian-vector products, gradient penalties), the
+gradient is instead recomputed by differentiating the pure-PyTorch
+reference (``discloss.reference``, same math, same slots) with autograd, so
+that its own derivative is exact. That path costs what the reference costs
+(O(N E) memory per term, O(N K E) with the unlabeled push); the fused
+backward serves every other call.
 """
 
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
+from .reference import discriminative_loss_reference
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,14 +64,58 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(means, counts, hinge_grad_sums, push_grad_sums)
 
 
+def slot_labels(labels, slot_ids, num_ids, max_instances, ignore_index):
+    """Each pixel's slot under the slot map (math.h mapped_slot), -1 for none; int64, shape of labels."""
+    B, K = labels.shape[0], max_instances
+    lab = labels.reshape(B, -1).long()
+    n = num_ids.reshape(B, 1)
+    dense = torch.where((lab >= 0) & (lab < K), lab, -1)
+    pad = torch.iinfo(torch.int64).max  # keeps each row sorted past its num_ids entries
+    table = torch.where(torch.arange(K, device=lab.device) < n, slot_ids, pad)
+    pos = torch.searchsorted(table, lab)
+    found = (table.gather(1, pos.clamp(max=K - 1)) == lab) & (pos < n)
+    slots = torch.where(n < 0, dense, torch.where(found, pos, -1))
+    if ignore_index is not None:
+        slots = torch.where(lab == ignore_index, -1, slots)
+    return slots.reshape(labels.shape)
+
+
+def _differentiable_gradient(ctx, grads, embeddings, labels, slot_ids, num_ids, max_instances):
+    delta_v, delta_d, norm, alpha, beta, gamma, unlabeled_push, ignore_index, normalization, reduction = ctx.config
+    if normalization == "paper":
+        if slot_ids is None:
+            slots = slot_labels(labels, torch.zeros(labels.shape[0], max_instances, dtype=torch.int64,
+                                                    device=labels.device),
+                                torch.full((labels.shape[0],), -1, device=labels.device), max_instances, ignore_index)
+        else:
+            slots = slot_labels(labels, slot_ids, num_ids, max_instances, ignore_index)
+        ignore = -1
+    else:
+        slots, ignore = labels, ignore_index
+    with torch.enable_grad():
+        terms = discriminative_loss_reference(
+            embeddings, slots, delta_v, delta_d, norm=norm, alpha=alpha, beta=beta, gamma=gamma,
+            ignore_index=ignore, max_instances=max_instances, reduction=reduction, normalization=normalization,
+            unlabeled_push=unlabeled_push, second_order=True,
+        )
+        total = sum((g.to(t.dtype) * t).sum() for g, t in zip(grads, terms))
+        (grad,) = torch.autograd.grad(total, embeddings, create_graph=True)
+    return grad
+
+
 def _backward(ctx, grad_var, grad_dist, grad_reg, grad_push, *_grads_of_saved):
     embeddings, labels, slot_ids, num_ids, means, counts, hinge_grad_sums, push_grad_sums = ctx.saved_tensors
     grad = None
+    grads = (grad_var, grad_dist, grad_reg, grad_push)
     if ctx.needs_input_grad[0]:
-        grad = torch.ops.discloss.backward(
-            grad_var, grad_dist, grad_reg, grad_push, embeddings, labels, slot_ids, num_ids, means, counts,
-            hinge_grad_sums, push_grad_sums, *ctx.config
-        )
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # create_graph=True: a gradient that is itself differentiable.
+            grad = _differentiable_gradient(ctx, grads, embeddings, labels, slot_ids, num_ids, means.shape[1])
+        else:
+            grad = torch.ops.discloss.backward(
+                grad_var, grad_dist, grad_reg, grad_push, embeddings, labels, slot_ids, num_ids, means, counts,
+                hinge_grad_sums, push_grad_sums, *ctx.config
+            )
     return (grad,) + (None,) * 14
 
 

@@ -18,10 +18,18 @@ import torch
 __all__ = ["discriminative_loss_reference", "discriminative_loss_loop"]
 
 
-def _norm(x: torch.Tensor, norm: int, dim: int = -1) -> torch.Tensor:
+def _norm(x: torch.Tensor, norm: int, dim: int = -1, second_order: bool = False) -> torch.Tensor:
     # vector_norm's gradient at a zero vector is 0 for ord 1 and 2, which is
     # the subgradient the fused kernels use.
-    return torch.linalg.vector_norm(x, ord=norm, dim=dim)
+    if not second_order:
+        return torch.linalg.vector_norm(x, ord=norm, dim=dim)
+    # Its second derivative there is NaN (0/0), and the zero vectors here are
+    # mostly masked-out entries (a mean minus itself, empty slots), so a zero
+    # vector's norm is taken of a stand-in and replaced by 0: first and second
+    # derivatives 0 there.
+    zero = (x == 0).all(dim=dim, keepdim=True)
+    n = torch.linalg.vector_norm(torch.where(zero, torch.ones_like(x), x), ord=norm, dim=dim, keepdim=True)
+    return torch.where(zero, torch.zeros_like(n), n).squeeze(dim)
 
 
 def _slots(labels: torch.Tensor, num_slots: int, ignore_index, normalization: str):
@@ -51,13 +59,25 @@ def discriminative_loss_reference(
     max_instances: int | None = None,
     reduction: str = "mean",
     normalization: str = "paper",
+    unlabeled_push: float = 0.0,
+    hinge_pull: bool = True,
+    second_order: bool = False,
 ):
-    """Return the weighted (var, dist, reg) terms, computed in the input dtype.
+    """Return the weighted (var, dist, reg) terms, computed in the input dtype,
+    and the unlabeled push as a fourth term when ``unlabeled_push`` > 0.
 
+    Labels are the slots: ids in [0, max_instances) (map other ids first).
     ``normalization="chainer"`` uses Chainer's normalisation with
     ``max_instances`` as ``max_embedding_dim`` (labels 1..K are clusters) and
-    always returns scalars.
+    always returns scalars. ``hinge_pull=False`` pulls with ||x - mu||^2.
+    ``second_order=True`` makes the norm of a zero vector twice
+    differentiable (derivatives 0; slower): the double-backward path.
     """
+    def nrm(v, dim=-1):
+        return _norm(v, norm, dim, second_order)
+
+    if not hinge_pull:
+        delta_v = 0.0
     B, E = embeddings.shape[:2]
     x = embeddings.reshape(B, E, -1).transpose(1, 2)  # (B, N, E)
     lab = labels.reshape(B, -1).long()
@@ -75,14 +95,14 @@ def discriminative_loss_reference(
     sums = torch.zeros(B * K, E, dtype=dtype, device=device).index_add_(0, seg, xf * w[:, None])
     mu = sums / counts.clamp(min=1)[:, None]  # 0 where a slot is empty
 
-    h = torch.relu(_norm(xf - mu[seg], norm) - delta_v) ** 2 * w
+    h = torch.relu(nrm(xf - mu[seg]) - delta_v) ** 2 * w
     hinge = torch.zeros(B * K, dtype=dtype, device=device).index_add_(0, seg, h).view(B, K)
     counts = counts.view(B, K)
     mu = mu.view(B, K, E)
     present = counts > 0
 
     # Pairwise distances between slot means, (B, K, K).
-    pair = torch.relu(2 * delta_d - _norm(mu[:, :, None, :] - mu[:, None, :, :], norm)) ** 2
+    pair = torch.relu(2 * delta_d - nrm(mu[:, :, None, :] - mu[:, None, :, :])) ** 2
 
     if normalization == "chainer":
         n_slot = counts.sum(0)  # (K,)
@@ -92,7 +112,7 @@ def discriminative_loss_reference(
         if norm == 1:
             reg_k = mu.abs().sum(dim=(0, 2))
         else:
-            reg_k = _norm(mu.transpose(0, 1).reshape(K, -1), 2)
+            reg_k = _norm(mu.transpose(0, 1).reshape(K, -1), 2, -1, second_order)
         reg = reg_k.sum() / (K * B)
         return alpha * var, beta * dist, gamma * reg
 
@@ -101,8 +121,16 @@ def discriminative_loss_reference(
     eye = torch.eye(K, dtype=torch.bool, device=device)
     pair_mask = present[:, :, None] & present[:, None, :] & ~eye
     dist = torch.where(pair_mask, pair, 0).sum((1, 2)) / (C * (C - 1)).clamp(min=1)
-    reg = torch.where(present, _norm(mu, norm), 0).sum(1) / C.clamp(min=1)
+    reg = torch.where(present, nrm(mu), 0).sum(1) / C.clamp(min=1)
     terms = (alpha * var, beta * dist, gamma * reg)
+    if unlabeled_push > 0:
+        # Every unlabeled pixel against every slot mean, (B, N, K): O(N K) memory.
+        unl = (lab == ignore_index) if ignore_index is not None else torch.zeros_like(valid)
+        d = nrm(x[:, :, None, :] - mu[:, None, :, :])
+        q = torch.relu(delta_d - d) ** 2 * unl[:, :, None].to(dtype) * present[:, None, :].to(dtype)
+        n_u = unl.sum(1).to(dtype)
+        push = q.sum((1, 2)) / (C * n_u).clamp(min=1)
+        terms = terms + (unlabeled_push * push,)
     if reduction == "mean":
         return tuple(t.mean() for t in terms)
     if reduction == "sum":
