@@ -188,14 +188,58 @@ DISCLOSS_HD acc_t reduction_scale(const LossConfig& c, int64_t batch) {
   return acc_t(1);
 }
 
+// ---- the range of the L2 norm ------------------------------------------------
+// sqrt(sum of squares) loses a vector whose squares under- or overflow (in
+// float32, norms below ~1e-19 come out 0 and above ~1e19 inf). Norms
+// outside [lo, hi] are recomputed scaled by the largest component, as torch
+// does; inside, the plain sum is exact to rounding (the largest square is a
+// normal number and the smaller ones' loss is below the rounding error).
+template <typename acc_t>
+struct L2Range;
+template <>
+struct L2Range<float> {
+  static constexpr float lo = 0x1p-50f, hi = 0x1p50f;
+};
+template <>
+struct L2Range<double> {
+  static constexpr double lo = 0x1p-450, hi = 0x1p450;
+};
+
+template <typename acc_t>
+DISCLOSS_HD bool l2_out_of_range(acc_t r) {
+  return r < L2Range<acc_t>::lo || r > L2Range<acc_t>::hi;  // false for NaN: it stays NaN
+}
+
+// ||v||_2 of component(0 .. E-1), scaled: max|v| * ||v / max|v|||.
+template <typename acc_t, typename Component>
+DISCLOSS_HD acc_t scaled_l2(int64_t E, Component component) {
+  acc_t m = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const acc_t v = component(e);
+    const acc_t a = v < 0 ? -v : v;
+    if (!(a <= m)) m = a;  // NaN wins
+  }
+  if (m == acc_t(0) || !(m < acc_t(INFINITY))) return m;  // 0, inf or NaN
+  acc_t acc = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const acc_t q = component(e) / m;
+    acc += q * q;
+  }
+  return m * std::sqrt(acc);
+}
+
 // ---- pairs of means -------------------------------------------------------
 
-// ||a - b|| over E components (strided by 1).
+// ||a - b|| over E components (strided by 1); ||a|| when b is null.
 template <typename acc_t>
 DISCLOSS_HD acc_t mean_distance(const acc_t* a, const acc_t* b, int64_t E, int norm) {
   acc_t acc = 0;
-  for (int64_t e = 0; e < E; ++e) acc += norm_term<acc_t>(a[e] - b[e], norm);
-  return finish_norm(acc, norm);
+  for (int64_t e = 0; e < E; ++e) acc += norm_term<acc_t>(b ? a[e] - b[e] : a[e], norm);
+  const acc_t r = finish_norm(acc, norm);
+  if (norm == 2 && l2_out_of_range(r)) {
+    return scaled_l2<acc_t>(E, [&](int64_t e) { return b ? a[e] - b[e] : a[e]; });
+  }
+  return r;
 }
 
 // grad[e] += scale * d(p^2)/d a[e] for the push hinge between means a and b.

@@ -40,7 +40,8 @@ struct ChunkArgs {
   LabelKind label_kind;
   void* grad;
   int64_t image, begin, end;
-  void* sums;
+  void* sums;     // pass 1: sums of x - pivot
+  void* pivots;   // pass 1: per slot, its first pixel in the chunk (K x E)
   int64_t* counts;
   BadLabel* bad;
   const void* means;

@@ -212,9 +212,44 @@ struct InnerStride {
   int64_t gs() const { return kUnit ? 1 : grad; }
 };
 
+// ---- the L2 norm's range (math.h L2Range) -------------------------------------
+// r[s .. t) hold ||x_j - mu|| from sums of squares; where one came out of
+// range (underflow, overflow), recompute it scaled. One vectorized check;
+// the recomputation is for the rare pixel that needs it.
+template <typename scalar_t, bool kUnit>
+static inline void fix_l2_range(const scalar_t* x, const PixelLayout& L, PixelOffsets o, InnerStride<kUnit> in,
+                                const typename AccOf<scalar_t>::type* mu, int64_t s, int64_t t,
+                                typename AccOf<scalar_t>::type* r) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  int any = 0;
+#pragma omp simd reduction(| : any)
+  for (int64_t j = s; j < t; ++j) any |= l2_out_of_range(r[j]) ? 1 : 0;
+  if (!any) return;
+  for (int64_t j = s; j < t; ++j) {
+    if (!l2_out_of_range(r[j])) continue;
+    r[j] = scaled_l2<acc_t>(L.embed_dim, [&](int64_t e) {
+      return to_acc(x[o.x + e * L.x_embed_stride + j * in.xs()]) - mu[e];
+    });
+  }
+}
+
+// r[s .. t): accumulated norm terms -> norms (L2: sqrt, then the range fix).
+template <typename scalar_t, int kNorm, bool kUnit>
+static inline void finish_norms(const scalar_t* x, const PixelLayout& L, PixelOffsets o, InnerStride<kUnit> in,
+                                const typename AccOf<scalar_t>::type* mu, int64_t s, int64_t t,
+                                typename AccOf<scalar_t>::type* r) {
+  if (kNorm == 1) return;
+#pragma omp simd
+  for (int64_t j = s; j < t; ++j) r[j] = std::sqrt(r[j]);
+  fix_l2_range<scalar_t, kUnit>(x, L, o, in, mu, s, t, r);
+}
+
 // ---- pass 1: per-slot sums of x and counts ---------------------------------
 // Reads each embedding of the chunk once; writes the chunk's K x E partial
-// sums and K counts (caller-zeroed, private to this chunk).
+// sums and K counts (caller-zeroed, private to this chunk). The sums are of
+// x - p, p (the pivot) being the first pixel of the slot in the chunk, so
+// that equal embeddings sum to exactly 0 and give exactly equal means
+// (loss.cpp combines the chunks), whatever the dtype and the count.
 template <typename scalar_t, bool kUnit>
 static void cluster_sums_impl(const ChunkArgs& a) {
   using acc_t = typename AccOf<scalar_t>::type;
@@ -222,18 +257,23 @@ static void cluster_sums_impl(const ChunkArgs& a) {
   const int64_t E = L.embed_dim;
   const scalar_t* x = static_cast<const scalar_t*>(a.x) + a.image * L.x_batch_stride;
   acc_t* sums = static_cast<acc_t*>(a.sums);
+  acc_t* pivots = static_cast<acc_t*>(a.pivots);
   const InnerStride<kUnit> in{L.x_strides[L.ndim - 1], 0};
   int64_t slots[kTile];
   for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
     segment_slots(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, slots, a.bad);
     if (a.unlabeled) *a.unlabeled += count_unlabeled(slots, len);
     for_each_run(slots, len, [&](int64_t s, int64_t t, int64_t k) {
+      if (a.counts[k] == 0) {  // the slot's first pixel in this chunk is its pivot
+        for (int64_t e = 0; e < E; ++e) pivots[k * E + e] = to_acc(x[o.x + e * L.x_embed_stride + s * in.xs()]);
+      }
       a.counts[k] += t - s;
       for (int64_t e = 0; e < E; ++e) {
         const scalar_t* xe = x + o.x + e * L.x_embed_stride;
+        const acc_t p = pivots[k * E + e];
         acc_t acc = 0;
 #pragma omp simd reduction(+ : acc)
-        for (int64_t j = s; j < t; ++j) acc += to_acc(xe[j * in.xs()]);
+        for (int64_t j = s; j < t; ++j) acc += to_acc(xe[j * in.xs()]) - p;
         sums[k * E + e] += acc;
       }
     });
@@ -269,10 +309,11 @@ static void hinge_sums_impl(const ChunkArgs& a) {
 #pragma omp simd
         for (int64_t j = s; j < t; ++j) r[j] += norm_term<acc_t>(to_acc(xe[j * in.xs()]) - m, kNorm);
       }
+      finish_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r);
       acc_t h2 = 0;
 #pragma omp simd reduction(+ : h2)
       for (int64_t j = s; j < t; ++j) {
-        const PullHinge<acc_t> ph = pull_hinge(finish_norm(r[j], kNorm), delta_v, kNorm);
+        const PullHinge<acc_t> ph = pull_hinge(r[j], delta_v, kNorm);
         h2 += ph.h * ph.h;
         coef[j] = ph.coef;
       }
@@ -307,10 +348,11 @@ static void hinge_sums_impl(const ChunkArgs& a) {
 #pragma omp simd
           for (int64_t j = s; j < t; ++j) r[j] += norm_term<acc_t>(to_acc(xe[j * in.xs()]) - m, kNorm);
         }
+        finish_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r);
         acc_t q2 = 0;
 #pragma omp simd reduction(+ : q2)
         for (int64_t j = s; j < t; ++j) {
-          const PullHinge<acc_t> uq = unlabeled_hinge(finish_norm(r[j], kNorm), delta_d, kNorm);
+          const PullHinge<acc_t> uq = unlabeled_hinge(r[j], delta_d, kNorm);
           q2 += uq.h * uq.h;
           coef[j] = uq.coef;
         }
@@ -364,8 +406,9 @@ static void write_push_grad(const ChunkArgs& a, PixelOffsets o, int64_t s, int64
 #pragma omp simd
         for (int64_t j = s0; j < t0; ++j) r[j] += norm_term<acc_t>(to_acc(xe[j * in.xs()]) - m, kNorm);
       }
+      finish_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s0, t0, r);
 #pragma omp simd
-      for (int64_t j = s0; j < t0; ++j) coef[j] = w * unlabeled_hinge(finish_norm(r[j], kNorm), delta_d, kNorm).coef;
+      for (int64_t j = s0; j < t0; ++j) coef[j] = w * unlabeled_hinge(r[j], delta_d, kNorm).coef;
       for (int64_t e = 0; e < E; ++e) {
         const scalar_t* xe = x + o.x + e * L.x_embed_stride;
         acc_t* be = buf + e * n - s0;
@@ -435,8 +478,9 @@ static void write_grad_impl(const ChunkArgs& a) {
 #pragma omp simd
         for (int64_t j = s; j < t; ++j) r[j] += norm_term<acc_t>(to_acc(xe[j * in.xs()]) - m, kNorm);
       }
+      finish_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r);
 #pragma omp simd
-      for (int64_t j = s; j < t; ++j) coef[j] = av * pull_hinge(finish_norm(r[j], kNorm), delta_v, kNorm).coef;
+      for (int64_t j = s; j < t; ++j) coef[j] = av * pull_hinge(r[j], delta_v, kNorm).coef;
       for (int64_t e = 0; e < E; ++e) {
         const scalar_t* xe = x + o.x + e * L.x_embed_stride;
         scalar_t* ge = grad + o.grad + e * L.grad_embed_stride;

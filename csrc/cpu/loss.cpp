@@ -212,9 +212,7 @@ void finalize_forward(const LossConfig& c, int64_t B, int64_t K, int64_t E, cons
       push_b.push_back(u);
       for (int64_t k : P) {
         v += var_weight<acc_t>(c, C, counts[b * (K + 1) + k], 0) * hinge[b * K + k];
-        acc_t n = 0;
-        for (int64_t e = 0; e < E; ++e) n += norm_term<acc_t>(mu[k * E + e], c.norm);
-        r += finish_norm(n, c.norm);
+        r += mean_distance<acc_t>(mu + k * E, nullptr, E, c.norm);
       }
       r *= reg_weight<acc_t>(c, C, B);
       const acc_t w = dist_pair_weight<acc_t>(c, C, B);
@@ -358,10 +356,7 @@ void finalize_backward(const LossConfig& c, int64_t B, int64_t K, int64_t E, con
       if (paper || c.norm == 2) {
         // paper: d||mu||/dmu; chainer L2: d R_k / d mu_kb = mu_kb / R_k.
         acc_t r = paper ? 0 : reg_norm[k];
-        if (paper) {
-          for (int64_t e = 0; e < E; ++e) r += norm_term<acc_t>(mu[e], c.norm);
-          r = finish_norm(r, c.norm);
-        }
+        if (paper) r = mean_distance<acc_t>(mu, nullptr, E, c.norm);
         for (int64_t e = 0; e < E; ++e) g[e] += wr * norm_grad(mu[e], r, c.norm);
       } else {
         for (int64_t e = 0; e < E; ++e) g[e] += wr * norm_grad(mu[e], acc_t(0), 1);
@@ -483,6 +478,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const ChunkPlan plan = plan_chunks(L, K * (E + 1) * (with_push ? 2 : 1));
   const int64_t tasks = B * plan.per_image;
   at::Tensor part = at::zeros({tasks, K, E}, acc_opts);
+  at::Tensor part_pivots = at::empty({tasks, K, E}, acc_opts);
   at::Tensor part_counts = at::zeros({tasks, K + 1}, x.options().dtype(at::kLong));
   std::vector<BadLabel> bad(tasks, BadLabel{false, 0});
 
@@ -504,9 +500,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using acc_t = scalar_t;
     acc_t* part_p = part.data_ptr<acc_t>();
     int64_t* part_counts_p = part_counts.data_ptr<int64_t>();
+    acc_t* pivots_p = part_pivots.data_ptr<acc_t>();
     for_each_chunk(L, plan, base, [&](int64_t t, ChunkArgs& a) {
       set_map(a);
       a.sums = part_p + t * K * E;
+      a.pivots = pivots_p + t * K * E;
       a.counts = part_counts_p + t * (K + 1);
       a.unlabeled = paper ? a.counts + K : nullptr;
       a.bad = &bad[t];
@@ -519,13 +517,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
     add_partials(part_counts_p, B, plan.per_image, K + 1, counts.data_ptr<int64_t>());
     acc_t* means_p = means.data_ptr<acc_t>();
-    add_partials(part_p, B, plan.per_image, K * E, means_p);
     const int64_t* counts_p = counts.data_ptr<int64_t>();
-    at::parallel_for(0, B * K, grain_for(E), [&](int64_t i0, int64_t i1) {
+    // mean = p + (sum over chunks c, in order, of n_c (p_c - p) + S_c) / n,
+    // p the pivot of the slot's first chunk: exactly p when the slot's
+    // embeddings are all equal. Division, not a product with 1/n, so that
+    // equal sums over equal counts give equal means.
+    at::parallel_for(0, B * K, grain_for(E * plan.per_image), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t n = counts_p[(i / K) * (K + 1) + i % K];
-        const acc_t inv = n > 0 ? acc_t(1) / acc_t(n) : acc_t(0);
-        for (int64_t e = 0; e < E; ++e) means_p[i * E + e] *= inv;
+        const int64_t b = i / K, k = i % K;
+        const int64_t n = counts_p[b * (K + 1) + k];
+        acc_t* mu = means_p + i * E;
+        for (int64_t e = 0; e < E; ++e) mu[e] = 0;
+        if (n == 0) continue;
+        const acc_t* ref = nullptr;
+        for (int64_t ch = 0; ch < plan.per_image; ++ch) {
+          const int64_t t = b * plan.per_image + ch;
+          const int64_t nc = part_counts_p[t * (K + 1) + k];
+          if (nc == 0) continue;
+          const acc_t* pc = pivots_p + (t * K + k) * E;
+          const acc_t* sc = part_p + (t * K + k) * E;
+          if (ref == nullptr) ref = pc;
+          for (int64_t e = 0; e < E; ++e) mu[e] += acc_t(nc) * (pc[e] - ref[e]) + sc[e];
+        }
+        for (int64_t e = 0; e < E; ++e) mu[e] = ref[e] + mu[e] / acc_t(n);
       }
     });
     const auto present = paper ? present_slots(counts_p, B, K) : std::vector<std::vector<int64_t>>(B);
