@@ -548,8 +548,8 @@ SPARSE_PATHS = [
 @pytest.mark.parametrize("det", [False, True])
 def test_sparse_ids_op_matches_cpu(name, batch, E, spatial, instances, max_instances, dtype, det):
     dense = blob_labels(batch, spatial, instances, seed=instances)
-    table = torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(10**6, generator=torch.Generator().manual_seed(1))
-                       [:instances] * 9_000_000_000 - 2**40])
+    spread = torch.randperm(10**6, generator=torch.Generator().manual_seed(1))[:instances] * 9_000_000_000 - 2**40
+    table = torch.cat([torch.zeros(1, dtype=torch.long), spread])  # 0 stays background
     labels = table[dense].to(CUDA)
     x = torch.randn(batch, E, *spatial, dtype=dtype, device=CUDA)
     if name == "strided-3d":

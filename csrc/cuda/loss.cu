@@ -84,7 +84,7 @@ constexpr int kCoefThreads = 128;
 constexpr int kCompactThreads = 256;
 constexpr int kGradThreads = 256;
 constexpr int kPushThreads = 256;
-constexpr int kPushGradWidth = 8;  // gradient components a pass-3 thread holds at once for the push
+constexpr int kPushGradWidth = 4;  // gradient components a pass-3 thread holds at once for the push
 constexpr int kElementwiseThreads = 256;
 constexpr int64_t kMaxSlots = int64_t(1) << 30;  // slots are int32 on the device
 
@@ -250,6 +250,13 @@ __device__ __forceinline__ ImageSlots image_slots(const int64_t* slot_ids, const
   return {slot_ids + b * K, __ldg(num_ids + b)};
 }
 
+// The map from shared memory, reloaded where it is used (volatile): keeps it
+// out of the registers of the streaming loops.
+__device__ __forceinline__ ImageSlots load_shared_map(const ImageSlots* p) {
+  const volatile ImageSlots* v = p;
+  return {v->ids, v->n};
+}
+
 // Full slot code of a label: a slot in [0, K), kIgnored or kInvalid.
 __device__ __forceinline__ int64_t lookup_slot(int64_t label, const LossConfig& c, const ImageSlots& m) {
   return m.n >= 0 ? mapped_slot(label, c, m.ids, m.n) : slot_of(label, c);
@@ -400,6 +407,16 @@ __global__ void __launch_bounds__(kSumWarps * 32)
   extern __shared__ __align__(16) unsigned char smem[];
   acc_t* shared_sums = reinterpret_cast<acc_t*>(smem);
   shared_extra_t* shared_extras = reinterpret_cast<shared_extra_t*>(shared_sums + warps * rows * E);
+  // The image's slot map and the block's count of unlabeled pixels live in
+  // shared memory, out of the registers of the tile loop (pass 1 spilled
+  // with them in registers).
+  __shared__ ImageSlots sh_map;
+  __shared__ unsigned sh_unlabeled;  // < kMaxChunkPx per block: fits in 32 bits
+  if (threadIdx.x == 0) {
+    sh_map = image_slots(slot_ids, num_ids, b, K);
+    sh_unlabeled = 0u;
+  }
+  __syncthreads();
 
   SlotAccumulator<acc_t, shared_extra_t, global_extra_t> acc;
   acc.embed_dim = E;
@@ -421,10 +438,8 @@ __global__ void __launch_bounds__(kSumWarps * 32)
   const label_t* lab_img = labels + b * L.label_batch_stride;
   const int norm = c.norm;
   const acc_t delta_v = acc_t(c.delta_v);
-  const ImageSlots map = image_slots(slot_ids, num_ids, b, K);
   // Pass 1 counts the unlabeled pixels (once per pixel: range 0 only).
   const bool count_unlabeled = !kHinge && unlabeled_out != nullptr && range == 0;
-  unsigned long long unlabeled = 0;
 
   // Warp tiles in a fixed order per warp: warp w takes tiles w, w + warps, ...
   for (int64_t tile = p_begin + int64_t(warp) * kTilePx; tile < p_end; tile += int64_t(warps) * kTilePx) {
@@ -432,8 +447,9 @@ __global__ void __launch_bounds__(kSumWarps * 32)
     int slot[kM];
     int64_t xoff[kM];
     unsigned lane_unlabeled = 0;
-    load_lane_slots(lab_img, L, c, map, plan.unit, first, p_end, lo, ks, slot, xoff, &lane_unlabeled);
-    unlabeled += lane_unlabeled;
+    load_lane_slots(lab_img, L, c, load_shared_map(&sh_map), plan.unit, first, p_end, lo, ks, slot, xoff,
+                    &lane_unlabeled);
+    if (count_unlabeled && lane_unlabeled != 0u) atomicAdd(&sh_unlabeled, lane_unlabeled);  // integers: any order
 
     // Runs of equal slots among the lane's pixels: run_ids holds, per pixel,
     // 4 bits = 1 + index of its run, 0 for no slot.
@@ -571,10 +587,11 @@ __global__ void __launch_bounds__(kSumWarps * 32)
     }
   }
 
-  if (count_unlabeled) {  // an integer sum: the same whatever the order of the atomics
-    unlabeled = warp_sum(unlabeled);
-    if (lane == 0 && unlabeled != 0ull) {
-      atomicAdd(reinterpret_cast<unsigned long long*>(unlabeled_out + b * (K + 1)), unlabeled);
+  if (count_unlabeled) {  // uniform over the block; an integer sum: the same whatever the order
+    __syncthreads();
+    if (threadIdx.x == 0 && sh_unlabeled != 0u) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(unlabeled_out + b * (K + 1)),
+                static_cast<unsigned long long>(sh_unlabeled));
     }
   }
 
@@ -697,7 +714,9 @@ __global__ void __launch_bounds__(kPushThreads)
         acc_t q2 = acc_t(0), coef = acc_t(0);
         if (xoff >= 0) {
           acc_t r = acc_t(0);
-          for (int64_t e = 0; e < E; ++e) r += norm_term<acc_t>(load_elem(x_img, xoff + e * L.x_embed_stride) - mu[e], norm);
+          for (int64_t e = 0; e < E; ++e) {
+            r += norm_term<acc_t>(load_elem(x_img, xoff + e * L.x_embed_stride) - mu[e], norm);
+          }
           const PullHinge<acc_t> uq = unlabeled_hinge(finish_norm(r, norm), delta_d, norm);
           q2 = uq.h * uq.h;
           coef = uq.coef;
