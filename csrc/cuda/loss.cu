@@ -6,16 +6,26 @@
 //
 //   forward   [zero fills]  pass 1 slot_sums_kernel<sums>  [finish_means_kernel]
 //             [compact_present_kernel]  pass 2 slot_sums_kernel<hinge>
-//             [sum_partials_kernel x2]  finalize_forward_kernel
+//             [sum_partials_kernel x2]  [pass 2b unlabeled_push_kernel
+//             [sum_partials_kernel x2]]  finalize_forward_kernel
 //   backward  [compact_present_kernel]  slot_coefficients_kernel  write_grad_kernel
 //
-// Bracketed launches depend on the path (below) and the normalisation;
-// compaction of the clusters present is for the paper normalisation only. It
-// is its own small launch (one block per image, an ordered block scan over
-// the K counts) because every block of the finalize needs its image's list,
-// and a grid-wide barrier inside one launch would need a cooperative launch.
+// Bracketed launches depend on the path (below), the normalisation and the
+// unlabeled push; compaction of the clusters present is for the paper
+// normalisation only. It is its own small launch (one block per image, an
+// ordered block scan over the K counts) because the push sums and every
+// block of the finalize need its image's list, and a grid-wide barrier inside
+// one launch would need a cooperative launch.
 // A training step reads the embeddings three times (pass 1, pass 2, pass 3)
-// and writes the gradient once; everything per slot is O(B*K*E).
+// and writes the gradient once; the unlabeled push (off by default) adds a
+// read of the labels and of the unlabeled pixels' x (pass 2b, its own
+// deterministic kernel rather than a part of pass 2: simpler, and the same
+// result in any mode). Everything per slot is O(B*K*E).
+//
+// With a slot map (slot_ids, num_ids from discloss::slot_map, cuda/slot_map.cu),
+// passes 1-3 look a label up by binary search in its image's sorted ids
+// (once per run of equal labels within a lane in passes 1-2); images whose
+// ids all lie in [0, K) (num_ids = -1) keep the identity, as without a map.
 //
 // Paths of the two streaming passes (slot_sums_kernel), chosen by plan_slot_sums
 // from the shapes alone:
