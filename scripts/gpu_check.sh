@@ -139,8 +139,10 @@ if ! skipped sanitizer; then
   CASE="$OUT/sanitizer_case.py"
   # Every kernel path on small inputs, forward and backward: shared/direct,
   # shared/partial, global atomics, slot ranges (deterministic), chainer,
-  # strided and misaligned inputs, float16/float64, and out-of-range labels
-  # with validation off (the kernels must stay in bounds).
+  # strided and misaligned inputs, float16/float64, sparse ids (the slot
+  # map), the unlabeled push, and, with validation off, more than K distinct
+  # ids and labels outside [0, K) for the raw op (the kernels must stay in
+  # bounds).
   cat >"$CASE" <<'EOF'
 import torch
 import discloss
@@ -183,6 +185,17 @@ for dtype in [torch.float32, torch.float16, torch.float64]:
     bad[:, -3:] = -7
     step(x, bad, max_instances=8)                                        # invalid labels
     step(x, bad, det=True, max_instances=1024)
+    step(x, lab, max_instances=8, unlabeled_push=0.5)                    # unlabeled push, shared paths
+    step(x, lab * 50, max_instances=1024, unlabeled_push=0.5, hinge_pull=False)  # push, global atomics
+    step(x, lab * 50, det=True, max_instances=1024, unlabeled_push=0.5)  # push, slot ranges
+    step(x, lab * 2**40 - 3, max_instances=8, unlabeled_push=0.5)        # sparse ids (slot map)
+    many = torch.randint(1, 10**6, tuple(lab.shape), generator=g).to(dev)
+    step(x, many, max_instances=8)                                       # > 2K distinct ids, no validation
+    # The raw op without a slot map: labels outside [0, K) get no slot.
+    cfg = (0.5, 1.5, 2, 1.0, 1.0, 0.001, 0.5, 0, "paper", "mean")
+    out = torch.ops.discloss.forward(x, bad, None, None, 8, *cfg)
+    torch.ops.discloss.backward(*[torch.ones_like(t) for t in out[:4]], x, bad, None, None, *out[4:], *cfg)
+    torch.cuda.synchronize()
 vol = torch.randn(1, 3, 9, 10, 11, device=dev)
 step(vol, labels(1, (9, 10, 11), 5), max_instances=65536)               # 3D, K = 65536
 x = torch.randn(2, 4, 24, 28, device=dev, requires_grad=True)

@@ -427,3 +427,246 @@ def test_invalid_labels_are_ignored_without_validation(max_instances):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(grad, ref_grad)
     assert bool((grad[:, :, :3] == 0).all())
+
+
+# ---- arbitrary ids: the slot map on CUDA -------------------------------------------------------
+
+INT64_MAX, INT64_MIN = 2**63 - 1, -(2**63)
+
+
+def _sparse_label_maps():
+    """(name, labels (CPU), max_instances, ignore_index) covering the identity,
+    sparse ids of every sign and size, and the extreme int64 values."""
+    dense = blob_labels(3, (20, 24), 6, seed=11)
+    ids = torch.tensor([0, 7, 2**40, -1, INT64_MAX, INT64_MIN, 123456789], dtype=torch.int64)
+    sparse = ids[dense]
+    mixed = torch.stack([dense[0], sparse[1], torch.zeros_like(dense[2])])  # identity, sparse, empty
+    yield "identity", dense, 8, 0
+    yield "sparse", sparse, 8, 0
+    yield "sparse-exact-k", sparse, 6, 0
+    yield "mixed", mixed, 8, 0
+    yield "ignore-none", sparse, 8, None
+    yield "ignore-minus-one", sparse, 8, -1
+    yield "ignore-int64-max", sparse, 8, INT64_MAX
+    yield "large-k", sparse * 3, 1024, 0
+    yield "one-pixel-images", torch.tensor([[5], [0], [-3]]), 2, 0
+
+
+@pytest.mark.parametrize("case", list(_sparse_label_maps()), ids=lambda c: c[0])
+@pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
+def test_slot_map_matches_cpu(case, label_dtype):
+    _, labels, K, ignore = case
+    if label_dtype != torch.int64:
+        info = torch.iinfo(label_dtype)
+        labels = labels.clamp(info.min, info.max).to(label_dtype)  # collisions are fine: the same on both
+        if ignore is not None and not info.min <= ignore <= info.max:
+            ignore = 0
+    cpu_ids, cpu_n = torch.ops.discloss.slot_map(labels, K, ignore)
+    ids, n = torch.ops.discloss.slot_map(labels.to(CUDA), K, ignore)
+    assert ids.device.type == "cuda" and ids.dtype == torch.int64 and ids.shape == (labels.shape[0], K)
+    assert torch.equal(n.cpu(), cpu_n)
+    assert torch.equal(ids.cpu(), cpu_ids)
+
+
+def test_slot_map_strided_labels_and_empty_batch():
+    labels = blob_labels(2, (30, 26), 5, seed=3) * 1000 - 7
+    strided = labels.to(CUDA).transpose(1, 2)  # not contiguous
+    ids, n = torch.ops.discloss.slot_map(strided, 6, 0)
+    cpu_ids, cpu_n = torch.ops.discloss.slot_map(labels.transpose(1, 2), 6, 0)
+    assert torch.equal(ids.cpu(), cpu_ids) and torch.equal(n.cpu(), cpu_n)
+    ids, n = torch.ops.discloss.slot_map(torch.zeros(0, 4, 4, dtype=torch.long, device=CUDA), 3, 0)
+    assert ids.shape == (0, 3) and n.shape == (0,)
+
+
+@pytest.mark.parametrize("distinct", [9, 40, 5000])
+def test_slot_map_more_than_k_ids_stays_in_bounds(distinct):
+    # More than K distinct ids (the eager check in the wrapper rejects this;
+    # the op itself must stay in bounds): at most K ids, sorted, all present
+    # in the image; past 2K ids the table is full and the rest are dropped.
+    K = 8
+    g = torch.Generator().manual_seed(distinct)
+    labels = (torch.randint(0, distinct, (2, 64, 80), generator=g) * 7919 + 3).to(CUDA)
+    ids, n = torch.ops.discloss.slot_map(labels, K, 0)
+    torch.cuda.synchronize()
+    assert n.tolist() == [K, K]
+    for b in range(2):
+        row = ids[b].cpu()
+        assert bool((row[1:] > row[:-1]).all())
+        assert bool(torch.isin(row, labels[b].cpu()).all())
+    if distinct <= 2 * K:  # every id in the table: exactly the K smallest
+        for b in range(2):
+            assert ids[b].cpu().tolist() == torch.unique(labels[b].cpu())[:K].tolist()
+
+
+def _op_args_full(x, labels, K, ids=None, n=None, *, delta_v=0.5, delta_d=1.5, norm=2, gamma=0.01, push=0.0,
+                  ignore_index=0, reduction="mean"):
+    return (x, labels, ids, n, K, delta_v, delta_d, norm, 1.0, 1.0, gamma, push, ignore_index, "paper", reduction)
+
+
+def _compare_op_with_cpu(x, labels, K, det, **kw):
+    """forward and backward of the CUDA op against the CPU op, both given the
+    CPU slot map (and the CUDA slot map agreeing with it)."""
+    ignore = kw.get("ignore_index", 0)
+    cpu_ids, cpu_n = torch.ops.discloss.slot_map(labels.cpu(), K, ignore)
+    ids, n = torch.ops.discloss.slot_map(labels, K, ignore)
+    assert torch.equal(ids.cpu(), cpu_ids) and torch.equal(n.cpu(), cpu_n)
+    dtype = x.dtype
+    with deterministic(det):
+        out = torch.ops.discloss.forward(*_op_args_full(x, labels, K, ids, n, **kw))
+    ref = torch.ops.discloss.forward(*_op_args_full(x.cpu(), labels.cpu(), K, cpu_ids, cpu_n, **kw))
+    names = ["var", "dist", "reg", "push", "means", "counts", "hinge_grad_sums", "push_grad_sums"]
+    for name, a, b in zip(names, out, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        if name == "counts":
+            assert torch.equal(a.cpu(), b), name
+        elif name in ("var", "dist", "reg", "push"):
+            assert_close(a, b, dtype, name)
+        else:
+            assert_grad_close(a, b, dtype, name)
+    g = [torch.rand_like(t) + 0.5 for t in out[:4]]
+    rest = _op_args_full(x, labels, K, **kw)[5:]
+    with deterministic(det):
+        grad = torch.ops.discloss.backward(*g, x, labels, ids, n, *out[4:], *rest)
+    grad_cpu = torch.ops.discloss.backward(*[t.cpu() for t in g], x.cpu(), labels.cpu(), cpu_ids, cpu_n, *ref[4:],
+                                           *rest)
+    assert grad.dtype == dtype and grad.shape == x.shape
+    assert_grad_close(grad, grad_cpu, dtype)
+    return out, grad
+
+
+SPARSE_PATHS = [
+    # name, batch, E, spatial, instances, max_instances
+    ("shared-direct", 3, 5, (12, 20), 6, 9),
+    ("shared-partial", 2, 6, (64, 64), 7, 10),
+    ("strided-3d", 2, 3, (9, 14, 11), 5, 6),
+    ("global-or-ranges", 2, 16, (48, 40), 40, 1024),
+]
+
+
+@pytest.mark.parametrize("name,batch,E,spatial,instances,max_instances", SPARSE_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("det", [False, True])
+def test_sparse_ids_op_matches_cpu(name, batch, E, spatial, instances, max_instances, dtype, det):
+    dense = blob_labels(batch, spatial, instances, seed=instances)
+    spread = torch.randperm(10**6, generator=torch.Generator().manual_seed(1))[:instances] * 9_000_000_000 - 2**40
+    table = torch.cat([torch.zeros(1, dtype=torch.long), spread])  # 0 stays background
+    labels = table[dense].to(CUDA)
+    x = torch.randn(batch, E, *spatial, dtype=dtype, device=CUDA)
+    if name == "strided-3d":
+        x = x.transpose(2, 4)
+        labels = labels.transpose(1, 3)
+    for norm in [1, 2]:
+        _compare_op_with_cpu(x, labels, max_instances, det, norm=norm, reduction="none")
+    _compare_op_with_cpu(x, labels, max_instances, det, reduction="sum", push=0.7)
+
+
+# ---- the unlabeled push and the unhinged pull ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name,batch,E,spatial,instances,max_instances", SPARSE_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("det", [False, True])
+@pytest.mark.parametrize("norm", [1, 2])
+def test_push_and_unhinged_pull_match_cpu_op(name, batch, E, spatial, instances, max_instances, dtype, det, norm):
+    labels = blob_labels(batch, spatial, instances, seed=instances + 1).to(CUDA)
+    if max_instances > 256:
+        labels = torch.where(labels > 0, labels * (max_instances // (instances + 1)), 0)
+    x = torch.randn(batch, E, *spatial, dtype=dtype, device=CUDA) * 0.7
+    delta_d = 0.6 * E  # most unlabeled pixels lie within delta_d of some mean (L1 and L2)
+    for reduction in ["mean", "sum", "none"]:
+        out, _ = _compare_op_with_cpu(x, labels, max_instances, det, norm=norm, push=1.3, delta_d=delta_d,
+                                      reduction=reduction)
+        assert float(out[3].abs().sum()) > 0  # the push takes part
+        assert out[5][:, -1].tolist() == (labels == 0).flatten(1).sum(1).tolist()  # unlabeled pixel counts
+    _compare_op_with_cpu(x, labels, max_instances, det, norm=norm, delta_v=0.0)  # unhinged pull
+    _compare_op_with_cpu(x, labels, max_instances, det, norm=norm, delta_v=0.0, push=0.4, ignore_index=3)
+
+
+def test_push_against_loop_on_cuda():
+    from helpers import loop_reference64
+
+    labels = blob_labels(2, (30, 34), 6, seed=5)
+    x = torch.randn(2, 4, 30, 34, dtype=torch.float64) * 0.6
+    for kw in [dict(unlabeled_push=1.0), dict(unlabeled_push=0.5, hinge_pull=False, norm=1, reduction="none")]:
+        xg = x.to(CUDA).requires_grad_(True)
+        terms = discloss.discriminative_loss(xg, labels.to(CUDA), delta_d=1.2, max_instances=8, **kw)
+        grad = torch.autograd.grad(sum(t.sum() for t in terms), xg)[0]
+        ref, ref_grad = loop_reference64(x, labels, delta_d=1.2, **kw)
+        for a, b in zip(terms, ref):
+            assert_close(a, b, torch.float64)
+        assert_grad_close(grad, ref_grad, torch.float64)
+
+
+@pytest.mark.parametrize("max_instances", [10, 1024])
+def test_deterministic_bitwise_with_push_and_sparse_ids(max_instances):
+    dense = blob_labels(3, (96, 80), 8, seed=4)
+    labels = torch.where(dense > 0, dense * 2**41 + 5, 0).to(CUDA)
+    x = torch.randn(3, 16, 96, 80, device=CUDA)
+    g = [torch.full((), v, device=CUDA) for v in (1.0, 0.7, 1.3, 0.9)]
+
+    def once():
+        ids, n = torch.ops.discloss.slot_map(labels, max_instances, 0)
+        args = _op_args_full(x, labels, max_instances, ids, n, push=0.8, delta_d=1.0)
+        out = torch.ops.discloss.forward(*args)
+        grad = torch.ops.discloss.backward(*g, x, labels, ids, n, *out[4:], *args[5:])
+        return [ids, n] + [t.clone() for t in out] + [grad]
+
+    with deterministic(True):
+        first = once()
+        for _ in range(2):
+            for i, (a, b) in enumerate(zip(first, once())):
+                assert torch.equal(a, b), f"output {i} differs between runs"
+
+
+# ---- non-finite inputs and out-of-contract labels ------------------------------------------------
+
+
+@pytest.mark.parametrize("max_instances", [4, 1024])
+@pytest.mark.parametrize("norm", [1, 2])
+def test_nan_is_not_hidden_by_the_tile_skip(max_instances, norm):
+    # Every pixel sits on its mean (h = 0: pass 2 may skip the warp tile)
+    # except one NaN pixel: var, its cluster's mean and the gradient of the
+    # cluster must be NaN, as in plain PyTorch and on the CPU.
+    labels = torch.ones(1, 16, 32, dtype=torch.long, device=CUDA)
+    labels[:, 8:] = 2
+    x = torch.zeros(1, 3, 16, 32, device=CUDA)
+    x[:, :, 8:] = 5.0
+    x[0, 1, 3, 7] = float("nan")
+    for det in [False, True]:
+        with deterministic(det):
+            terms, grad = run(x, labels, max_instances=max_instances, norm=norm, delta_d=10.0)
+        ref, ref_grad = run(x.cpu(), labels.cpu(), max_instances=max_instances, norm=norm, delta_d=10.0)
+        assert all(torch.isnan(t) for t in terms)  # var, dist, reg
+        assert torch.isnan(grad[:, :, :8]).all()
+        torch.testing.assert_close(grad.cpu(), ref_grad, equal_nan=True)
+        for a, b in zip(terms, ref):
+            torch.testing.assert_close(a.cpu(), b, equal_nan=True)
+
+
+def test_nan_among_unlabeled_pixels_reaches_the_push():
+    labels = blob_labels(2, (24, 24), 4, seed=2).to(CUDA)
+    x = torch.randn(2, 3, 24, 24, device=CUDA)
+    unl = (labels[0] == 0).nonzero()[0]
+    x[0, 0, unl[0], unl[1]] = float("nan")
+    xg = x.clone().requires_grad_(True)
+    t = discloss.discriminative_loss(xg, labels, unlabeled_push=1.0, delta_d=100.0, reduction="none")
+    assert torch.isnan(t.push[0]) and torch.isfinite(t.push[1])
+    assert torch.isfinite(t.var).all() and torch.isfinite(t.dist).all() and torch.isfinite(t.reg).all()
+    (g,) = torch.autograd.grad(t.push.sum(), xg)
+    assert torch.isnan(g[0, :, unl[0], unl[1]]).all() and torch.isfinite(g[1]).all()
+
+
+@pytest.mark.parametrize("max_instances", [3, 1024])
+def test_more_than_k_ids_without_validation_stays_in_bounds(max_instances):
+    # validate=False skips the eager check; with more than K distinct ids the
+    # extra ids get no slot. Nothing may read or write out of bounds (run this
+    # under compute-sanitizer: scripts/gpu_check.sh); the result is finite.
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.randint(0, 4 * max_instances + 50, (2, 40, 44), generator=g) * 1_000_003).to(CUDA)
+    labels[:, :5] = 0
+    x = torch.randn(2, 4, 40, 44, device=CUDA)
+    terms, grad = run(x, labels, max_instances=max_instances, validate=False, unlabeled_push=0.5)
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(t).all() for t in terms) and torch.isfinite(grad).all()
+    with pytest.raises(RuntimeError, match="max_instances"):
+        discloss.discriminative_loss(x, labels, max_instances=max_instances)
