@@ -264,8 +264,12 @@ static void cluster_sums_impl(const ChunkArgs& a) {
     segment_slots(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, slots, a.bad);
     if (a.unlabeled) *a.unlabeled += count_unlabeled(slots, len);
     for_each_run(slots, len, [&](int64_t s, int64_t t, int64_t k) {
-      if (a.counts[k] == 0) {  // the slot's first pixel in this chunk is its pivot
-        for (int64_t e = 0; e < E; ++e) pivots[k * E + e] = to_acc(x[o.x + e * L.x_embed_stride + s * in.xs()]);
+      if (a.counts[k] == 0) {  // the slot's first pixel in this chunk is its pivot (0 if not finite,
+                               // so that an inf sums to inf as in a plain sum)
+        for (int64_t e = 0; e < E; ++e) {
+          const acc_t v = to_acc(x[o.x + e * L.x_embed_stride + s * in.xs()]);
+          pivots[k * E + e] = v - v == acc_t(0) ? v : acc_t(0);
+        }
       }
       a.counts[k] += t - s;
       for (int64_t e = 0; e < E; ++e) {
