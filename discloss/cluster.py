@@ -173,6 +173,7 @@ def cluster_embeddings(
     max_iterations: int = 64,
     seed: int = 0,
     seed_scores: Optional[torch.Tensor] = None,
+    min_seed_score: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cluster pixel embeddings into instances, batched, on any device.
 
@@ -242,6 +243,11 @@ def cluster_embeddings(
             2017). Seeds are then the unvisited foreground pixels in
             descending score. NaN counts as the lowest score (-inf). Only
             the order of the scores matters, and only at foreground pixels.
+        min_seed_score: with ``seed_scores``, pixels scoring below this never
+            seed an instance (as SpatialEmbeddings-style methods stop at a
+            seed-map threshold): an image stops when no unvisited pixel
+            reaches it, and the rest join the nearest kept instance. Stray
+            pixels then cannot start spurious instances. None: no threshold.
 
     Returns:
         labels: (B, *spatial) int64, 0 for background, 1..L_b for the
@@ -260,6 +266,11 @@ def cluster_embeddings(
                   mean_shift_steps, max_iterations)
     if seed_scores is not None:
         _check_seed_scores(seed_scores, foreground)
+    if min_seed_score is not None:
+        if seed_scores is None:
+            raise ValueError("min_seed_score: needs seed_scores")
+        if not isinstance(min_seed_score, (int, float)) or min_seed_score != min_seed_score:
+            raise ValueError(f"min_seed_score: expected a number or None, got {min_seed_score!r}")
     batch, dim = embeddings.shape[:2]
     spatial = tuple(embeddings.shape[2:])
     device = embeddings.device
@@ -279,6 +290,9 @@ def cluster_embeddings(
         # Compared as given (no rounding to float32 that could make ties).
         score = seed_scores.detach().reshape(batch, -1)[image, pixel]
         score = torch.nan_to_num(score, nan=-torch.inf)
+        if min_seed_score is not None:
+            # Below the threshold a pixel is never open: -inf, like a visited one.
+            priority = torch.where(score >= min_seed_score, priority, torch.full_like(priority, -1))
     bandwidth_sq = float(bandwidth) ** 2
     threshold_sq = float(threshold) ** 2
     merge_sq = float(delta_d) ** 2

@@ -168,7 +168,7 @@ def reference_seed_order(pixels, scores, seed=0):
     return sorted(pixels, key=key, reverse=True)
 
 
-def seed_order_case(foreground, scores=None, seed=0, device="cpu"):
+def seed_order_case(foreground, scores=None, seed=0, device="cpu", min_seed_score=None):
     """Cluster points so far apart, with radii so small, that every foreground
     pixel is an instance of its own: the instance numbers are the seed order."""
     batch, height, width = foreground.shape
@@ -176,7 +176,10 @@ def seed_order_case(foreground, scores=None, seed=0, device="cpu"):
     embeddings[:, 0] = torch.arange(height * width, dtype=torch.float64).reshape(height, width) * 10.0
     labels, _ = cluster_embeddings(embeddings.to(device), foreground.to(device), delta_v=0.1, delta_d=0.2,
                                    min_size=1, max_iterations=height * width, seed=seed,
-                                   seed_scores=None if scores is None else scores.to(device))
+                                   seed_scores=None if scores is None else scores.to(device),
+                                   min_seed_score=min_seed_score)
+    if min_seed_score is not None:
+        return labels.cpu()
     orders = []
     for b in range(batch):
         flat = labels[b].cpu().reshape(-1)
@@ -212,6 +215,25 @@ def test_without_scores_seeds_follow_the_hashed_order():
     for b in range(2):
         pixels = foreground[b].reshape(-1).nonzero().flatten().tolist()
         assert orders[b] == reference_seed_order(pixels, None)
+
+
+def test_pixels_below_min_seed_score_never_seed():
+    foreground, scores = seed_order_inputs()
+    labels = seed_order_case(foreground, scores, min_seed_score=0.5)
+    for b in range(2):
+        flat_scores = scores[b].reshape(-1).tolist()
+        pixels = foreground[b].reshape(-1).nonzero().flatten().tolist()
+        seeds = [p for p in reference_seed_order(pixels, flat_scores) if flat_scores[p] >= 0.5]
+        flat = labels[b].reshape(-1)
+        # Instance k is the k-th seed of the reference order...
+        assert [int(flat[p]) for p in seeds] == list(range(1, len(seeds) + 1))
+        # ...and every other foreground pixel joined a seed nearest to it
+        # (embedding = 10 * position).
+        for p in set(pixels) - set(seeds):
+            nearest = min(abs(p - q) for q in seeds)
+            assert abs(p - seeds[int(flat[p]) - 1]) == nearest
+    with pytest.raises(ValueError, match="min_seed_score"):
+        cluster_embeddings(torch.zeros(1, 2, 3, 3), torch.ones(1, 3, 3, dtype=torch.bool), min_seed_score=0.5)
 
 
 def test_equal_scores_change_nothing(sticks):
