@@ -307,9 +307,21 @@ def _train_steps(model, dataset, args, device, log, thread_chooser) -> int:
     return args.steps
 
 
-# How cluster_embeddings picks its seeds: in its hashed pixel order, or in
-# descending seediness (the head's probability).
-SEED_MODES = ("hashed", "seediness")
+# How cluster_embeddings picks its seeds: in its hashed pixel order; in
+# descending seediness (the head's probability); or in descending seediness
+# among the pixels whose seediness reaches --min-seed-score only.
+SEED_MODES = ("hashed", "seediness-order", "seediness")
+_PANEL_MODES = ("hashed", "seediness")
+
+
+def _seed_options(mode: str, seediness: torch.Tensor, args) -> dict:
+    if mode == "hashed":
+        return {}
+    if mode == "seediness-order":
+        return {"seed_scores": seediness}
+    if mode == "seediness":
+        return {"seed_scores": seediness, "min_seed_score": args.min_seed_score}
+    raise ValueError(f"seed mode: expected one of {SEED_MODES}, got {mode!r}")
 
 
 class Prediction(NamedTuple):
@@ -329,8 +341,7 @@ def predict(model: StickNet, images: torch.Tensor, args, seed_modes: Sequence[st
     labels = {}
     for mode in seed_modes:
         labels[mode], _ = cluster_embeddings(embeddings, foreground, delta_v=args.delta_v, delta_d=args.delta_d,
-                                             min_size=args.min_size,
-                                             seed_scores=seediness if mode == "seediness" else None)
+                                             min_size=args.min_size, **_seed_options(mode, seediness, args))
     return Prediction(foreground, seediness, embeddings, labels)
 
 
@@ -415,7 +426,7 @@ def _draw_embeddings(axes, embeddings: np.ndarray, truth: np.ndarray, delta_v: f
     axes.autoscale_view()
 
 
-def save_panel(path: str, batch, prediction: Prediction, delta_v: float, seed_modes: Sequence[str] = SEED_MODES,
+def save_panel(path: str, batch, prediction: Prediction, delta_v: float, seed_modes: Sequence[str] = _PANEL_MODES,
                tile_inches: float = 2.4) -> None:
     """One row per image of ``batch``, one titled column per view, drawn with matplotlib.
 
@@ -502,6 +513,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--delta-d", type=float, default=1.5, help="push margin (default: %(default)s)")
     parser.add_argument("--min-size", type=int, default=10,
                         help="smallest instance kept by the clustering, in pixels (default: %(default)s)")
+    parser.add_argument("--min-seed-score", type=float, default=0.5,
+                        help="seediness below which a pixel never seeds an instance, in the 'seediness' evaluation "
+                             "(default: %(default)s: a pixel predicted within about 1.2*delta_v of its "
+                             "instance's mean)")
     parser.add_argument("--eval-images", type=int, default=50, help="held-out images scored (default: %(default)s)")
     parser.add_argument("--out", default=os.path.join("runs", "demo"),
                         help="output directory for checkpoint.pt and panel.png (default: %(default)s)")
@@ -524,6 +539,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error(f"--time-limit: expected >= 0 seconds, got {args.time_limit}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads: expected >= 1, got {args.threads}")
+    if not 0.0 <= args.min_seed_score <= 1.0:
+        parser.error(f"--min-seed-score: expected a probability in [0, 1], got {args.min_seed_score}")
     if args.min_size < 0:
         parser.error(f"--min-size: expected >= 0, got {args.min_size}")
     return args
@@ -580,7 +597,7 @@ def _run(args: argparse.Namespace) -> dict:
     evaluate_seconds = time.perf_counter() - evaluation_start
     panel_path = os.path.join(args.out, "panel.png")
     shown = held_out.batch(range(min(_PANEL_ROWS, len(held_out))))
-    save_panel(panel_path, shown, predict(model, shown.image.to(device), args), args.delta_v)
+    save_panel(panel_path, shown, predict(model, shown.image.to(device), args, _PANEL_MODES), args.delta_v)
     result = {
         "steps": steps_done,
         "train_seconds": train_seconds,
@@ -589,7 +606,7 @@ def _run(args: argparse.Namespace) -> dict:
         "panel": panel_path,
     }
     # "sbd" and "abs_dic": hashed seeds, as before seediness existed.
-    for mode, suffix in (("hashed", ""), ("seediness", "_seediness")):
+    for mode, suffix in (("hashed", ""), ("seediness-order", "_seediness_order"), ("seediness", "_seediness")):
         sbd, abs_dic = scores[mode]
         result["sbd" + suffix] = float(sbd.mean())
         result["abs_dic" + suffix] = float(abs_dic.float().mean())
