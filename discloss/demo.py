@@ -96,7 +96,17 @@ class StickNet(nn.Module):
             in_channels = width
         self.foreground_head = nn.Conv2d(in_channels, 1, 1)
         self.embedding_head = nn.Conv2d(in_channels, embedding_dim, 1)
-        self.seediness_head = nn.Conv2d(in_channels, 1, 1)
+        # Seediness is about how far a pixel's embedding (linear in the
+        # features) lies from its instance's mean: not a linear function of
+        # the features, so this head has a hidden layer, and a 3x3 context
+        # to see crossings and edges (Fathi et al. also give it its own
+        # convolutions).
+        self.seediness_head = nn.Sequential(
+            nn.Conv2d(in_channels, in_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(in_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, 1, 1),
+        )
 
     def forward(self, images: torch.Tensor):
         batch, _, height, width = images.shape
