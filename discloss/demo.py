@@ -3,27 +3,32 @@
     python -m discloss.demo            # the defaults: at most about 8 minutes on 2 CPU cores
     python -m discloss.demo --help
 
-The network has two heads on a shared U-Net: a foreground logit (trained
-with binary cross-entropy + Dice) and a per-pixel embedding (trained with the
-discriminative loss). At test time the foreground mask selects the pixels
-that ``cluster_embeddings`` groups into instances, and the result is scored
-with Symmetric Best Dice (SBD) and |DiC| on 50 held-out images.
+The network has three heads on a shared U-Net: a foreground logit (trained
+with binary cross-entropy + Dice), a per-pixel embedding (trained with the
+discriminative loss) and a seediness logit (Fathi et al. 2017, "Semantic
+instance segmentation via deep metric learning": how good a seed for the
+clustering each pixel is; see ``seediness_loss``). At test time the
+foreground mask selects the pixels that ``cluster_embeddings`` groups into
+instances, and the result is scored with Symmetric Best Dice (SBD) and
+|DiC| on 50 held-out images, once per seed mode: hashed (the clustering's
+own pixel order), seediness-order (seeds in descending seediness) and
+seediness (the same, among pixels of seediness >= ``--min-seed-score``
+only).
 
 To fit the CPU budget the defaults train and evaluate at 128 x 128 pixels:
 ``ScatteredSticks(image_size=128)``, the 256 x 256 sticks geometry scaled by
 1/2 (sticks 7.5 px wide, 40-50 px long). Pass ``--image-size 256`` for the
-full size (on a GPU). Training runs 600 steps of 8 images, or stops after
-``--time-limit`` (420 s) with the learning rate annealed on the clock, so a
-slow or busy machine still finishes in time. Measured in four runs on 2
-shared AMD EPYC cores busy with other work (load average 2-5): 533-600
-steps, mean SBD 0.935-0.948, mean |DiC| 0.38-0.54, 6-8 minutes wall time in
-all.
+full size (on a GPU), ``--sticks 16-24`` for the hard set. Training runs 600
+steps of 8 images, or stops after ``--time-limit`` (420 s) with the learning
+rate annealed on the clock, so a slow or busy machine still finishes in
+time. MEASURED
 
-Outputs go to ``--out`` (default runs/demo): checkpoint.pt and panel.png
-(per row: image, ground truth, predicted instances coloured after the
-ground-truth instance they overlap most, and the embeddings projected to 2D
-by PCA, coloured by ground truth, with a circle of radius delta_v around
-each instance's mean).
+Outputs go to ``--out`` (default runs/demo): checkpoint.pt and panel.png,
+drawn with matplotlib: per row, the image, the ground truth, the instances
+found with hashed and with seediness seeds (coloured after the ground-truth
+instance they overlap most, with the image's SBD and DiC), the seediness
+map, and the embeddings projected to 2D by PCA, coloured by ground truth,
+with a circle of radius delta_v around each instance's mean.
 """
 
 from __future__ import annotations
@@ -445,6 +450,7 @@ def save_panel(path: str, batch, prediction: Prediction, delta_v: float, seed_mo
     SBD and DiC) | seediness | embeddings in 2D with circles of radius
     delta_v around the instance means.
     """
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -456,11 +462,13 @@ def save_panel(path: str, batch, prediction: Prediction, delta_v: float, seed_mo
     count = max([int(batch.labels.max())] + [int(m.max()) for maps in matched.values() for m in maps]) + 1
     colours = _label_colours(max(count, 2))
     titles = (["image", "ground truth"] + [f"instances, {mode} seeds" for mode in seed_modes]
-              + ["seediness", f"embeddings (PCA), circles r = delta_v"])
+              + ["seediness (foreground)", "embeddings, PCA; circles: delta_v"])
     figure = Figure(figsize=(tile_inches * len(titles), tile_inches * rows + 0.4), dpi=100)
     FigureCanvasAgg(figure)
     grid = figure.subplots(rows, len(titles), squeeze=False)
-    seediness = prediction.seediness.cpu().numpy()
+    # Seediness only where the network sees foreground (seeds come from there).
+    seediness = np.where(prediction.foreground.cpu().numpy(), prediction.seediness.cpu().numpy(), np.nan)
+    seediness_colours = matplotlib.colormaps["viridis"].with_extremes(bad="black")
     embeddings = prediction.embeddings.cpu().numpy()
     for row in range(rows):
         cells = iter(grid[row])
@@ -477,7 +485,12 @@ def save_panel(path: str, batch, prediction: Prediction, delta_v: float, seed_mo
             dic = int(metrics.difference_in_count(pred_row, gt_row)[0])
             axes.set_xlabel(f"SBD {sbd:.3f}, DiC {dic:+d}", fontsize=8)
         axes = next(cells)
-        axes.imshow(seediness[row], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        # Stretched to the image's own range: a trained head's values span a narrow band.
+        shown = seediness[row][np.isfinite(seediness[row])]
+        low, high = (np.percentile(shown, [2, 98]) if shown.size else (0.0, 1.0))
+        high = max(high, low + 1e-3)
+        axes.imshow(seediness[row], cmap=seediness_colours, vmin=low, vmax=high, interpolation="nearest")
+        axes.set_xlabel(f"{low:.2f} (dark) to {high:.2f} (yellow)", fontsize=8)
         _draw_embeddings(next(cells), embeddings[row], truth_maps[row], delta_v, colours)
         for axes in grid[row][:-1]:
             axes.set_xticks([])
