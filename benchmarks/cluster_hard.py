@@ -334,9 +334,12 @@ def main(argv=None) -> int:
         handle.write(f"- data: {args.images} held-out ScatteredSticks images, {args.image_size}x{args.image_size} px, "
                      f"{args.sticks[0]}-{args.sticks[1]} sticks "
                      f"({sticks:.1f} on average), {pixels:.0f} foreground pixels per image (ground-truth mask)\n")
-        handle.write(f"- sources: synthetic embeddings (dimension 8, means packed about 2-2.5*delta_d apart, 15% "
-                     "stray pixels 1/4-1/2 of the way to the nearest other instance); "
-                     f"{len(args.checkpoints)} demo network(s) trained on this set: {', '.join(args.checkpoints)}\n")
+        sources = [] if args.no_synthetic else [
+            "synthetic embeddings (dimension 8, means packed about 2-2.5*delta_d apart, 15% stray pixels 1/4-1/2 "
+            "of the way to the nearest other instance)"]
+        if args.checkpoints:
+            sources.append(f"{len(args.checkpoints)} demo network(s) trained on this set: {', '.join(args.checkpoints)}")
+        handle.write(f"- sources: {'; '.join(sources)}\n")
         handle.write(f"- discloss: delta_v {args.delta_v:g}, delta_d {args.delta_d:g}, min_size {args.min_size}, "
                      f"min_seed_score {args.min_seed_score:g} (rows without 'order'), "
                      f"window and claim radius 2*delta_v; MeanShift bandwidth 2*delta_v, bin_seeding; HDBSCAN "
