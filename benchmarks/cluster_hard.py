@@ -250,20 +250,22 @@ def plot(rows, path, title):
     from matplotlib.figure import Figure
 
     sources = list(dict.fromkeys(row[0] for row in rows))
-    figure = Figure(figsize=(5.0 * len(sources), 4.2), dpi=100)
+    figure = Figure(figsize=(4.6 * len(sources), 4.2), dpi=100)
     FigureCanvasAgg(figure)
     axes_list = figure.subplots(1, len(sources), squeeze=False)[0]
     markers = dict(zip(METHODS, "o<s>^DX"))
+    colours = dict(zip(METHODS, ["C0", "C1", "C2", "C3", "C4", "C5", "C6"]))
     for axes, source in zip(axes_list, sources):
         for row in rows:
             if row[0] == source:
-                axes.scatter(row[4], row[2], marker=markers[row[1]], s=60, label=row[1])
+                axes.scatter(row[4], row[2], marker=markers[row[1]], color=colours[row[1]], s=60, label=row[1])
         axes.set_xscale("log")
+        axes.minorticks_off()
         axes.set_xlabel("ms per image (median, 1 CPU thread)")
         axes.set_ylabel("mean SBD")
         axes.set_title(source, fontsize=10)
         axes.grid(True, alpha=0.3)
-        axes.legend(fontsize=7, loc="lower right")
+        axes.legend(fontsize=7, loc="best")
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path)
@@ -286,6 +288,7 @@ def main(argv=None) -> int:
                         help="(default: %(default)s; sticks keep >= 400 visible pixels)")
     parser.add_argument("--repeats", type=int, default=3, help="timed whole-batch calls of ours (default: %(default)s)")
     parser.add_argument("--out-dir", default=None, help="default: benchmarks/results/cpu")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from the CSV of an earlier run")
     args = parser.parse_args(argv)
     try:
         from sklearn import __version__ as sklearn_version
@@ -294,6 +297,13 @@ def main(argv=None) -> int:
     except ImportError:
         print("this benchmark needs scikit-learn >= 1.3: pip install scikit-learn", file=sys.stderr)
         return 2
+    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu")
+    title = f"clustering {args.image_size}x{args.image_size} sticks, {args.sticks[0]}-{args.sticks[1]} per image"
+    if args.replot:
+        with open(os.path.join(out_dir, args.name + ".csv")) as handle:
+            rows = [(r[0], r[1], float(r[2]), float(r[3]), float(r[4]), float(r[5])) for r in list(csv.reader(handle))[1:]]
+        plot(rows, os.path.join(out_dir, args.name + ".png"), title)
+        return 0
     torch.set_num_threads(1)
     threadpool_limits(1)
     data = ScatteredSticks(length=args.images, image_size=args.image_size, num_sticks=tuple(args.sticks),
@@ -313,7 +323,6 @@ def main(argv=None) -> int:
         rows += run_source(f"network {name}", embeddings, seediness, batch, args, sklearn_cluster)
     summary = summarise(rows) if args.checkpoints else []
 
-    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, args.name + ".csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -352,8 +361,7 @@ def main(argv=None) -> int:
                      f"warm-up; whole batch: median of {args.repeats} calls on all images, divided by their number\n")
         handle.write(f"- command: `python benchmarks/cluster_hard.py {' '.join(argv or sys.argv[1:])}`\n\n")
         handle.write(table + "\n\n" + verdict + f"\n\n![SBD against time]({args.name}.png)\n")
-    plot(rows, os.path.join(out_dir, args.name + ".png"),
-         f"clustering {args.image_size}x{args.image_size} sticks, {args.sticks[0]}-{args.sticks[1]} per image")
+    plot(rows + summary, os.path.join(out_dir, args.name + ".png"), title)
     print(f"wrote {out_dir}/{args.name}.md, .csv and .png")
     return 0
 
