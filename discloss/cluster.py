@@ -7,6 +7,12 @@ its whole instance and nothing else, so clustering reduces to: find a centre,
 take the pixels near it, repeat (De Brabandere et al. 2017, section 3.3).
 Mean shift moves each seed to its cluster's centre first, which makes the
 thresholding robust to pixels that the network has not pulled all the way in.
+
+Where the seeds come from matters when some pixels sit far from their
+instance (stray pixels, crossings): a seed there can find a spurious mode.
+Fathi et al. (2017, "Semantic instance segmentation via deep metric
+learning") train a seediness head that scores how good a seed each pixel is;
+``seed_scores`` takes such a score map and seeds in descending score.
 """
 
 from __future__ import annotations
@@ -20,6 +26,17 @@ __all__ = ["cluster_embeddings"]
 # Points processed at once in the final nearest-centre assignment, which
 # needs a (points, centres, E) difference tensor.
 _ASSIGN_CHUNK = 1 << 16
+
+
+def _check_seed_scores(seed_scores, foreground):
+    if not isinstance(seed_scores, torch.Tensor) or not seed_scores.is_floating_point():
+        raise TypeError("seed_scores: expected a floating point torch.Tensor of shape (B, *spatial) or None")
+    if seed_scores.shape != foreground.shape:
+        raise ValueError(f"seed_scores: expected shape {tuple(foreground.shape)} (that of foreground), "
+                         f"got {tuple(seed_scores.shape)}")
+    if seed_scores.device != foreground.device:
+        raise ValueError(f"seed_scores: expected device {foreground.device} (that of embeddings), "
+                         f"got {seed_scores.device}")
 
 
 def _check_inputs(embeddings, foreground, delta_v, delta_d, min_size, bandwidth, threshold,
@@ -85,6 +102,27 @@ def _seed_priority(pixel: torch.Tensor, seed: int) -> torch.Tensor:
     return ((pixel & 0xFFFFFFFF) * 0x5BD1E995 & 0xFFFFFFFF) ^ mask
 
 
+def _pick_seeds(open_priority, open_score, image, batch):
+    """Per image, the open point of highest score, ties broken by highest priority.
+
+    ``open_priority`` (M,) int64 is -1 at closed points, distinct >= 0
+    elsewhere; ``open_score`` (M,) is -inf at closed points (None: priority
+    alone). Returns (best priority (B,), -1 where an image has no open
+    point; is_best (M,) bool). Two segmented maxima, so no host
+    synchronisation: first the best score per image, then the best priority
+    among the points that reach it.
+    """
+    if open_score is not None:
+        best_score = torch.full((batch,), -torch.inf, dtype=open_score.dtype, device=open_score.device)
+        best_score = best_score.scatter_reduce(0, image, open_score, reduce="amax")
+        contender = open_score == _per_point(best_score, image)
+        open_priority = torch.where(contender, open_priority, torch.full_like(open_priority, -1))
+    best = torch.full((batch,), -1, dtype=torch.long, device=open_priority.device)
+    best = best.scatter_reduce(0, image, open_priority, reduce="amax")
+    is_best = (open_priority == _per_point(best, image)) & (open_priority >= 0)
+    return best, is_best
+
+
 def _mean_shift(points, image, points_per_image, centres, bandwidth_sq, steps, stop_when_converged):
     """Flat-kernel mean shift of one centre per image over all its points.
 
@@ -134,6 +172,8 @@ def cluster_embeddings(
     mean_shift_steps: int = 10,
     max_iterations: int = 64,
     seed: int = 0,
+    seed_scores: Optional[torch.Tensor] = None,
+    min_seed_score: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cluster pixel embeddings into instances, batched, on any device.
 
@@ -141,9 +181,11 @@ def cluster_embeddings(
     Only foreground pixels take part. Each iteration, in every image that
     still has unvisited foreground pixels:
 
-    1. seed: pick an unvisited pixel (in a random order of the pixel
-       positions fixed by ``seed``, so an image's result does not depend on
-       the rest of the batch);
+    1. seed: pick an unvisited pixel: the one of highest ``seed_scores``
+       when given (e.g. a seediness head's output), ties broken as without
+       it; without scores, in a random order of the pixel positions fixed by
+       ``seed``, so an image's result does not depend on the rest of the
+       batch;
     2. mean shift: move the seed's embedding to the mean of the image's
        foreground embeddings within ``bandwidth`` of it, ``mean_shift_steps``
        times (flat kernel; all foreground pixels count, visited or not, so
@@ -193,7 +235,19 @@ def cluster_embeddings(
             the search stops early once no centre moves; on CUDA all are run,
             so that no convergence test needs a synchronisation.
         max_iterations: the most seeds per image, hence the most instances.
-        seed: seeds the order in which pixels are picked as seeds.
+        seed: seeds the order in which pixels are picked as seeds (among
+            pixels of equal ``seed_scores`` when those are given).
+        seed_scores: None, or (B, *spatial) float on the device of
+            ``embeddings``: how good a seed each pixel is (higher is
+            better), e.g. a seediness head's probability (Fathi et al.
+            2017). Seeds are then the unvisited foreground pixels in
+            descending score. NaN counts as the lowest score (-inf). Only
+            the order of the scores matters, and only at foreground pixels.
+        min_seed_score: with ``seed_scores``, pixels scoring below this never
+            seed an instance (as SpatialEmbeddings-style methods stop at a
+            seed-map threshold): an image stops when no unvisited pixel
+            reaches it, and the rest join the nearest kept instance. Stray
+            pixels then cannot start spurious instances. None: no threshold.
 
     Returns:
         labels: (B, *spatial) int64, 0 for background, 1..L_b for the
@@ -210,6 +264,13 @@ def cluster_embeddings(
         threshold = 2.0 * delta_v
     _check_inputs(embeddings, foreground, delta_v, delta_d, min_size, bandwidth, threshold,
                   mean_shift_steps, max_iterations)
+    if seed_scores is not None:
+        _check_seed_scores(seed_scores, foreground)
+    if min_seed_score is not None:
+        if seed_scores is None:
+            raise ValueError("min_seed_score: needs seed_scores")
+        if not isinstance(min_seed_score, (int, float)) or min_seed_score != min_seed_score:
+            raise ValueError(f"min_seed_score: expected a number or None, got {min_seed_score!r}")
     batch, dim = embeddings.shape[:2]
     spatial = tuple(embeddings.shape[2:])
     device = embeddings.device
@@ -224,6 +285,14 @@ def cluster_embeddings(
         return labels_flat.reshape((batch,) + spatial), torch.zeros(batch, 0, device=device)
 
     priority = _seed_priority(pixel, seed)
+    score = None
+    if seed_scores is not None:
+        # Compared as given (no rounding to float32 that could make ties).
+        score = seed_scores.detach().reshape(batch, -1)[image, pixel]
+        score = torch.nan_to_num(score, nan=-torch.inf)
+        if min_seed_score is not None:
+            # Below the threshold a pixel is never open: -inf, like a visited one.
+            priority = torch.where(score >= min_seed_score, priority, torch.full_like(priority, -1))
     bandwidth_sq = float(bandwidth) ** 2
     threshold_sq = float(threshold) ** 2
     merge_sq = float(delta_d) ** 2
@@ -239,15 +308,16 @@ def cluster_embeddings(
     min_seeds = max(min_size, 1)
 
     for iteration in range(max_iterations):
-        # 1. The unvisited point of highest priority in each image that still
-        # has enough unvisited points to make an instance of min_size.
+        # 1. The unvisited point of highest score (then priority) in each
+        # image that still has enough unvisited points to make an instance
+        # of min_size.
         unvisited_count = _per_image_sum((~visited).to(points.dtype), points_per_image)
         open_priority = torch.where(visited, torch.full_like(priority, -1), priority)
-        best = torch.full((batch,), -1, dtype=torch.long, device=device)
-        best = best.scatter_reduce(0, image, open_priority, reduce="amax")
+        open_score = None if score is None else torch.where(visited, torch.full_like(score, -torch.inf), score)
+        best, is_best = _pick_seeds(open_priority, open_score, image, batch)
         has_seed = (best >= 0) & (unvisited_count >= min_seeds)
         point_has_seed = _per_point(has_seed, image)
-        is_seed = (open_priority == _per_point(best, image)) & ~visited & point_has_seed
+        is_seed = is_best & point_has_seed
         seeds = _per_image_sum(points * is_seed.unsqueeze(1).to(points.dtype), points_per_image)
 
         # 2. Mean shift to the mode.

@@ -10,7 +10,7 @@ the same whatever order or process asks for it, and no file is ever read.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -39,13 +39,15 @@ class StickSample(NamedTuple):
 class ScatteredSticks(Dataset):
     """A torch Dataset of synthetic images of scattered, overlapping sticks.
 
-    Each sample has ``num_sticks`` rectangles of width ``stick_width`` and a
-    length drawn uniformly from ``stick_length``, at uniformly random angles,
-    centred uniformly in the image (a stick may run off the border). Sticks
-    drawn later occlude earlier ones. A sample in which any stick keeps fewer
-    than ``min_visible_pixels`` visible pixels is redrawn (from the same
-    generator, so still deterministic), hence every sample has exactly
-    ``num_sticks`` instances, labelled 1..num_sticks.
+    Each sample has ``num_sticks`` rectangles (or a number drawn uniformly
+    from ``low..high`` per sample when ``num_sticks`` is a pair) of width
+    ``stick_width`` and a length drawn uniformly from ``stick_length``, at
+    uniformly random angles, centred uniformly in the image (a stick may run
+    off the border). Sticks drawn later occlude earlier ones. A sample in
+    which any stick keeps fewer than ``min_visible_pixels`` visible pixels is
+    redrawn (from the same generator, so still deterministic; the number of
+    sticks is kept), hence every sample with n sticks has exactly n
+    instances, labelled 1..n.
 
     Each stick has its own random colour on a dark background, with Gaussian
     pixel noise of standard deviation ``noise``; colours of two sticks may be
@@ -54,7 +56,9 @@ class ScatteredSticks(Dataset):
     Args:
         length: the number of samples (indices 0..length-1).
         image_size: height and width in pixels.
-        num_sticks: sticks per image.
+        num_sticks: sticks per image: an int, or (low, high) for a number
+            drawn uniformly from low..high (both included) per sample. The
+            attribute ``max_sticks`` is the most sticks a sample can have.
         stick_width: in pixels. None: 15 px scaled by image_size / 256.
         stick_length: (low, high) in pixels. None: (80, 100) px scaled by
             image_size / 256.
@@ -70,7 +74,7 @@ class ScatteredSticks(Dataset):
         self,
         length: int = 1000,
         image_size: int = 256,
-        num_sticks: int = 8,
+        num_sticks: Union[int, Tuple[int, int]] = 8,
         stick_width: Optional[float] = None,
         stick_length: Optional[Tuple[float, float]] = None,
         min_visible_pixels: Optional[int] = None,
@@ -81,8 +85,15 @@ class ScatteredSticks(Dataset):
             raise ValueError(f"length: expected an int >= 0, got {length!r}")
         if not isinstance(image_size, int) or image_size < 8:
             raise ValueError(f"image_size: expected an int >= 8, got {image_size!r}")
-        if not isinstance(num_sticks, int) or num_sticks < 0:
-            raise ValueError(f"num_sticks: expected an int >= 0, got {num_sticks!r}")
+        if isinstance(num_sticks, int):
+            sticks_range = (num_sticks, num_sticks)
+        elif (isinstance(num_sticks, (tuple, list)) and len(num_sticks) == 2
+              and all(isinstance(n, int) for n in num_sticks)):
+            sticks_range = (int(num_sticks[0]), int(num_sticks[1]))
+        else:
+            raise ValueError(f"num_sticks: expected an int or a pair (low, high) of ints, got {num_sticks!r}")
+        if not 0 <= sticks_range[0] <= sticks_range[1]:
+            raise ValueError(f"num_sticks: expected >= 0 (and low <= high for a pair), got {num_sticks!r}")
         scale = image_size / _REFERENCE_SIZE
         if stick_width is None:
             stick_width = _REFERENCE_WIDTH * scale
@@ -107,7 +118,10 @@ class ScatteredSticks(Dataset):
             raise ValueError(f"noise: expected >= 0, got {noise!r}")
         self.length = length
         self.image_size = image_size
-        self.num_sticks = num_sticks
+        # An int stays an int (as given); a pair is kept as a tuple.
+        self.num_sticks = num_sticks if isinstance(num_sticks, int) else sticks_range
+        self.sticks_range = sticks_range
+        self.max_sticks = sticks_range[1]
         self.stick_width = float(stick_width)
         self.stick_length = (float(stick_length[0]), float(stick_length[1]))
         self.min_visible_pixels = int(min_visible_pixels)
@@ -119,13 +133,13 @@ class ScatteredSticks(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def _draw_labels(self, rng: np.random.Generator) -> np.ndarray:
+    def _draw_labels(self, rng: np.random.Generator, count: int) -> np.ndarray:
         size = self.image_size
         labels = np.zeros((size, size), dtype=np.int64)
-        angles = rng.uniform(0.0, math.pi, self.num_sticks)
-        lengths = rng.uniform(self.stick_length[0], self.stick_length[1], self.num_sticks)
-        centres = rng.uniform(0.0, size, (self.num_sticks, 2))
-        for k in range(self.num_sticks):
+        angles = rng.uniform(0.0, math.pi, count)
+        lengths = rng.uniform(self.stick_length[0], self.stick_length[1], count)
+        centres = rng.uniform(0.0, size, (count, 2))
+        for k in range(count):
             # Coordinates of every pixel centre along and across the stick.
             dr = self._rows - centres[k, 0]
             dc = self._cols - centres[k, 1]
@@ -140,16 +154,20 @@ class ScatteredSticks(Dataset):
             raise IndexError(f"index: {index} out of range for a data set of {self.length} samples")
         index %= self.length
         rng = np.random.default_rng([self.seed, index])
+        low, high = self.sticks_range
+        # A fixed count draws nothing here, so samples of the int form are
+        # those of earlier versions.
+        count = low if low == high else int(rng.integers(low, high + 1))
         while True:
-            labels = self._draw_labels(rng)
-            visible = np.bincount(labels.ravel(), minlength=self.num_sticks + 1)[1:]
-            if self.num_sticks == 0 or visible.min() >= self.min_visible_pixels:
+            labels = self._draw_labels(rng, count)
+            visible = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+            if count == 0 or visible.min() >= self.min_visible_pixels:
                 break
         size = self.image_size
         background = rng.uniform(0.0, 0.2, 3)
         # Bright colours (one channel near 1) so that sticks stand out from
         # the dark background; hue is free.
-        colours = rng.uniform(0.0, 1.0, (self.num_sticks, 3))
+        colours = rng.uniform(0.0, 1.0, (count, 3))
         colours = 0.3 + 0.7 * colours / colours.max(axis=1, keepdims=True)
         palette = np.concatenate([background[None], colours], axis=0)
         image = palette[labels] + rng.normal(0.0, self.noise, (size, size, 3))

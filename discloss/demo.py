@@ -3,27 +3,40 @@
     python -m discloss.demo            # the defaults: at most about 8 minutes on 2 CPU cores
     python -m discloss.demo --help
 
-The network has two heads on a shared U-Net: a foreground logit (trained
-with binary cross-entropy + Dice) and a per-pixel embedding (trained with the
-discriminative loss). At test time the foreground mask selects the pixels
-that ``cluster_embeddings`` groups into instances, and the result is scored
-with Symmetric Best Dice (SBD) and |DiC| on 50 held-out images.
+The network has three heads on a shared U-Net: a foreground logit (trained
+with binary cross-entropy + Dice), a per-pixel embedding (trained with the
+discriminative loss) and a seediness logit (Fathi et al. 2017, "Semantic
+instance segmentation via deep metric learning": how good a seed for the
+clustering each pixel is; see ``seediness_loss``). At test time the
+foreground mask selects the pixels that ``cluster_embeddings`` groups into
+instances, and the result is scored with Symmetric Best Dice (SBD) and
+|DiC| on 50 held-out images, once per seed mode: hashed (the clustering's
+own pixel order), seediness-order (seeds in descending seediness) and
+seediness (the same, among pixels of seediness >= ``--min-seed-score``
+only).
 
 To fit the CPU budget the defaults train and evaluate at 128 x 128 pixels:
 ``ScatteredSticks(image_size=128)``, the 256 x 256 sticks geometry scaled by
 1/2 (sticks 7.5 px wide, 40-50 px long). Pass ``--image-size 256`` for the
-full size (on a GPU). Training runs 600 steps of 8 images, or stops after
-``--time-limit`` (420 s) with the learning rate annealed on the clock, so a
-slow or busy machine still finishes in time. Measured in four runs on 2
-shared AMD EPYC cores busy with other work (load average 2-5): 533-600
-steps, mean SBD 0.935-0.948, mean |DiC| 0.38-0.54, 6-8 minutes wall time in
-all.
+full size (on a GPU), ``--sticks 16-24`` for the hard set. Training runs 600
+steps of 8 images, or stops after ``--time-limit`` (420 s) with the learning
+rate annealed on the clock, so a slow or busy machine still finishes in
+time. Measured with the defaults in three runs (network seeds 0, 1, 2) on 2
+AMD EPYC cores shared with other work (load average 2-6): 371-544 steps in
+the 420 s, about 7.5 minutes in all; mean SBD over the 50 held-out images
+0.926 / 0.922 / 0.938 with hashed seeds and 0.930 / 0.918 / 0.941 with
+seediness (mean 0.929 and 0.930), |DiC| 0.49 and 0.48 on average: on this
+easy set seediness changes little, because seeds are not what limits it
+(clustering these networks' embeddings of the ground-truth foreground,
+learned seediness gains 0.004 SBD and seeds chosen from the ground truth
+only 0.016; benchmarks/results/cpu/cluster_demo_set.md).
 
-Outputs go to ``--out`` (default runs/demo): checkpoint.pt and panel.png
-(per row: image, ground truth, predicted instances coloured after the
-ground-truth instance they overlap most, and the embeddings projected to 2D
-by PCA, coloured by ground truth, with a circle of radius delta_v around
-each instance's mean).
+Outputs go to ``--out`` (default runs/demo): checkpoint.pt and panel.png,
+drawn with matplotlib: per row, the image, the ground truth, the instances
+found with hashed and with seediness seeds (coloured after the ground-truth
+instance they overlap most, with the image's SBD and DiC), the seediness
+map, and the embeddings projected to 2D by PCA, coloured by ground truth,
+with a circle of radius delta_v around each instance's mean.
 """
 
 from __future__ import annotations
@@ -32,11 +45,9 @@ import argparse
 import math
 import os
 import statistics
-import struct
 import sys
 import time
-import zlib
-from typing import List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -48,7 +59,8 @@ from .cluster import cluster_embeddings
 from .data import ScatteredSticks
 from .loss import discriminative_loss
 
-__all__ = ["StickNet", "ThreadChooser", "main", "parse_args", "train", "evaluate"]
+__all__ = ["StickNet", "ThreadChooser", "Prediction", "SEED_MODES", "evaluate", "main", "make_dataset", "parse_args",
+           "predict", "save_panel", "seediness_loss", "seediness_target", "train"]
 
 # Training and held-out samples come from data sets with different seeds.
 _TRAIN_SEED = 0
@@ -71,12 +83,13 @@ class _ConvBlock(nn.Sequential):
 
 
 class StickNet(nn.Module):
-    """A small U-Net with a foreground head and an embedding head.
+    """A small U-Net with a foreground head, an embedding head and a seediness head.
 
     Input: (B, 3, H, W) images, H and W divisible by 2**(len(widths) - 1).
     Two pixel-coordinate channels are appended inside, so that the embedding
     can depend on where a pixel is (two sticks of the same colour differ only
-    by position). Returns (foreground logits (B, H, W), embeddings (B, E, H, W)).
+    by position). Returns (foreground logits (B, H, W), embeddings
+    (B, E, H, W), seediness logits (B, H, W)); see ``seediness_loss``.
     """
 
     def __init__(self, embedding_dim: int = 8, widths: Sequence[int] = (16, 32, 64, 128)) -> None:
@@ -96,6 +109,17 @@ class StickNet(nn.Module):
             in_channels = width
         self.foreground_head = nn.Conv2d(in_channels, 1, 1)
         self.embedding_head = nn.Conv2d(in_channels, embedding_dim, 1)
+        # Seediness is about how far a pixel's embedding (linear in the
+        # features) lies from its instance's mean: not a linear function of
+        # the features, so this head has a hidden layer, and a 3x3 context
+        # to see crossings and edges (Fathi et al. also give it its own
+        # convolutions).
+        self.seediness_head = nn.Sequential(
+            nn.Conv2d(in_channels, in_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(in_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, 1, 1),
+        )
 
     def forward(self, images: torch.Tensor):
         batch, _, height, width = images.shape
@@ -114,7 +138,7 @@ class StickNet(nn.Module):
             skips.append(x)
         for upsample, decoder, skip in zip(self.upsamplers, self.decoders, reversed(skips[:-1])):
             x = decoder(torch.cat([upsample(x), skip], dim=1))
-        return self.foreground_head(x).squeeze(1), self.embedding_head(x)
+        return self.foreground_head(x).squeeze(1), self.embedding_head(x), self.seediness_head(x).squeeze(1)
 
 
 # ----------------------------------------------------------------------------- training
@@ -125,6 +149,47 @@ def _dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     intersection = (probability * target).sum(dim=1)
     # The +1 keeps images without foreground finite.
     return (1.0 - (2.0 * intersection + 1.0) / (probability.sum(dim=1) + target.sum(dim=1) + 1.0)).mean()
+
+
+def seediness_target(embeddings: torch.Tensor, labels: torch.Tensor, delta_v: float) -> torch.Tensor:
+    """How good a seed each pixel is: exp(-||x_i - mu_c||^2 / (2 delta_v^2)), in (0, 1].
+
+    embeddings (B, E, H, W), labels (B, H, W) with 0 for background; mu_c is
+    the mean embedding of pixel i's instance c in its image. 1 at the mean,
+    0.61 at delta_v (the pull margin: a pixel trained to zero loss scores at
+    least that) and 0.14 at 2*delta_v, where the clustering's window ends.
+    Computed without gradient (x_i and mu_c detached): the head learns to
+    predict where the embedding head puts a pixel, and does not pull the
+    embeddings towards easy targets. Background pixels get 0.
+    """
+    with torch.no_grad():
+        batch, dim = embeddings.shape[:2]
+        x = embeddings.detach().float().reshape(batch, dim, -1).transpose(1, 2)  # (B, N, E)
+        ids = labels.reshape(batch, -1).long()
+        slots = int(ids.max()) + 1 if ids.numel() else 1
+        segment = (torch.arange(batch, device=ids.device).unsqueeze(1) * slots + ids).reshape(-1)
+        sums = x.new_zeros(batch * slots, dim).index_add_(0, segment, x.reshape(-1, dim))
+        counts = x.new_zeros(batch * slots).index_add_(0, segment, x.new_ones(segment.numel()))
+        means = sums / counts.clamp(min=1.0).unsqueeze(1)
+        distance_sq = ((x.reshape(-1, dim) - means[segment]) ** 2).sum(dim=1)
+        target = torch.exp(-distance_sq / (2.0 * delta_v * delta_v)) * (ids.reshape(-1) > 0)
+        return target.reshape(labels.shape)
+
+
+def seediness_loss(seediness_logits: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor,
+                   delta_v: float) -> torch.Tensor:
+    """Binary cross-entropy of the seediness head against ``seediness_target``, on foreground pixels.
+
+    Cross-entropy against the soft target (rather than the squared error of
+    the probability) because its gradient in the logit, p - t, does not
+    vanish where the sigmoid saturates. Background pixels are left out: the
+    clustering seeds only among foreground pixels, which the foreground head
+    selects.
+    """
+    target = seediness_target(embeddings, labels, delta_v)
+    foreground = (labels > 0).float()
+    per_pixel = F.binary_cross_entropy_with_logits(seediness_logits, target, reduction="none")
+    return (per_pixel * foreground).sum() / foreground.sum().clamp(min=1.0)
 
 
 def _learning_rate(progress: float, peak: float, warmup: float) -> float:
@@ -218,7 +283,7 @@ def _train_steps(model, dataset, args, device, log, thread_chooser) -> int:
     model.train()
     start = time.perf_counter()
     last_report = start
-    totals = np.zeros(4)
+    totals = np.zeros(5)
     reported_steps = 0
     time_limit = args.time_limit if args.time_limit > 0 else math.inf
     for step in range(args.steps):
@@ -236,18 +301,19 @@ def _train_steps(model, dataset, args, device, log, thread_chooser) -> int:
         images = batch.image.to(device)
         foreground = batch.foreground.to(device)
         labels = batch.labels.to(device)
-        logits, embeddings = model(images)
+        logits, embeddings, seediness_logits = model(images)
         target = foreground.float()
         foreground_loss = F.binary_cross_entropy_with_logits(logits, target) + _dice_loss(logits, target)
         var, dist, reg = discriminative_loss(
-            embeddings, labels, args.delta_v, args.delta_d, max_instances=dataset.num_sticks + 1
+            embeddings, labels, args.delta_v, args.delta_d, max_instances=dataset.max_sticks + 1
         )
-        loss = foreground_loss + var + dist + reg
+        seed_loss = seediness_loss(seediness_logits, embeddings, labels, args.delta_v)
+        loss = foreground_loss + var + dist + reg + seed_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-        totals += [foreground_loss.item(), var.item(), dist.item(), reg.item()]
+        totals += [foreground_loss.item(), var.item(), dist.item(), reg.item(), seed_loss.item()]
         reported_steps += 1
         now = time.perf_counter()
         if thread_chooser is not None:
@@ -257,105 +323,68 @@ def _train_steps(model, dataset, args, device, log, thread_chooser) -> int:
             eta = min(elapsed / (step + 1) * (args.steps - step - 1), max(time_limit - elapsed, 0.0))
             mean = totals / reported_steps
             log(f"step {step + 1:5d}/{args.steps}  foreground {mean[0]:.3f}  var {mean[1]:.3f}  "
-                f"dist {mean[2]:.3f}  reg {mean[3]:.3f}  [{elapsed:5.0f} s elapsed, ~{eta:.0f} s left]")
+                f"dist {mean[2]:.3f}  reg {mean[3]:.3f}  seediness {mean[4]:.3f}  [{elapsed:5.0f} s elapsed, ~{eta:.0f} s left]")
             totals[:] = 0
             reported_steps = 0
             last_report = now
     return args.steps
 
 
+# How cluster_embeddings picks its seeds: in its hashed pixel order; in
+# descending seediness (the head's probability); or in descending seediness
+# among the pixels whose seediness reaches --min-seed-score only.
+SEED_MODES = ("hashed", "seediness-order", "seediness")
+_PANEL_MODES = ("hashed", "seediness")
+
+
+def _seed_options(mode: str, seediness: torch.Tensor, args) -> dict:
+    if mode == "hashed":
+        return {}
+    if mode == "seediness-order":
+        return {"seed_scores": seediness}
+    if mode == "seediness":
+        return {"seed_scores": seediness, "min_seed_score": args.min_seed_score}
+    raise ValueError(f"seed mode: expected one of {SEED_MODES}, got {mode!r}")
+
+
+class Prediction(NamedTuple):
+    foreground: torch.Tensor  # (B, H, W) bool
+    seediness: torch.Tensor  # (B, H, W) probability
+    embeddings: torch.Tensor  # (B, E, H, W)
+    labels: Dict[str, torch.Tensor]  # per seed mode: (B, H, W) int64 instances
+
+
 @torch.no_grad()
-def predict(model: StickNet, images: torch.Tensor, args):
-    """Foreground mask, instance labels, instance scores and embeddings for (B, 3, H, W) images."""
+def predict(model: StickNet, images: torch.Tensor, args, seed_modes: Sequence[str] = SEED_MODES) -> Prediction:
+    """Foreground, seediness, embeddings and instances (clustered per seed mode) for (B, 3, H, W) images."""
     model.eval()
-    logits, embeddings = model(images)
+    logits, embeddings, seediness_logits = model(images)
     foreground = logits > 0.0
-    labels, scores = cluster_embeddings(embeddings, foreground, delta_v=args.delta_v, delta_d=args.delta_d,
-                                        min_size=args.min_size)
-    return foreground, labels, scores, embeddings
+    seediness = torch.sigmoid(seediness_logits)
+    labels = {}
+    for mode in seed_modes:
+        labels[mode], _ = cluster_embeddings(embeddings, foreground, delta_v=args.delta_v, delta_d=args.delta_d,
+                                             min_size=args.min_size, **_seed_options(mode, seediness, args))
+    return Prediction(foreground, seediness, embeddings, labels)
 
 
 @torch.no_grad()
-def evaluate(model: StickNet, dataset: ScatteredSticks, args, device: torch.device):
-    """SBD and |DiC| of every image of the data set: two (N,) tensors."""
-    sbd, abs_dic = [], []
+def evaluate(model: StickNet, dataset: ScatteredSticks, args, device: torch.device,
+             seed_modes: Sequence[str] = SEED_MODES) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """Per seed mode, SBD and |DiC| of every image of the data set: two (N,) tensors."""
+    sbd = {mode: [] for mode in seed_modes}
+    abs_dic = {mode: [] for mode in seed_modes}
     for first in range(0, len(dataset), args.batch_size):
         batch = dataset.batch(range(first, min(first + args.batch_size, len(dataset))))
-        foreground, labels, _, embeddings = predict(model, batch.image.to(device), args)
-        labels = labels.cpu()
-        sbd.append(metrics.symmetric_best_dice(labels, batch.labels))
-        abs_dic.append(metrics.absolute_difference_in_count(labels, batch.labels))
-    return torch.cat(sbd), torch.cat(abs_dic)
+        prediction = predict(model, batch.image.to(device), args, seed_modes)
+        for mode in seed_modes:
+            labels = prediction.labels[mode].cpu()
+            sbd[mode].append(metrics.symmetric_best_dice(labels, batch.labels))
+            abs_dic[mode].append(metrics.absolute_difference_in_count(labels, batch.labels))
+    return {mode: (torch.cat(sbd[mode]), torch.cat(abs_dic[mode])) for mode in seed_modes}
 
 
-# ----------------------------------------------------------------------------- the PNG panel
-
-def _palette(count: int) -> np.ndarray:
-    """Distinct colours for labels 0..count-1 (0 is black), as uint8 (count, 3)."""
-    colours = np.zeros((max(count, 1), 3), dtype=np.float64)
-    golden = 0.618033988749895
-    for label in range(1, count):
-        hue = (label * golden) % 1.0
-        # HSV -> RGB at full saturation and value.
-        h6 = hue * 6.0
-        x = 1.0 - abs(h6 % 2.0 - 1.0)
-        sector = int(h6) % 6
-        rgb = [(1, x, 0), (x, 1, 0), (0, 1, x), (0, x, 1), (x, 0, 1), (1, 0, x)][sector]
-        colours[label] = rgb
-    return (colours * 255).astype(np.uint8)
-
-
-def _colour_labels(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    return palette[np.clip(labels, 0, len(palette) - 1)]
-
-
-def _embedding_scatter(embeddings: np.ndarray, labels: np.ndarray, size: int, delta_v: float,
-                       palette: np.ndarray) -> np.ndarray:
-    """Foreground pixels' embeddings (E, H, W) projected to their first 2 principal axes, as an image."""
-    canvas = np.full((size, size, 3), 255, dtype=np.uint8)
-    mask = labels > 0
-    if mask.sum() < 3:
-        return canvas
-    points = embeddings[:, mask].T.astype(np.float64)  # (n, E)
-    point_labels = labels[mask]
-    centre = points.mean(axis=0)
-    _, _, axes = np.linalg.svd(points - centre, full_matrices=False)
-    projected = (points - centre) @ axes[:2].T  # (n, 2); a projection only shortens distances
-    extent = max(np.abs(projected).max(), 1e-6) * 1.1
-    scale = (size / 2 - 1) / extent
-
-    def to_pixel(xy):
-        return np.clip(np.round(size / 2 + xy * scale).astype(int), 0, size - 1)
-
-    pixels = to_pixel(projected)
-    colours = palette[np.clip(point_labels, 0, len(palette) - 1)]
-    dot = max(1, size // 128)  # dots of 2x2 pixels on a 256 px tile
-    for dr in range(dot):
-        for dc in range(dot):
-            canvas[np.minimum(pixels[:, 1] + dr, size - 1), np.minimum(pixels[:, 0] + dc, size - 1)] = colours
-    angles = np.linspace(0, 2 * np.pi, 90)
-    circle = np.stack([np.cos(angles), np.sin(angles)], axis=1) * delta_v
-    for label in np.unique(point_labels):
-        mean = projected[point_labels == label].mean(axis=0)
-        ring = to_pixel(mean + circle)
-        canvas[ring[:, 1], ring[:, 0]] = 0
-    return canvas
-
-
-def write_png(path: str, image: np.ndarray) -> None:
-    """Write an (H, W, 3) uint8 array as an 8-bit RGB PNG (standard library only)."""
-    image = np.ascontiguousarray(image, dtype=np.uint8)
-    height, width, _ = image.shape
-    rows = np.concatenate([np.zeros((height, 1), dtype=np.uint8), image.reshape(height, -1)], axis=1)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    with open(path, "wb") as handle:
-        handle.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
-                     + chunk(b"IEND", b""))
-
+# ----------------------------------------------------------------------------- the panel
 
 def _match_to_truth(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Renumber predicted instances after the ground-truth instance each overlaps most.
@@ -383,43 +412,115 @@ def _match_to_truth(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return mapping[predicted]
 
 
-def save_panel(path: str, batch, predicted: torch.Tensor, embeddings: torch.Tensor, delta_v: float,
-               tile_size: int = 256) -> None:
-    """One row per image of ``batch``: image | ground truth | predicted instances | embeddings in 2D.
+def _label_colours(count: int) -> np.ndarray:
+    """(count, 3) RGB in [0, 1]: black for 0, then well-separated hues (golden-ratio steps)."""
+    import matplotlib.colors
 
-    Images are enlarged (nearest neighbour) by an integer factor to about
-    ``tile_size`` pixels; predicted instances take the colour of the
-    ground-truth instance they overlap most.
+    hues = (np.arange(count) * 0.618033988749895) % 1.0
+    colours = matplotlib.colors.hsv_to_rgb(np.stack([hues, np.ones(count), np.ones(count)], axis=1))
+    colours[0] = 0.0
+    return colours
+
+
+def _draw_embeddings(axes, embeddings: np.ndarray, truth: np.ndarray, delta_v: float, colours: np.ndarray) -> None:
+    """Foreground pixels' embeddings (E, H, W) on their first two principal axes, coloured by ground truth.
+
+    The projection is orthonormal, so distances can only shrink and a
+    circle of radius delta_v around each instance's projected mean has the
+    true scale of the pull margin.
     """
+    from matplotlib.patches import Circle
+
+    mask = truth > 0
+    axes.set_aspect("equal")
+    axes.set_xticks([])
+    axes.set_yticks([])
+    if mask.sum() < 3:
+        return
+    points = embeddings[:, mask].T.astype(np.float64)
+    point_labels = truth[mask]
+    centred = points - points.mean(axis=0)
+    _, _, principal = np.linalg.svd(centred, full_matrices=False)
+    projected = centred @ principal[:2].T
+    axes.scatter(projected[:, 0], projected[:, 1], s=1, c=colours[point_labels], linewidths=0, rasterized=True)
+    for label in np.unique(point_labels):
+        mean = projected[point_labels == label].mean(axis=0)
+        axes.add_patch(Circle(tuple(mean), delta_v, fill=False, edgecolor="black", linewidth=0.8))
+    axes.autoscale_view()
+
+
+def save_panel(path: str, batch, prediction: Prediction, delta_v: float, seed_modes: Sequence[str] = _PANEL_MODES,
+               tile_inches: float = 2.4) -> None:
+    """One row per image of ``batch``, one titled column per view, drawn with matplotlib.
+
+    Columns: image | ground truth | instances found per seed mode (coloured
+    after the ground-truth instance each overlaps most, with the image's
+    SBD and DiC) | seediness | embeddings in 2D with circles of radius
+    delta_v around the instance means.
+    """
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     rows = batch.image.shape[0]
-    size = batch.image.shape[-1]
-    zoom = max(1, tile_size // size)
-    tile = size * zoom
-    matched = [_match_to_truth(predicted[row].numpy(), batch.labels[row].numpy()) for row in range(rows)]
-    count = max([int(batch.labels.max())] + [int(m.max()) for m in matched]) + 1
-    palette = _palette(max(count, 2))
-    gap = 4
-    lines = []
-
-    def enlarge(array: np.ndarray) -> np.ndarray:
-        return array.repeat(zoom, axis=0).repeat(zoom, axis=1)
-
+    truth_maps = [batch.labels[row].numpy() for row in range(rows)]
+    predicted = {mode: prediction.labels[mode].cpu() for mode in seed_modes}
+    matched = {mode: [_match_to_truth(predicted[mode][row].numpy(), truth_maps[row]) for row in range(rows)]
+               for mode in seed_modes}
+    count = max([int(batch.labels.max())] + [int(m.max()) for maps in matched.values() for m in maps]) + 1
+    colours = _label_colours(max(count, 2))
+    titles = (["image", "ground truth"] + [f"instances, {mode} seeds" for mode in seed_modes]
+              + ["seediness (foreground)", "embeddings, PCA; circles: delta_v"])
+    figure = Figure(figsize=(tile_inches * len(titles), tile_inches * rows + 0.4), dpi=100)
+    FigureCanvasAgg(figure)
+    grid = figure.subplots(rows, len(titles), squeeze=False)
+    # Seediness only where the network sees foreground (seeds come from there).
+    seediness = np.where(prediction.foreground.cpu().numpy(), prediction.seediness.cpu().numpy(), np.nan)
+    seediness_colours = matplotlib.colormaps["viridis"].with_extremes(bad="black")
+    embeddings = prediction.embeddings.cpu().numpy()
     for row in range(rows):
-        image = (batch.image[row].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        truth = batch.labels[row].numpy()
-        tiles = [
-            enlarge(image),
-            enlarge(_colour_labels(truth, palette)),
-            enlarge(_colour_labels(matched[row], palette)),
-            _embedding_scatter(embeddings[row].numpy(), truth, tile, delta_v, palette),
-        ]
-        spacer = np.full((tile, gap, 3), 255, dtype=np.uint8)
-        line = np.concatenate(sum(([part, spacer] for part in tiles), [])[:-1], axis=1)
-        lines.extend([line, np.full((gap, line.shape[1], 3), 255, dtype=np.uint8)])
-    write_png(path, np.concatenate(lines[:-1], axis=0))
+        cells = iter(grid[row])
+        axes = next(cells)
+        axes.imshow(batch.image[row].permute(1, 2, 0).numpy(), interpolation="nearest")
+        axes = next(cells)
+        axes.imshow(colours[truth_maps[row]], interpolation="nearest")
+        axes.set_xlabel(f"{len(np.unique(truth_maps[row])) - 1} instances", fontsize=8)
+        for mode in seed_modes:
+            axes = next(cells)
+            axes.imshow(colours[matched[mode][row]], interpolation="nearest")
+            pred_row, gt_row = predicted[mode][row:row + 1], batch.labels[row:row + 1]
+            sbd = float(metrics.symmetric_best_dice(pred_row, gt_row)[0])
+            dic = int(metrics.difference_in_count(pred_row, gt_row)[0])
+            axes.set_xlabel(f"SBD {sbd:.3f}, DiC {dic:+d}", fontsize=8)
+        axes = next(cells)
+        # Stretched to the image's own range: a trained head's values span a narrow band.
+        shown = seediness[row][np.isfinite(seediness[row])]
+        low, high = (np.percentile(shown, [2, 98]) if shown.size else (0.0, 1.0))
+        high = max(high, low + 1e-3)
+        axes.imshow(seediness[row], cmap=seediness_colours, vmin=low, vmax=high, interpolation="nearest")
+        axes.set_xlabel(f"{low:.2f} (dark) to {high:.2f} (yellow)", fontsize=8)
+        _draw_embeddings(next(cells), embeddings[row], truth_maps[row], delta_v, colours)
+        for axes in grid[row][:-1]:
+            axes.set_xticks([])
+            axes.set_yticks([])
+    for axes, title in zip(grid[0], titles):
+        axes.set_title(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path)
 
 
 # ----------------------------------------------------------------------------- command line
+
+def _sticks_range(text: str) -> Tuple[int, int]:
+    low, _, high = text.partition("-")
+    try:
+        sticks = (int(low), int(high or low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LOW-HIGH, e.g. 8 or 16-24, got {text!r}") from None
+    if not 1 <= sticks[0] <= sticks[1]:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LOW <= HIGH, got {text!r}")
+    return sticks
+
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -435,12 +536,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=128,
                         help="image height and width; the sticks geometry scales with it (default: %(default)s, "
                              "the 256 x 256 data set at half size)")
+    parser.add_argument("--sticks", type=_sticks_range, default=(8, 8), metavar="N or LOW-HIGH",
+                        help="sticks per image, e.g. 8, or 16-24 for a number drawn per image (default: 8)")
     parser.add_argument("--embedding-dim", type=int, default=8, help="embedding dimension (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of Adam (default: %(default)s)")
     parser.add_argument("--delta-v", type=float, default=0.5, help="pull margin (default: %(default)s)")
     parser.add_argument("--delta-d", type=float, default=1.5, help="push margin (default: %(default)s)")
     parser.add_argument("--min-size", type=int, default=10,
                         help="smallest instance kept by the clustering, in pixels (default: %(default)s)")
+    parser.add_argument("--min-seed-score", type=float, default=0.5,
+                        help="seediness below which a pixel never seeds an instance, in the 'seediness' evaluation "
+                             "(default: %(default)s: a pixel predicted within about 1.2*delta_v of its "
+                             "instance's mean)")
     parser.add_argument("--eval-images", type=int, default=50, help="held-out images scored (default: %(default)s)")
     parser.add_argument("--out", default=os.path.join("runs", "demo"),
                         help="output directory for checkpoint.pt and panel.png (default: %(default)s)")
@@ -463,9 +570,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error(f"--time-limit: expected >= 0 seconds, got {args.time_limit}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads: expected >= 1, got {args.threads}")
+    if not 0.0 <= args.min_seed_score <= 1.0:
+        parser.error(f"--min-seed-score: expected a probability in [0, 1], got {args.min_seed_score}")
     if args.min_size < 0:
         parser.error(f"--min-size: expected >= 0, got {args.min_size}")
     return args
+
+
+def make_dataset(args: argparse.Namespace, length: int, seed: int) -> ScatteredSticks:
+    """The demo's sticks at ``args.image_size`` with ``args.sticks`` sticks per image."""
+    low, high = args.sticks
+    return ScatteredSticks(length=length, image_size=args.image_size, num_sticks=low if low == high else (low, high),
+                           seed=seed)
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -487,15 +603,17 @@ def _run(args: argparse.Namespace) -> dict:
         thread_chooser = ThreadChooser([torch.get_num_threads(), 1], log=lambda line: print(line, flush=True))
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
-    train_set = ScatteredSticks(length=args.steps * args.batch_size, image_size=args.image_size, seed=_TRAIN_SEED)
-    held_out = ScatteredSticks(length=args.eval_images, image_size=args.image_size, seed=_HELD_OUT_SEED)
+    train_set = make_dataset(args, args.steps * args.batch_size, _TRAIN_SEED)
+    held_out = make_dataset(args, args.eval_images, _HELD_OUT_SEED)
     model = StickNet(embedding_dim=args.embedding_dim).to(device)
+    sticks = "-".join(str(n) for n in dict.fromkeys(args.sticks))
     print(f"discloss demo: {args.steps} steps of {args.batch_size} images of {args.image_size}x{args.image_size} px "
-          f"(ScatteredSticks at {args.image_size / 256:g}x the 256 px geometry) on {device}"
+          f"(ScatteredSticks, {sticks} sticks, at {args.image_size / 256:g}x the 256 px geometry) on {device}"
           + (f" ({torch.get_num_threads()} threads" + (" or 1, whichever is faster)" if thread_chooser else ")")
              if device.type == "cpu" else ""), flush=True)
     print(f"model: U-Net widths {model.widths}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"embedding dim {args.embedding_dim}, delta_v {args.delta_v}, delta_d {args.delta_d}", flush=True)
+          f"embedding dim {args.embedding_dim} and a seediness head, delta_v {args.delta_v}, delta_d {args.delta_d}",
+          flush=True)
 
     start = time.perf_counter()
     steps_done = train(model, train_set, args, device, log=lambda line: print(line, flush=True),
@@ -503,26 +621,28 @@ def _run(args: argparse.Namespace) -> dict:
     train_seconds = time.perf_counter() - start
     checkpoint_path = os.path.join(args.out, "checkpoint.pt")
     torch.save({"model": model.state_dict(), "embedding_dim": args.embedding_dim, "widths": model.widths,
-                "args": vars(args)}, checkpoint_path)
+                "args": {**vars(args), "sticks": list(args.sticks)}}, checkpoint_path)
 
     evaluation_start = time.perf_counter()
-    sbd, abs_dic = evaluate(model, held_out, args, device)
+    scores = evaluate(model, held_out, args, device)
     evaluate_seconds = time.perf_counter() - evaluation_start
     panel_path = os.path.join(args.out, "panel.png")
     shown = held_out.batch(range(min(_PANEL_ROWS, len(held_out))))
-    _, predicted, _, embeddings = predict(model, shown.image.to(device), args)
-    save_panel(panel_path, shown, predicted.cpu(), embeddings.cpu(), args.delta_v)
+    save_panel(panel_path, shown, predict(model, shown.image.to(device), args, _PANEL_MODES), args.delta_v)
     result = {
-        "sbd": float(sbd.mean()),
-        "abs_dic": float(abs_dic.float().mean()),
         "steps": steps_done,
         "train_seconds": train_seconds,
         "evaluate_seconds": evaluate_seconds,
         "checkpoint": checkpoint_path,
         "panel": panel_path,
     }
-    print(f"held-out ({len(held_out)} images, {args.image_size}x{args.image_size}): "
-          f"mean SBD {result['sbd']:.3f}, mean |DiC| {result['abs_dic']:.2f}", flush=True)
+    # "sbd" and "abs_dic": hashed seeds, as before seediness existed.
+    for mode, suffix in (("hashed", ""), ("seediness-order", "_seediness_order"), ("seediness", "_seediness")):
+        sbd, abs_dic = scores[mode]
+        result["sbd" + suffix] = float(sbd.mean())
+        result["abs_dic" + suffix] = float(abs_dic.float().mean())
+        print(f"held-out ({len(held_out)} images, {args.image_size}x{args.image_size}), {mode} seeds: "
+              f"mean SBD {result['sbd' + suffix]:.3f}, mean |DiC| {result['abs_dic' + suffix]:.2f}", flush=True)
     print(f"time: training {train_seconds:.0f} s ({steps_done} steps), evaluation {evaluate_seconds:.1f} s; "
           f"saved {checkpoint_path} and {panel_path}", flush=True)
     return result

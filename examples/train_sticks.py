@@ -3,6 +3,7 @@
 The same as ``python -m discloss.demo``; see ``--help`` for the options.
 
     python examples/train_sticks.py --steps 1200 --out runs/demo
+    python examples/train_sticks.py --image-size 256 --sticks 16-24 --batch-size 4 --out runs/hard   # the hard set
 """
 
 import sys

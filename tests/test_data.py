@@ -122,3 +122,27 @@ def test_invalid_arguments_name_the_argument():
         ScatteredSticks(min_visible_pixels=5000)
     with pytest.raises(IndexError, match="index"):
         ScatteredSticks(length=3)[3]
+
+
+def test_a_range_of_sticks_gives_every_count_in_it():
+    dataset = ScatteredSticks(length=60, image_size=64, num_sticks=(2, 4), seed=9)
+    assert dataset.max_sticks == 4 and dataset.num_sticks == (2, 4)
+    counts = []
+    for index in range(len(dataset)):
+        labels = dataset[index].labels
+        count = int(labels.max())
+        # Labels are exactly 1..count, each with enough visible pixels.
+        visible = torch.bincount(labels.flatten(), minlength=count + 1)
+        assert visible.numel() == count + 1 and visible[1:].min() >= dataset.min_visible_pixels
+        counts.append(count)
+    assert set(counts) == {2, 3, 4}
+    # The pair (n, n) is the same data set as the int n (no count is drawn).
+    fixed, pair = ScatteredSticks(length=3, image_size=64, seed=9), ScatteredSticks(length=3, image_size=64,
+                                                                                    num_sticks=(8, 8), seed=9)
+    assert all(torch.equal(fixed[i].image, pair[i].image) for i in range(3))
+
+
+@pytest.mark.parametrize("num_sticks", [(4, 2), (-1, 3), (1, 2, 3), 2.5])
+def test_invalid_sticks_range_names_the_argument(num_sticks):
+    with pytest.raises(ValueError, match="num_sticks"):
+        ScatteredSticks(num_sticks=num_sticks)

@@ -1,40 +1,12 @@
-"""A few steps of the end-to-end demo, and its PNG writer."""
+"""A few steps of the end-to-end demo, its seediness target and its panel."""
 
-import struct
-import zlib
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from discloss import demo
-
-
-def read_png(path):
-    """Decode an 8-bit RGB, non-interlaced PNG written with filter type 0 rows."""
-    with open(path, "rb") as handle:
-        data = handle.read()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    position, chunks = 8, {}
-    while position < len(data):
-        (length,) = struct.unpack(">I", data[position:position + 4])
-        kind = data[position + 4:position + 8]
-        body = data[position + 8:position + 8 + length]
-        (crc,) = struct.unpack(">I", data[position + 8 + length:position + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
-        chunks[kind] = chunks.get(kind, b"") + body
-        position += 12 + length
-    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
-    assert (depth, colour, interlace) == (8, 2, 0)
-    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), dtype=np.uint8).reshape(height, 1 + 3 * width)
-    assert not raw[:, 0].any()  # filter type 0 on every row
-    return raw[:, 1:].reshape(height, width, 3)
-
-
-def test_write_png_round_trip(tmp_path):
-    image = np.random.default_rng(0).integers(0, 256, size=(7, 5, 3), dtype=np.uint8)
-    demo.write_png(str(tmp_path / "x.png"), image)
-    np.testing.assert_array_equal(read_png(str(tmp_path / "x.png")), image)
 
 
 def test_demo_smoke(tmp_path, capsys):
@@ -44,23 +16,53 @@ def test_demo_smoke(tmp_path, capsys):
     result = demo.main(["--steps", "4", "--image-size", "64", "--batch-size", "2", "--eval-images", "3",
                         "--out", str(out), "--device", "cpu", "--log-every", "0", "--threads", "1"])
     printed = capsys.readouterr().out
-    assert "step     4/4" in printed and "mean SBD" in printed
+    assert "step     4/4" in printed and "seediness" in printed
     assert result["steps"] == 4
-    assert 0.0 <= result["sbd"] <= 1.0 and result["abs_dic"] >= 0.0
-    assert f"mean SBD {result['sbd']:.3f}" in printed
+    for suffix, mode in (("", "hashed"), ("_seediness_order", "seediness-order"), ("_seediness", "seediness")):
+        assert 0.0 <= result["sbd" + suffix] <= 1.0 and result["abs_dic" + suffix] >= 0.0
+        assert f"{mode} seeds: mean SBD {result['sbd' + suffix]:.3f}" in printed
 
-    panel = read_png(result["panel"])
-    # 3 rows and 4 columns of 64 px images enlarged to 256 px tiles, 4 px apart.
-    assert panel.shape == (3 * 256 + 2 * 4, 4 * 256 + 3 * 4, 3)
+    import matplotlib.image
+
+    panel = matplotlib.image.imread(result["panel"])
+    # 3 rows of 6 columns of 2.4 inch tiles at 100 dpi, 0.4 inch for the titles.
+    assert panel.shape[:2] == (760, 1440)
+    assert panel[..., :3].std() > 0.1  # drawn, not blank
 
     checkpoint = torch.load(result["checkpoint"], weights_only=True)
     model = demo.StickNet(embedding_dim=checkpoint["embedding_dim"], widths=checkpoint["widths"])
     model.load_state_dict(checkpoint["model"])
     model.eval()
     with torch.no_grad():
-        logits, embeddings = model(torch.rand(1, 3, 64, 64))
-    assert logits.shape == (1, 64, 64) and embeddings.shape == (1, 8, 64, 64)
+        logits, embeddings, seediness = model(torch.rand(1, 3, 64, 64))
+    assert logits.shape == seediness.shape == (1, 64, 64) and embeddings.shape == (1, 8, 64, 64)
     assert torch.isfinite(embeddings).all()
+
+
+def test_seediness_target_by_hand():
+    # Image 0: instance 1 at 0 and 1 (mean 0.5), instance 2 at 5, background at 9.
+    # Image 1: instance 1 at 3 and 7 (mean 5): means are per image.
+    embeddings = torch.tensor([[[[0.0, 1.0, 5.0, 9.0]]], [[[3.0, 7.0, 0.0, 0.0]]]])  # (2, 1, 1, 4)
+    labels = torch.tensor([[[1, 1, 2, 0]], [[1, 1, 0, 0]]])
+    target = demo.seediness_target(embeddings, labels, delta_v=0.5)
+    # exp(-d^2 / (2 * 0.25)): d = 0.5 -> exp(-0.5); d = 2 -> exp(-8).
+    expected = torch.tensor([[[math.exp(-0.5), math.exp(-0.5), 1.0, 0.0]], [[math.exp(-8), math.exp(-8), 0.0, 0.0]]])
+    torch.testing.assert_close(target, expected)
+
+
+def test_seediness_loss_reaches_the_head_only():
+    embeddings = torch.randn(2, 3, 4, 4, requires_grad=True)
+    logits = torch.zeros(2, 4, 4, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 4, 4))
+    labels[0, 0, 0] = 1
+    loss = demo.seediness_loss(logits, embeddings, labels, delta_v=0.5)
+    loss.backward()
+    assert embeddings.grad is None
+    # d/dlogit of the mean BCE at logit 0: (sigmoid(0) - target) / foreground pixels.
+    target = demo.seediness_target(embeddings, labels, 0.5)
+    foreground = labels > 0
+    expected = torch.where(foreground, (0.5 - target) / foreground.sum(), torch.zeros_like(target))
+    torch.testing.assert_close(logits.grad, expected)
 
 
 def test_predictions_take_the_colour_of_their_best_match():
@@ -70,6 +72,12 @@ def test_predictions_take_the_colour_of_their_best_match():
     one_stick = np.array([[0, 2, 2, 2, 2, 2]])
     clash = np.array([[0, 1, 1, 1, 2, 2]])  # both overlap truth 2; the larger overlap gets its colour
     np.testing.assert_array_equal(demo._match_to_truth(clash, one_stick), [[0, 2, 2, 2, 3, 3]])
+
+
+def test_sticks_option():
+    assert demo.parse_args(["--sticks", "16-24"]).sticks == (16, 24)
+    assert demo.parse_args(["--sticks", "5"]).sticks == (5, 5)
+    assert demo.parse_args([]).sticks == (8, 8)
 
 
 def test_time_limit_stops_training(tmp_path, capsys):
@@ -111,7 +119,8 @@ def test_learning_rate_schedule_warms_up_then_anneals():
     assert demo._learning_rate(1.0, peak, warmup=0.1) == pytest.approx(0.01 * peak)
 
 
-@pytest.mark.parametrize("option, value", [("--steps", "0"), ("--image-size", "30"), ("--time-limit", "-1")])
+@pytest.mark.parametrize("option, value", [("--steps", "0"), ("--image-size", "30"), ("--time-limit", "-1"),
+                                           ("--sticks", "9-3"), ("--sticks", "x")])
 def test_invalid_options_name_the_option(option, value, capsys):
     with pytest.raises(SystemExit):
         demo.parse_args([option, value])

@@ -1,0 +1,370 @@
+"""Clustering on hard sticks: discloss (hashed, seediness, oracle seeds) vs scikit-learn.
+
+    python benchmarks/cluster_hard.py                                      # synthetic embeddings only
+    python benchmarks/cluster_hard.py --checkpoints runs/hard_s*/checkpoint.pt   # and trained networks
+    python benchmarks/cluster_hard.py --image-size 128 --sticks 8 8 --name cluster_demo_set \
+        --checkpoints runs/demo/checkpoint.pt                       # the demo's own (easy) set
+
+The hard set: full 256 x 256 ScatteredSticks with 16-24 sticks per image
+(many crossings), held-out images (the demo's held-out seed). Every method
+clusters the same embeddings of the same foreground pixels (the ground-truth
+foreground, so that only the clustering differs) and is scored with SBD and
+|DiC| against the ground truth. Embeddings come from
+
+- synthetic (``packed_embeddings``): instance means packed about
+  2-2.5*delta_d apart, as the push term leaves them; 15% stray pixels a
+  quarter to half of the way to the nearest other instance; no network,
+  hence no seediness row;
+- each ``--checkpoints`` file: a demo network (``python -m discloss.demo
+  --image-size 256 --sticks 16-24``), its embeddings and seediness head.
+
+Methods, image by image on one CPU thread each (torch and, through
+threadpoolctl, scikit-learn's native code):
+
+- discloss hashed: ``cluster_embeddings`` as it is by default;
+- discloss seediness order: ``seed_scores`` = the network's seediness
+  probability (seeds in descending seediness);
+- discloss seediness: the same with ``min_seed_score`` = --min-seed-score
+  (0.5, as the demo): pixels below it never seed;
+- discloss oracle order / oracle: the same with ``seed_scores`` =
+  exp(-||x_i - mu_c||^2 / (2 delta_v^2)), mu_c the ground-truth instance
+  means: the target the seediness head is trained to predict (a reference
+  for what a perfect seediness head would give);
+- sklearn MeanShift(bandwidth=2*delta_v, bin_seeding=True), the same window
+  as ours;
+- sklearn HDBSCAN(min_cluster_size=--hdbscan-min-cluster-size); its noise
+  points join the cluster whose mean is nearest to them, as
+  ``cluster_embeddings`` does with the points no instance claimed.
+
+Times: per image, wall time of the clustering call alone (the network's
+forward pass excluded), median over the images; discloss also as the whole
+batch in one call. Writes cluster_hard.md, cluster_hard.csv and
+cluster_hard.png to benchmarks/results/<cpu|cuda>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cluster_vs_sklearn import HELD_OUT_SEED, machine_description  # noqa: E402
+
+from discloss import metrics  # noqa: E402
+from discloss.cluster import cluster_embeddings  # noqa: E402
+from discloss.data import ScatteredSticks  # noqa: E402
+from discloss.demo import StickNet, seediness_target  # noqa: E402
+
+SYNTHETIC = "synthetic, 15% stray"
+METHODS = ("discloss hashed", "discloss seediness order", "discloss seediness", "discloss oracle order",
+           "discloss oracle", "sklearn MeanShift", "sklearn HDBSCAN")
+
+
+def packed_embeddings(labels: torch.Tensor, dim: int, delta_v: float, delta_d: float, seed: int,
+                      stray_fraction: float = 0.15) -> torch.Tensor:
+    """Embeddings of a network trained near the margins, with stray pixels at crossings.
+
+    The push term stops at 2*delta_d, so a trained network leaves instance
+    means not much further apart than that: here they are drawn one by one
+    from a Gaussian that widens only when a draw keeps failing to land
+    2*delta_d from the others, so nearest means sit about 2-2.5*delta_d
+    apart. Most pixels lie within 1.2*delta_v of their mean;
+    ``stray_fraction`` of them (the pixels a network gets wrong where sticks
+    cross) lie a fraction t ~ U(0.25, 0.5) of the way to the nearest other
+    instance's mean, plus the same noise: up to halfway, where no clustering
+    can tell which instance they belong to.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    batch, num_labels = labels.shape[0], int(labels.max()) + 1
+    centres = torch.zeros(batch, num_labels, dim)
+    for b in range(batch):
+        found, scale = [], delta_d
+        while len(found) < num_labels:
+            for _ in range(50):
+                candidate = torch.randn(dim, generator=generator) * scale
+                if all(float((candidate - other).norm()) >= 2 * delta_d for other in found):
+                    found.append(candidate)
+                    break
+            else:
+                scale *= 1.1
+        centres[b] = torch.stack(found)
+    # The nearest other instance (background, label 0, is never chosen).
+    gaps = torch.cdist(centres, centres)
+    gaps[:, :, 0] = torch.inf
+    gaps.diagonal(dim1=1, dim2=2).fill_(torch.inf)
+    nearest = gaps.argmin(dim=2)  # (B, num_labels)
+    image_ids = torch.arange(batch).reshape(batch, 1, 1)
+    means = centres[image_ids, labels]  # (B, H, W, E)
+    neighbours = centres[image_ids, nearest[image_ids, labels]]
+    direction = torch.randn(means.shape, generator=generator)
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    noise = direction * torch.rand(labels.shape + (1,), generator=generator) * 1.2 * delta_v
+    stray = torch.rand(labels.shape + (1,), generator=generator) < stray_fraction
+    along = 0.25 + 0.25 * torch.rand(labels.shape + (1,), generator=generator)
+    pixels = means + noise + torch.where(stray, along * (neighbours - means), torch.zeros_like(means))
+    return pixels.permute(0, 3, 1, 2).contiguous()
+
+
+def load_network(path: str) -> StickNet:
+    checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    model = StickNet(embedding_dim=checkpoint["embedding_dim"], widths=checkpoint["widths"])
+    model.load_state_dict(checkpoint["model"])
+    return model.eval()
+
+
+@torch.no_grad()
+def network_outputs(model: StickNet, images: torch.Tensor, batch_size: int = 4):
+    embeddings, seediness = [], []
+    for first in range(0, images.shape[0], batch_size):
+        _, embedding, seediness_logits = model(images[first:first + batch_size])
+        embeddings.append(embedding)
+        seediness.append(torch.sigmoid(seediness_logits))
+    return torch.cat(embeddings), torch.cat(seediness)
+
+
+def join_noise_to_nearest(points: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """HDBSCAN's noise (-1) joins the cluster with the nearest mean; 0-based labels in, 1-based out."""
+    clusters = np.unique(found[found >= 0])
+    if clusters.size == 0:
+        return np.ones_like(found)  # everything noise: one instance
+    means = np.stack([points[found == c].mean(axis=0) for c in clusters])
+    noise = found < 0
+    if noise.any():
+        distance = ((points[noise][:, None, :] - means[None]) ** 2).sum(axis=2)
+        found = found.copy()
+        found[noise] = clusters[distance.argmin(axis=1)]
+    return found + 1
+
+
+def time_per_image(cluster_one, images: int):
+    """Labels (B, H, W) and the per-image wall times of ``cluster_one(b)`` -> (H, W) labels."""
+    cluster_one(0)  # warm-up
+    labels, seconds = [], []
+    for b in range(images):
+        start = time.perf_counter()
+        labels.append(cluster_one(b))
+        seconds.append(time.perf_counter() - start)
+    return torch.stack(labels), seconds
+
+
+def run_source(name, embeddings, seed_scores, batch, args, sklearn_cluster):
+    """Rows (source, method, mean SBD, mean |DiC|, median ms/image, batched ms/image) for one embedding source."""
+    foreground = batch.foreground
+    options = dict(delta_v=args.delta_v, delta_d=args.delta_d, min_size=args.min_size)
+    oracle = seediness_target(embeddings, batch.labels, args.delta_v)
+    scores = {"discloss hashed": (None, None), "discloss seediness order": (seed_scores, None),
+              "discloss seediness": (seed_scores, args.min_seed_score), "discloss oracle order": (oracle, None),
+              "discloss oracle": (oracle, args.min_seed_score)}
+    points = [embeddings[b][:, foreground[b]].T.double().numpy() for b in range(args.images)]
+    rows = []
+    for method in METHODS:
+        batched_ms = float("nan")
+        if method.startswith("discloss"):
+            score, threshold = scores[method]
+            if score is None and method != "discloss hashed":
+                continue
+
+            def cluster_one(b, score=score, threshold=threshold):
+                return cluster_embeddings(embeddings[b:b + 1], foreground[b:b + 1], **options,
+                                          seed_scores=None if score is None else score[b:b + 1],
+                                          min_seed_score=threshold)[0][0]
+
+            labels, seconds = time_per_image(cluster_one, args.images)
+            batched = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                cluster_embeddings(embeddings, foreground, **options, seed_scores=score, min_seed_score=threshold)
+                batched.append(time.perf_counter() - start)
+            batched_ms = statistics.median(batched) / args.images * 1e3
+        else:
+            if method == "sklearn MeanShift":
+                def fit(b):
+                    return sklearn_cluster.MeanShift(bandwidth=2 * args.delta_v, bin_seeding=True).fit_predict(
+                        points[b]) + 1
+            else:
+                def fit(b):
+                    found = sklearn_cluster.HDBSCAN(min_cluster_size=args.hdbscan_min_cluster_size, copy=True).fit_predict(
+                        points[b])
+                    return join_noise_to_nearest(points[b], found)
+
+            def cluster_one(b, fit=fit):
+                out = torch.zeros_like(batch.labels[b])
+                out[foreground[b]] = torch.from_numpy(np.asarray(fit(b))).long()
+                return out
+
+            labels, seconds = time_per_image(cluster_one, args.images)
+        sbd = metrics.symmetric_best_dice(labels, batch.labels).mean().item()
+        abs_dic = metrics.absolute_difference_in_count(labels, batch.labels).float().mean().item()
+        ms = statistics.median(seconds) * 1e3
+        rows.append((name, method, sbd, abs_dic, ms, batched_ms))
+        print(f"  {name:>24} | {method:<22} SBD {sbd:.4f}  |DiC| {abs_dic:5.2f}  {ms:9.1f} ms/image"
+              + (f"  (whole batch {batched_ms:.1f} ms/image)" if batched_ms == batched_ms else ""), flush=True)
+    return rows
+
+
+def summarise(rows):
+    """Per method, the mean over the network sources of SBD, |DiC| and ms/image."""
+    summary = []
+    networks = [row for row in rows if row[0] != SYNTHETIC]
+    for method in METHODS:
+        chosen = [row for row in networks if row[1] == method]
+        if chosen:
+            summary.append((f"networks (mean of {len(chosen)})", method,
+                            *(statistics.mean(row[i] for row in chosen) for i in (2, 3, 4, 5))))
+    return summary
+
+
+def verdicts(rows):
+    lines = []
+    by_source = {}
+    for row in rows:
+        by_source.setdefault(row[0], {})[row[1]] = row
+    for source, methods in by_source.items():
+        ours = methods["discloss hashed"]
+        best = max((m for m in methods.values() if m[1].startswith("discloss") and "oracle" not in m[1]),
+                   key=lambda m: m[2])
+        for other in ("sklearn MeanShift", "sklearn HDBSCAN"):
+            them = methods.get(other)
+            if them:
+                lines.append(f"- {source}: {best[1]} SBD {best[2]:.4f} in {best[4]:.1f} ms/image vs {other} "
+                             f"SBD {them[2]:.4f} in {them[4]:.1f} ms/image: {them[4] / best[4]:.1f}x the speed, "
+                             f"SBD {best[2] - them[2]:+.4f}")
+        for mode in ("discloss seediness order", "discloss seediness", "discloss oracle order", "discloss oracle"):
+            if mode in methods:
+                seed = methods[mode]
+                lines.append(f"- {source}: {mode[9:]} vs hashed seeds: SBD {seed[2] - ours[2]:+.4f}, "
+                             f"|DiC| {seed[3] - ours[3]:+.2f}")
+    return lines
+
+
+def plot(rows, path, title):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sources = list(dict.fromkeys(row[0] for row in rows))
+    figure = Figure(figsize=(4.6 * len(sources), 4.2), dpi=100)
+    FigureCanvasAgg(figure)
+    axes_list = figure.subplots(1, len(sources), squeeze=False)[0]
+    markers = dict(zip(METHODS, "o<s>^DX"))
+    colours = dict(zip(METHODS, ["C0", "C1", "C2", "C3", "C4", "C5", "C6"]))
+    for axes, source in zip(axes_list, sources):
+        for row in rows:
+            if row[0] == source:
+                axes.scatter(row[4], row[2], marker=markers[row[1]], color=colours[row[1]], s=60, label=row[1])
+        axes.set_xscale("log")
+        axes.minorticks_off()
+        axes.set_xlabel("ms per image (median, 1 CPU thread)")
+        axes.set_ylabel("mean SBD")
+        axes.set_title(source, fontsize=10)
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=7, loc="best")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=10, help="held-out images (default: %(default)s)")
+    parser.add_argument("--checkpoints", nargs="*", default=[], help="demo checkpoints trained on the hard set")
+    parser.add_argument("--image-size", type=int, default=256, help="(default: %(default)s)")
+    parser.add_argument("--sticks", type=int, nargs=2, default=(16, 24), metavar=("LOW", "HIGH"),
+                        help="sticks per image (default: 16 24)")
+    parser.add_argument("--name", default="cluster_hard", help="results file names (default: %(default)s)")
+    parser.add_argument("--no-synthetic", action="store_true", help="skip the synthetic embeddings")
+    parser.add_argument("--delta-v", type=float, default=0.5)
+    parser.add_argument("--delta-d", type=float, default=1.5)
+    parser.add_argument("--min-size", type=int, default=10, help="cluster_embeddings' min_size (default: %(default)s)")
+    parser.add_argument("--min-seed-score", type=float, default=0.5, help="(default: %(default)s, as the demo)")
+    parser.add_argument("--hdbscan-min-cluster-size", type=int, default=50,
+                        help="(default: %(default)s; sticks keep >= 400 visible pixels)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed whole-batch calls of ours (default: %(default)s)")
+    parser.add_argument("--out-dir", default=None, help="default: benchmarks/results/cpu")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from the CSV of an earlier run")
+    args = parser.parse_args(argv)
+    try:
+        from sklearn import __version__ as sklearn_version
+        from sklearn import cluster as sklearn_cluster
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        print("this benchmark needs scikit-learn >= 1.3: pip install scikit-learn", file=sys.stderr)
+        return 2
+    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu")
+    title = f"clustering {args.image_size}x{args.image_size} sticks, {args.sticks[0]}-{args.sticks[1]} per image"
+    if args.replot:
+        with open(os.path.join(out_dir, args.name + ".csv")) as handle:
+            rows = [(r[0], r[1], float(r[2]), float(r[3]), float(r[4]), float(r[5])) for r in list(csv.reader(handle))[1:]]
+        plot(rows, os.path.join(out_dir, args.name + ".png"), title)
+        return 0
+    torch.set_num_threads(1)
+    threadpool_limits(1)
+    data = ScatteredSticks(length=args.images, image_size=args.image_size, num_sticks=tuple(args.sticks),
+                           seed=HELD_OUT_SEED)
+    batch = data.batch(range(args.images))
+    pixels = int(batch.foreground.sum()) / args.images
+    sticks = batch.labels.flatten(1).amax(dim=1).float().mean().item()
+    print(f"{args.images} images of {args.image_size}x{args.image_size} px, {sticks:.1f} sticks and {pixels:.0f} foreground pixels per image; "
+          f"{machine_description(torch.device('cpu'))}", flush=True)
+    rows = []
+    if not args.no_synthetic:
+        embeddings = packed_embeddings(batch.labels, 8, args.delta_v, args.delta_d, seed=0, stray_fraction=0.15)
+        rows += run_source(SYNTHETIC, embeddings, None, batch, args, sklearn_cluster)
+    for path in args.checkpoints:
+        embeddings, seediness = network_outputs(load_network(path), batch.image)
+        name = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
+        rows += run_source(f"network {name}", embeddings, seediness, batch, args, sklearn_cluster)
+    summary = summarise(rows) if args.checkpoints else []
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, args.name + ".csv"), "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["source", "method", "mean_sbd", "mean_abs_dic", "ms_per_image_median",
+                         "ms_per_image_whole_batch"])
+        writer.writerows(rows + summary)
+    lines = ["| embeddings | method | mean SBD | mean abs DiC | ms / image (median) | ms / image, whole batch |",
+             "|---|---|---:|---:|---:|---:|"]
+    for source, method, sbd, abs_dic, ms, batched_ms in rows + summary:
+        batched = f"{batched_ms:.1f}" if batched_ms == batched_ms else "-"
+        lines.append(f"| {source} | {method} | {sbd:.4f} | {abs_dic:.2f} | {ms:.1f} | {batched} |")
+    table = "\n".join(lines)
+    verdict = "\n".join(verdicts(rows + summary))
+    print("\n" + table + "\n\n" + verdict)
+    with open(os.path.join(out_dir, args.name + ".md"), "w") as handle:
+        handle.write(f"# Clustering {args.image_size}x{args.image_size} sticks ({args.sticks[0]}-{args.sticks[1]} per "
+                     "image): discloss vs scikit-learn\n\n")
+        handle.write(f"- data: {args.images} held-out ScatteredSticks images, {args.image_size}x{args.image_size} px, "
+                     f"{args.sticks[0]}-{args.sticks[1]} sticks "
+                     f"({sticks:.1f} on average), {pixels:.0f} foreground pixels per image (ground-truth mask)\n")
+        sources = [] if args.no_synthetic else [
+            "synthetic embeddings (dimension 8, means packed about 2-2.5*delta_d apart, 15% stray pixels 1/4-1/2 "
+            "of the way to the nearest other instance)"]
+        if args.checkpoints:
+            sources.append(f"{len(args.checkpoints)} demo network(s) trained on this set: {', '.join(args.checkpoints)}")
+        handle.write(f"- sources: {'; '.join(sources)}\n")
+        handle.write(f"- discloss: delta_v {args.delta_v:g}, delta_d {args.delta_d:g}, min_size {args.min_size}, "
+                     f"min_seed_score {args.min_seed_score:g} (rows without 'order'), "
+                     f"window and claim radius 2*delta_v; MeanShift bandwidth 2*delta_v, bin_seeding; HDBSCAN "
+                     f"min_cluster_size {args.hdbscan_min_cluster_size}, other options default, noise joins the "
+                     "nearest cluster mean\n")
+        handle.write(f"- machine: {machine_description(torch.device('cpu'))} (shared with other work: times are "
+                     f"noisy); torch {torch.__version__}, scikit-learn {sklearn_version}, Python "
+                     f"{platform.python_version()}; 1 thread for every method\n")
+        handle.write(f"- times: per image, the clustering call alone, median over the {args.images} images after a "
+                     f"warm-up; whole batch: median of {args.repeats} calls on all images, divided by their number\n")
+        handle.write(f"- command: `python benchmarks/cluster_hard.py {' '.join(argv or sys.argv[1:])}`\n\n")
+        handle.write(table + "\n\n" + verdict + f"\n\n![SBD against time]({args.name}.png)\n")
+    plot(rows + summary, os.path.join(out_dir, args.name + ".png"), title)
+    print(f"wrote {out_dir}/{args.name}.md, .csv and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
