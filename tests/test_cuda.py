@@ -670,3 +670,92 @@ def test_more_than_k_ids_without_validation_stays_in_bounds(max_instances):
     assert all(torch.isfinite(t).all() for t in terms) and torch.isfinite(grad).all()
     with pytest.raises(RuntimeError, match="max_instances"):
         discloss.discriminative_loss(x, labels, max_instances=max_instances)
+
+
+# ---- exact ties and the L2 norm's range on every path (issue 13) ------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("max_instances", [3, 1024])  # shared; global atomics (det: slot ranges)
+@pytest.mark.parametrize("pixels", [50, 200_001])  # one chunk (direct); per-chunk partials
+@pytest.mark.parametrize("det", [False, True])
+def test_equal_embeddings_give_bitwise_equal_means(dtype, max_instances, pixels, det):
+    # Clusters of pixels - 1 and 1 pixels, every embedding the same value:
+    # both means are exactly that value (pass 1 sums x - pivot), var = 0, and
+    # the dist gradient is the subgradient 0 (a 1-ulp difference of the means
+    # would give the single pixel a gradient of order 1 instead of reg's).
+    value = 0.1
+    x = torch.full((1, 3, pixels), value, dtype=dtype, device=CUDA)
+    labels = torch.ones(1, pixels, dtype=torch.long, device=CUDA)
+    labels[0, -1] = 2
+    with deterministic(det):
+        out = torch.ops.discloss.forward(*op_args(x, labels, max_instances, gamma=0.001))
+        (var, dist, reg), g = run(x, labels, max_instances=max_instances)
+    means = out[4]
+    stored = x[0, :, 0].to(means.dtype)
+    assert torch.equal(means[0, 1], stored) and torch.equal(means[0, 2], stored)
+    assert float(var) == 0.0
+    assert float(dist) == pytest.approx(9.0)
+    unit = 1.0 / 3 ** 0.5
+    torch.testing.assert_close(g[0, :, -1].double().cpu(), torch.full((3,), unit * 0.001 / 2, dtype=torch.float64),
+                               rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("max_instances", [3, 1024])
+def test_equal_embeddings_with_sparse_ids_and_strided_layout(max_instances):
+    # The slot map's lookups pick the pivots (first_pixel_kernel) and a
+    # strided 2D layout: still bitwise equal means.
+    x = torch.full((1, 40, 60, 3), -3.3, device=CUDA).permute(0, 3, 1, 2)  # channels last
+    labels = torch.full((1, 40, 60), 1_000_003, dtype=torch.long, device=CUDA)
+    labels[0, 17, 23] = 7
+    for det in [False, True]:
+        with deterministic(det):
+            (var, dist, reg), g = run(x, labels, max_instances=max_instances)
+        assert float(var) == 0.0
+        unit = -1.0 / 3 ** 0.5
+        torch.testing.assert_close(g[0, :, 17, 23].double().cpu(),
+                                   torch.full((3,), unit * 0.001 / 2, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-38, 1e30])
+@pytest.mark.parametrize("max_instances", [4, 1024])
+@pytest.mark.parametrize("det", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_float32_norm_range_on_every_path(scale, max_instances, det, layout):
+    # Pass 2's pull, pass 3's pull and the finalize's reg with tiny or huge
+    # float32 norms, against the float64 loop.
+    from helpers import loop_reference64
+
+    g = torch.Generator().manual_seed(3)
+    labels = blob_labels(1, (20, 24), 4, seed=3)
+    base = torch.randn(1, 3, 20, 24, generator=g, dtype=torch.float64)
+    x = (base * scale).float()
+    kw = dict(delta_v=0.0, delta_d=0.0, gamma=1.0)
+    xc = x.to(CUDA) if layout == "contiguous" else x.to(CUDA).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    with deterministic(det):
+        (var, dist, reg), grad = run(xc, labels.to(CUDA), max_instances=max_instances, **kw)
+    ref, ref_grad = loop_reference64(x.double(), labels, **kw)
+    assert float(reg) > 0 and torch.isfinite(reg)
+    torch.testing.assert_close(reg.double().cpu(), ref[2], rtol=1e-5, atol=0)
+    if scale < 1:
+        torch.testing.assert_close(var.double().cpu(), ref[0], rtol=1e-4, atol=1e-44)
+    torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=1e-4, atol=1e-6 * float(ref_grad.abs().max()))
+
+
+@pytest.mark.parametrize("max_instances", [3, 1024])
+@pytest.mark.parametrize("det", [False, True])
+def test_float32_norm_range_in_the_unlabeled_push(max_instances, det):
+    # Pass 2b's and pass 3's push norms (tiny distances between unlabeled
+    # pixels and means) against the float64 loop.
+    from helpers import loop_reference64
+
+    labels = torch.tensor([[1, 1, 2, 2, 0, 0]])
+    x = torch.tensor([[[1e-21, 3e-21, -2e-21, -4e-21, 5e-22, 7e-21]]], dtype=torch.float32)
+    kw = dict(delta_v=0.0, delta_d=1e-20, gamma=0.0, unlabeled_push=1.0)
+    with deterministic(det):
+        terms, grad = run(x.to(CUDA), labels.to(CUDA), max_instances=max_instances, **kw)
+    ref, ref_grad = loop_reference64(x.double(), labels, **kw)
+    for t, r in zip(terms, ref):
+        assert float(r) > 0 or float(t) == 0
+        torch.testing.assert_close(t.double().cpu(), r, rtol=1e-4, atol=4 * 2.0 ** -149)
+    torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=1e-4, atol=1e-4 * float(ref_grad.abs().max()))

@@ -37,17 +37,19 @@ def test_equal_embeddings_give_equal_means(device, dtype, value):
     torch.testing.assert_close(g.double().cpu(), expected, rtol=1e-2 if dtype != torch.float64 else 1e-12, atol=0)
 
 
-def test_equal_means_across_chunks():
-    # 300 000 equal pixels in one cluster span several chunks, and a 1-pixel
-    # cluster with the same value: still exactly equal means.
+@pytest.mark.parametrize("device", DEVICES)
+def test_equal_means_across_chunks(device):
+    # 300 000 equal pixels in one cluster span several chunks (CUDA: the
+    # per-chunk partial path), and a 1-pixel cluster with the same value:
+    # still exactly equal means.
     n = 300_000
-    x = torch.full((1, 2, n + 1), 0.3, dtype=torch.float32)
-    lab = torch.ones(1, n + 1, dtype=torch.int64)
+    x = torch.full((1, 2, n + 1), 0.3, dtype=torch.float32, device=device)
+    lab = torch.ones(1, n + 1, dtype=torch.int64, device=device)
     lab[0, -1] = 2
     (var, dist, reg), g = run(x, lab, max_instances=3)
     assert float(var) == 0.0
     # the single pixel's gradient: reg only (no push direction from rounding)
-    torch.testing.assert_close(g[0, :, -1].double(), torch.full((2,), 0.001 / 2 / 2 ** 0.5, dtype=torch.float64),
+    torch.testing.assert_close(g[0, :, -1].double().cpu(), torch.full((2,), 0.001 / 2 / 2 ** 0.5, dtype=torch.float64),
                                rtol=1e-5, atol=0)
 
 
@@ -70,15 +72,16 @@ def test_float32_norms_keep_their_range(device, scale):
     torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=1e-4, atol=1e-6 * float(ref_grad.abs().max()))
 
 
-def test_norm_range_in_the_push_and_pairs():
+@pytest.mark.parametrize("device", DEVICES)
+def test_norm_range_in_the_push_and_pairs(device):
     # tiny distances between means (dist) and between unlabeled pixels and means (push)
     lab = torch.tensor([[1, 1, 2, 2, 0, 0]])
     x = torch.tensor([[[1e-21, 3e-21, -2e-21, -4e-21, 5e-22, 7e-21]]], dtype=torch.float32)
     kw = dict(delta_v=0.0, delta_d=1e-20, gamma=0.0, unlabeled_push=1.0)
-    terms, grad = run(x, lab, max_instances=3, **kw)
+    terms, grad = run(x.to(device), lab.to(device), max_instances=3, **kw)
     ref, ref_grad = loop_reference64(x.double(), lab, **kw)
     # the terms (~1e-42) are float32 subnormals: a few units of 2^-149 apart at most
     for t, r in zip(terms, ref):
         assert float(r) > 0 or float(t) == 0
-        torch.testing.assert_close(t.double(), r, rtol=1e-4, atol=4 * 2.0 ** -149)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-4 * float(ref_grad.abs().max()))
+        torch.testing.assert_close(t.double().cpu(), r, rtol=1e-4, atol=4 * 2.0 ** -149)
+    torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=1e-4, atol=1e-4 * float(ref_grad.abs().max()))

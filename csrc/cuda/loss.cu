@@ -4,7 +4,8 @@
 // depends on shapes only, so forward and backward can be captured in a CUDA
 // graph):
 //
-//   forward   [zero fills]  pass 1 slot_sums_kernel<sums>  [finish_means_kernel]
+//   forward   [zero fills]  first_pixel_kernel  gather_pivots_kernel
+//             pass 1 slot_sums_kernel<sums>  [finish_means_kernel]
 //             [compact_present_kernel]  pass 2 slot_sums_kernel<hinge>
 //             [sum_partials_kernel x2]  [pass 2b unlabeled_push_kernel
 //             [sum_partials_kernel x2]]  finalize_forward_kernel
@@ -21,6 +22,22 @@
 // read of the labels and of the unlabeled pixels' x (pass 2b, its own
 // deterministic kernel rather than a part of pass 2: simpler, and the same
 // result in any mode). Everything per slot is O(B*K*E).
+//
+// Exact ties (means of equal embeddings are bitwise equal, whatever the
+// dtype and count): pass 1 sums x - p per slot, p the slot's pivot, the
+// embedding of its lowest-index pixel in the image (0 where not finite, so
+// an inf still sums to inf), and mean = p + S / n (a division, not a
+// product with 1/n). Every path (warps, blocks, chunks, global atomics) uses
+// the same pivot, so equal embeddings sum to exactly 0. Choosing the pivots
+// costs one more read of the labels (first_pixel_kernel: slot lookups and an
+// atomicMin per run of equal slots in a lane) and a gather of B*K*E values
+// of x (gather_pivots_kernel), before pass 1.
+//
+// The L2 norm's range (math.h L2Range): in passes 2, 2b and 3 a pixel's norm
+// from the plain sum of squares that falls outside the range is recomputed
+// scaled (pixel_scaled_l2, re-reading the pixel's E values; rare), so that
+// float32 norms below ~1e-19 or above ~1e19 do not become 0 or inf. The
+// common path pays one comparison per pixel.
 //
 // With a slot map (slot_ids, num_ids from discloss::slot_map, cuda/slot_map.cu),
 // passes 1-3 look a label up by binary search in its image's sorted ids
@@ -158,6 +175,28 @@ __device__ __forceinline__ acc_t hinge_direction(acc_t d, int norm) {
   // d(||v||)/dv component up to the factor folded into the pull coefficient:
   // d itself (L2, coef already holds 1/r) or sign(d) (L1).
   return norm == 2 ? d : norm_grad(d, acc_t(0), 1);
+}
+
+// ||x_p - mu||_2 recomputed scaled (math.h scaled_l2) from the pixel's E
+// values at xp (stride apart) and the row mu, for the rare norm whose sum of
+// squares left L2Range. Out of line, to keep the streaming loops' registers.
+template <typename scalar_t>
+__device__ __noinline__ typename Elem<scalar_t>::acc pixel_scaled_l2(const scalar_t* xp, int64_t stride,
+                                                                     const typename Elem<scalar_t>::acc* mu,
+                                                                     int64_t E) {
+  using acc_t = typename Elem<scalar_t>::acc;
+  return scaled_l2<acc_t>(E, [&](int64_t e) { return load_elem(xp, e * stride) - __ldg(mu + e); });
+}
+
+// A pixel's ||x_p - mu|| from its accumulated norm terms `sum`: finish_norm,
+// and for L2 out of range the scaled recomputation (one comparison otherwise).
+template <typename scalar_t>
+__device__ __forceinline__ typename Elem<scalar_t>::acc pixel_norm(typename Elem<scalar_t>::acc sum, int norm,
+                                                                   const scalar_t* xp, int64_t stride,
+                                                                   const typename Elem<scalar_t>::acc* mu,
+                                                                   int64_t E) {
+  const typename Elem<scalar_t>::acc r = finish_norm(sum, norm);
+  return norm == 2 && l2_out_of_range(r) ? pixel_scaled_l2(xp, stride, mu, E) : r;
 }
 
 // ---- plans -----------------------------------------------------------------------
@@ -374,26 +413,95 @@ __device__ __forceinline__ void load_channel(const scalar_t* xe, int64_t first, 
 
 __device__ __forceinline__ int run_of(unsigned run_ids, int j) { return static_cast<int>((run_ids >> (4 * j)) & 15u); }
 
+// ---- pass 1's pivots ---------------------------------------------------------------
+// first_px[b, k] = the lowest pixel index of slot k in image b (caller-filled
+// with N: no pixel). Grid (x: warps over pixels, y: images, grid-stride);
+// warp w takes a contiguous range of whole 32-pixel steps; a lane offers its
+// pixel only where its slot differs from its previous pixel's, and of the
+// lanes offering the same slot in a step only the lowest (lowest pixel)
+// issues the atomicMin. The minimum does not depend on the atomics' order:
+// deterministic. Reads the labels once (slot lookups as in pass 1); O(runs)
+// atomics on the (B, K) rows.
+template <typename label_t>
+__global__ void __launch_bounds__(kElementwiseThreads)
+    first_pixel_kernel(const label_t* __restrict__ labels, const PixelLayout L, const LossConfig c, bool unit,
+                       const int64_t* __restrict__ slot_ids, const int64_t* __restrict__ num_ids,
+                       int64_t* __restrict__ first_px) {
+  const int64_t K = c.num_slots, N = L.num_pixels;
+  const int lane = lane_id();
+  const int64_t warps_per_block = blockDim.x >> 5;
+  const int64_t warps = int64_t(gridDim.x) * warps_per_block;
+  const int64_t warp = int64_t(blockIdx.x) * warps_per_block + (threadIdx.x >> 5);
+  const int64_t span = ((N + 31) / 32 + warps - 1) / warps * 32;  // pixels per warp, whole steps
+  const int64_t begin = warp * span, end = min(begin + span, N);
+  for (int64_t b = blockIdx.y; b < L.batch; b += gridDim.y) {
+    const ImageSlots map = image_slots(slot_ids, num_ids, b, K);
+    const label_t* lab_img = labels + b * L.label_batch_stride;
+    SlotCache cache{0, kInvalid, false};
+    int64_t last = -1;
+    for (int64_t base = begin; base < end; base += 32) {  // warp-uniform
+      const int64_t p = base + lane;
+      int64_t offer = -1;
+      if (p < end) {
+        const int64_t label = static_cast<int64_t>(lab_img[unit ? p : pixel_offsets(L, p).label]);
+        const int64_t s = cached_slot(label, c, map, cache);
+        if (s >= 0 && s < K) {
+          offer = s != last ? s : -1;
+          last = s;
+        }
+      }
+      const unsigned peers = __match_any_sync(kFullMask, static_cast<unsigned long long>(offer));
+      if (offer >= 0 && lane == __ffs(peers) - 1) {
+        atomicMin(reinterpret_cast<unsigned long long*>(first_px + b * K + offer), static_cast<unsigned long long>(p));
+      }
+    }
+  }
+}
+
+// pivots[b, k, e] = x[b, e, first_px[b, k]] in the accumulation type, 0
+// where that is not finite (an inf then sums to inf in pass 1, as in a plain
+// sum) or where the slot has no pixel (first_px = N). Reads first_px and
+// B*K*E scattered values of x once; writes pivots once.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kElementwiseThreads)
+    gather_pivots_kernel(const scalar_t* __restrict__ x, const PixelLayout L, int64_t K,
+                         const int64_t* __restrict__ first_px, typename Elem<scalar_t>::acc* __restrict__ pivots) {
+  using acc_t = typename Elem<scalar_t>::acc;
+  const int64_t E = L.embed_dim, total = L.batch * K * E;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / E, e = i - row * E, b = row / K;
+    const int64_t p = first_px[row];
+    acc_t v = acc_t(0);
+    if (p >= 0 && p < L.num_pixels) {
+      v = load_elem(x + b * L.x_batch_stride + pixel_offsets(L, p).x, e * L.x_embed_stride);
+      v = v - v == acc_t(0) ? v : acc_t(0);
+    }
+    pivots[i] = v;
+  }
+}
+
 // Passes 1 and 2 over chunk `chunk` of image `b`, slots of range `range`
 // (block index = (b * ranges + range) * chunks + chunk).
 //
-// pass 1 (kHinge false): per slot, the sum of x over its pixels and the
-//   pixel count. Reads labels once and x once per pixel of the chunk (only
-//   tiles holding a pixel of the range load x on the slot-range path).
+// pass 1 (kHinge false): per slot, the sum of x - p over its pixels (p the
+//   slot's pivot, centers = pivots (B, K, E)) and the pixel count. Reads
+//   labels once and x once per pixel of the chunk (only tiles holding a
+//   pixel of the range load x on the slot-range path), pivots through the
+//   cache, once per run.
 // pass 2 (kHinge true): per slot, the sum of h^2 and of d(h^2)/dx, with
 //   h = [||x - mu|| - delta_v]+. Reads labels once and x twice (the second
 //   read, for the gradient sum, mostly hits L1/L2 and is skipped for warp
 //   tiles where every pixel lies within delta_v of its mean); reads means
-//   (B, K, E) through the cache, once per run.
+//   (centers, (B, K, E)) through the cache, once per run.
 //
 // Writes, shared paths: the block's rows [lo, lo + ks) of the image once
-// (the final means/counts or hinge_grad/hinge when plan.direct, else the
+// (the final means = p + S / n and counts, or hinge_grad/hinge, when plan.direct, else the
 // chunk's partial); global path: atomics into the image's zeroed rows.
 template <typename scalar_t, typename label_t, bool kHinge>
 __global__ void __launch_bounds__(kSumWarps * 32)
     slot_sums_kernel(const scalar_t* __restrict__ x, const label_t* __restrict__ labels, const PixelLayout L,
                      const LossConfig c, const SumsPlan plan, const int64_t* __restrict__ slot_ids,
-                     const int64_t* __restrict__ num_ids, const typename Elem<scalar_t>::acc* __restrict__ means,
+                     const int64_t* __restrict__ num_ids, const typename Elem<scalar_t>::acc* __restrict__ centers,
                      typename Elem<scalar_t>::acc* __restrict__ sums_out,
                      typename PassTypes<typename Elem<scalar_t>::acc, kHinge>::global_extra* __restrict__ extras_out,
                      int64_t extras_row, int64_t* __restrict__ unlabeled_out) {
@@ -542,9 +650,22 @@ __global__ void __launch_bounds__(kSumWarps * 32)
           __syncwarp();
         }
       }
-      for_each_channel([&](int64_t e, acc_t(&v)[kM]) { flush(std::false_type{}, e, v); });
+      const acc_t* pivot_img = centers + (b * K + lo) * E;  // rows of this range
+      for_each_channel([&](int64_t e, acc_t(&v)[kM]) {
+        acc_t pivot = acc_t(0);
+        int prev_slot = -1;
+#pragma unroll
+        for (int j = 0; j < kM; ++j) {
+          if (slot[j] >= 0) {
+            if (slot[j] != prev_slot) pivot = __ldg(pivot_img + int64_t(slot[j]) * E + e);
+            v[j] -= pivot;
+          }
+          prev_slot = slot[j];
+        }
+        flush(std::false_type{}, e, v);
+      });
     } else {
-      const acc_t* mu_img = means + (b * K + lo) * E;  // rows of this range
+      const acc_t* mu_img = centers + (b * K + lo) * E;  // rows of this range
       acc_t r[kM];
 #pragma unroll
       for (int j = 0; j < kM; ++j) r[j] = acc_t(0);
@@ -568,7 +689,8 @@ __global__ void __launch_bounds__(kSumWarps * 32)
         coef[j] = acc_t(0);
         h2[j] = acc_t(0);
         if (slot[j] >= 0) {
-          const PullHinge<acc_t> ph = pull_hinge(finish_norm(r[j], norm), delta_v, norm);
+          const acc_t rj = pixel_norm(r[j], norm, x_img + xoff[j], L.x_embed_stride, mu_img + int64_t(slot[j]) * E, E);
+          const PullHinge<acc_t> ph = pull_hinge(rj, delta_v, norm);
           coef[j] = ph.coef;
           h2[j] = ph.h * ph.h;
           any_hinge = any_hinge || ph.h != acc_t(0);  // NaN != 0: a NaN h is never skipped
@@ -616,10 +738,10 @@ __global__ void __launch_bounds__(kSumWarps * 32)
     acc_t total = acc_t(0);
     for (int w = 0; w < warps; ++w) total += shared_sums[(w * rows + s) * E + e];
     if constexpr (!kHinge) {
-      if (plan.direct) {  // the mean, as the CPU computes it
+      if (plan.direct) {  // the mean p + S / n (a division: equal sums over equal counts, equal means)
         uint64_t n = 0;
         for (int w = 0; w < warps; ++w) n += shared_extras[w * rows + s];
-        total *= n > 0 ? acc_t(1) / acc_t(n) : acc_t(0);
+        total = n > 0 ? __ldg(centers + (b * K + lo + s) * E + e) + total / acc_t(n) : acc_t(0);
       }
     }
     out_sums[(b * K + lo + s) * E + e] = total;
@@ -632,8 +754,10 @@ __global__ void __launch_bounds__(kSumWarps * 32)
 }
 
 // After pass 1 on the partial or global path: counts[b, k] = sum over chunks
-// of part_counts and means[b, k, e] = (sum over chunks of part_sums) / count
-// (0 for an empty slot), chunks added in chunk order. part_counts has rows of
+// of part_counts and means[b, k, e] = pivots[b, k, e] + (sum over chunks of
+// part_sums) / count (0 for an empty slot), chunks added in chunk order; all
+// partials are sums of x - the same pivot, so equal embeddings give exactly
+// the pivot. part_counts has rows of
 // part_row counts per image ((chunks, B, K) partials: K; counts (B, K + 1)
 // itself: K + 1). In place (part_sums == means, part_counts == counts,
 // chunks == 1, write_counts false) on the global path. Reads the partials
@@ -641,7 +765,8 @@ __global__ void __launch_bounds__(kSumWarps * 32)
 template <typename acc_t>
 __global__ void __launch_bounds__(kElementwiseThreads)
     finish_means_kernel(const acc_t* part_sums, const int64_t* part_counts, int64_t part_row, int64_t chunks,
-                        int64_t B, int64_t K, int64_t E, acc_t* means, int64_t* counts, bool write_counts) {
+                        int64_t B, int64_t K, int64_t E, const acc_t* __restrict__ pivots, acc_t* means,
+                        int64_t* counts, bool write_counts) {
   const int64_t total = B * K * E;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = i / E, b = row / K, k = row - b * K;
@@ -651,7 +776,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
       n += part_counts[(ch * B + b) * part_row + k];
       s += part_sums[ch * total + i];
     }
-    means[i] = s * (n > 0 ? acc_t(1) / acc_t(n) : acc_t(0));
+    means[i] = n > 0 ? pivots[i] + s / acc_t(n) : acc_t(0);  // a division, not a product with 1/n
     if (write_counts && i - row * E == 0) counts[b * (K + 1) + k] = n;
   }
 }
@@ -727,7 +852,8 @@ __global__ void __launch_bounds__(kPushThreads)
           for (int64_t e = 0; e < E; ++e) {
             r += norm_term<acc_t>(load_elem(x_img, xoff + e * L.x_embed_stride) - mu[e], norm);
           }
-          const PullHinge<acc_t> uq = unlabeled_hinge(finish_norm(r, norm), delta_d, norm);
+          const PullHinge<acc_t> uq = unlabeled_hinge(pixel_norm(r, norm, x_img + xoff, L.x_embed_stride, mu, E),
+                                                      delta_d, norm);
           q2 = uq.h * uq.h;
           coef = uq.coef;
         }
@@ -822,9 +948,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
       const int64_t k = P[i];
       v += var_weight<acc_t>(c, C, counts[b * (K + 1) + k], 0) * hinge[b * K + k];
       if (push_sums != nullptr) u += push_sums[b * K + k];
-      acc_t n = acc_t(0);
-      for (int64_t e = 0; e < E; ++e) n += norm_term<acc_t>(mu[k * E + e], norm);
-      r += finish_norm(n, norm);
+      r += mean_distance<acc_t>(mu + k * E, nullptr, E, norm);  // ||mu_k||, range-safe
     }
     for (int64_t i = t; i < C; i += tiles) {
       const acc_t* mi = mu + int64_t(P[i]) * E;
@@ -994,8 +1118,7 @@ __global__ void __launch_bounds__(kCoefThreads)
       int64_t slot_total = 0;
       acc_t reg_norm = acc_t(0);
       if (paper) {
-        for (int64_t e = 0; e < E; ++e) reg_norm += norm_term<acc_t>(mu[e], norm);
-        reg_norm = finish_norm(reg_norm, norm);
+        reg_norm = mean_distance<acc_t>(mu, nullptr, E, norm);  // ||mu||, range-safe
       } else {
         for (int64_t bb = 0; bb < B; ++bb) {
           slot_total += counts[bb * (K + 1) + k];
@@ -1110,7 +1233,8 @@ __global__ void __launch_bounds__(kGradThreads)
             for (int64_t e = 0; e < E; ++e) {
               r += norm_term<acc_t>(load_elem(xp, e * L.x_embed_stride) - __ldg(mu + e), norm);
             }
-            const acc_t coef = w * unlabeled_hinge(finish_norm(r, norm), delta_d, norm).coef;
+            const acc_t coef =
+                w * unlabeled_hinge(pixel_norm(r, norm, xp, L.x_embed_stride, mu, E), delta_d, norm).coef;
 #pragma unroll
             for (int j = 0; j < kPushGradWidth; ++j) {
               const int64_t e = e0 + j;
@@ -1134,7 +1258,8 @@ __global__ void __launch_bounds__(kGradThreads)
       const acc_t* bc = mean_coef + row * E;
       acc_t r = acc_t(0);
       for (int64_t e = 0; e < E; ++e) r += norm_term<acc_t>(load_elem(xp, e * L.x_embed_stride) - __ldg(mu + e), norm);
-      const acc_t coef = __ldg(var_coef + row) * pull_hinge(finish_norm(r, norm), delta_v, norm).coef;
+      const acc_t coef =
+          __ldg(var_coef + row) * pull_hinge(pixel_norm(r, norm, xp, L.x_embed_stride, mu, E), delta_v, norm).coef;
       for (int64_t e = 0; e < E; ++e) {
         const acc_t dlt = load_elem(xp, e * L.x_embed_stride) - __ldg(mu + e);
         gp[e * L.grad_embed_stride] = static_cast<scalar_t>(coef * hinge_direction(dlt, norm) + __ldg(bc + e));
@@ -1182,7 +1307,7 @@ std::pair<at::Tensor, at::Tensor> compact_present(const at::Tensor& counts, cons
 
 template <typename scalar_t, typename label_t, bool kHinge>
 void launch_slot_sums(const at::Tensor& x, const at::Tensor& lab, const PixelLayout& L, const LossConfig& c,
-                      const SumsPlan& plan, const SlotMapArgs& map, const void* means, void* sums_out,
+                      const SumsPlan& plan, const SlotMapArgs& map, const void* centers, void* sums_out,
                       void* extras_out, int64_t extras_row, int64_t* unlabeled_out, cudaStream_t stream) {
   using acc_t = typename Elem<scalar_t>::acc;
   using Types = PassTypes<acc_t, kHinge>;
@@ -1196,7 +1321,7 @@ void launch_slot_sums(const at::Tensor& x, const at::Tensor& lab, const PixelLay
                                                  int64_t(sizeof(typename Types::shared_extra))));
   slot_sums_kernel<scalar_t, label_t, kHinge><<<static_cast<unsigned>(blocks), plan.warps * 32, smem, stream>>>(
       static_cast<const scalar_t*>(x.data_ptr()), static_cast<const label_t*>(lab.data_ptr()), L, c, plan,
-      map.slot_ids, map.num_ids, static_cast<const acc_t*>(means), static_cast<acc_t*>(sums_out),
+      map.slot_ids, map.num_ids, static_cast<const acc_t*>(centers), static_cast<acc_t*>(sums_out),
       static_cast<typename Types::global_extra*>(extras_out), extras_row, unlabeled_out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -1298,27 +1423,43 @@ forward_cuda(const at::Tensor& embeddings, const at::Tensor& labels, const std::
     if (!have_pixels) {
       means.zero_();
     } else {
+      // The pivots: each slot's lowest-index pixel's embedding (exact ties, see the file comment).
+      at::Tensor first_px = at::full({B, K}, N, x.options().dtype(at::kLong));
+      at::Tensor pivots = at::empty({B, K, E}, acc_opts);
+      dispatch_label_type(lab.scalar_type(), [&](auto label_tag) {
+        using label_t = decltype(label_tag);
+        const dim3 grid(static_cast<unsigned>(grid_for(N, kElementwiseThreads)),
+                        static_cast<unsigned>(std::min<int64_t>(B, 65535)));
+        first_pixel_kernel<label_t><<<grid, kElementwiseThreads, 0, stream>>>(
+            static_cast<const label_t*>(lab.data_ptr()), L, c, plan.unit, map.slot_ids, map.num_ids,
+            first_px.data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      gather_pivots_kernel<scalar_t><<<grid_for(B * K * E, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+          static_cast<const scalar_t*>(x.data_ptr()), L, K, first_px.data_ptr<int64_t>(), pivots.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       dispatch_label_type(lab.scalar_type(), [&](auto label_tag) {
         using label_t = decltype(label_tag);
         if (plan.global_atomics) {
           means.zero_();
-          launch_slot_sums<scalar_t, label_t, false>(x, lab, L, c, plan, map, nullptr, means.data_ptr(),
+          launch_slot_sums<scalar_t, label_t, false>(x, lab, L, c, plan, map, pivots.data_ptr(), means.data_ptr(),
                                                      counts.data_ptr(), K + 1, unlabeled_out, stream);
           finish_means_kernel<acc_t><<<grid_for(B * K * E, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
-              means.data_ptr<acc_t>(), counts.data_ptr<int64_t>(), K + 1, 1, B, K, E, means.data_ptr<acc_t>(),
-              counts.data_ptr<int64_t>(), false);
+              means.data_ptr<acc_t>(), counts.data_ptr<int64_t>(), K + 1, 1, B, K, E, pivots.data_ptr<acc_t>(),
+              means.data_ptr<acc_t>(), counts.data_ptr<int64_t>(), false);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         } else if (plan.direct) {
-          launch_slot_sums<scalar_t, label_t, false>(x, lab, L, c, plan, map, nullptr, means.data_ptr(),
+          launch_slot_sums<scalar_t, label_t, false>(x, lab, L, c, plan, map, pivots.data_ptr(), means.data_ptr(),
                                                      counts.data_ptr(), K + 1, unlabeled_out, stream);
         } else {
           part_sums = at::empty({plan.chunks, B, K, E}, acc_opts);
           part_extras = at::empty({plan.chunks, B, K}, x.options().dtype(at::kLong));
-          launch_slot_sums<scalar_t, label_t, false>(x, lab, L, c, plan, map, nullptr, part_sums.data_ptr(),
-                                                     part_extras.data_ptr(), K, unlabeled_out, stream);
+          launch_slot_sums<scalar_t, label_t, false>(x, lab, L, c, plan, map, pivots.data_ptr(),
+                                                     part_sums.data_ptr(), part_extras.data_ptr(), K, unlabeled_out,
+                                                     stream);
           finish_means_kernel<acc_t><<<grid_for(B * K * E, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
               part_sums.data_ptr<acc_t>(), part_extras.data_ptr<int64_t>(), K, plan.chunks, B, K, E,
-              means.data_ptr<acc_t>(), counts.data_ptr<int64_t>(), true);
+              pivots.data_ptr<acc_t>(), means.data_ptr<acc_t>(), counts.data_ptr<int64_t>(), true);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
