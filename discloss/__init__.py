@@ -9,10 +9,14 @@ Around the loss: ``cluster_embeddings`` (embeddings to instances),
 synthetic data set) and ``python -m discloss.demo`` (end-to-end training).
 """
 
-from . import chainer, cluster, data, metrics, reference
-from .cluster import cluster_embeddings
-from .data import ScatteredSticks
-from .loss import DiscriminativeLoss, DiscriminativeLossTerms, discriminative_loss
+from . import _extension
+
+_extension.load()  # discloss._C, or an ImportError naming the torch it was built against and the fix
+
+from . import chainer, cluster, data, metrics, reference  # noqa: E402
+from .cluster import cluster_embeddings  # noqa: E402
+from .data import ScatteredSticks  # noqa: E402
+from .loss import DiscriminativeLoss, DiscriminativeLossTerms, discriminative_loss  # noqa: E402
 
 __all__ = [
     "DiscriminativeLoss",
