@@ -13,6 +13,7 @@ from . import _extension
 
 _extension.load()  # discloss._C, or an ImportError naming the torch it was built against and the fix
 
+from . import _autocast  # noqa: E402  (float32 under torch.autocast, like torch's own losses)
 from . import chainer, cluster, data, metrics, reference  # noqa: E402
 from .cluster import cluster_embeddings  # noqa: E402
 from .data import ScatteredSticks  # noqa: E402
