@@ -75,16 +75,19 @@ say "fresh virtual environment $WORK/venv (sees $PY's packages)"
 SITE=$("$WORK/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 "$PY" -c 'import sysconfig; print("\n".join(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))))' \
   >"$SITE/_discloss_check_parent_env.pth"
-say "pip install --no-build-isolation $(basename "$DIST") (USE_CUDA=$USE_CUDA)"
+say "pip install --no-build-isolation $(basename "$DIST")$([ "$MODE" = sdist ] && echo " (compiled with USE_CUDA=$USE_CUDA)")"
 # pip from the parent environment, installing into the fresh one; --no-index:
 # every dependency must already be there, nothing is downloaded.
-"$WORK/venv/bin/python" -m pip install --no-build-isolation --no-index "$DIST" >"$WORK/install.log" 2>&1 \
-  || { cat "$WORK/install.log"; exit 1; }
+# --ignore-installed: into the fresh environment even if the parent has a
+# discloss (its site-packages come first on sys.path, so the fresh copy wins).
+"$WORK/venv/bin/python" -m pip install --no-build-isolation --no-index --ignore-installed --no-deps "$DIST" \
+  >"$WORK/install.log" 2>&1 || { cat "$WORK/install.log"; exit 1; }
+"$WORK/venv/bin/python" -m pip check >>"$WORK/install.log" 2>&1 || { cat "$WORK/install.log"; exit 1; }
 tail -n 1 "$WORK/install.log"
 
 cd "$WORK"
 say "smoke test from $WORK"
-"$WORK/venv/bin/python" "$ROOT/scripts/smoke_test.py" --not-under "$ROOT/discloss"
+"$WORK/venv/bin/python" "$ROOT/scripts/smoke_test.py" --installed
 if [ "$TESTS" = 1 ]; then
   say "pytest against the installed package"
   DISCLOSS_EXPECT_INSTALLED="$ROOT/discloss" "$WORK/venv/bin/python" -m pytest "$ROOT/tests" -p no:cacheprovider \

@@ -1,20 +1,21 @@
 """Smoke test of an installed discloss, run from outside the source tree.
 
-    python scripts/smoke_test.py [--not-under SOURCE_PACKAGE_DIR]
+    python scripts/smoke_test.py [--installed]
 
 Checks, in float64 on CPU: DESIGN's check values (paper L1 and L2, the
 Chainer normalisation), a backward pass against central finite differences
 of the loss (torch.autograd.gradcheck) and against the pure-PyTorch
-reference, and the float32 path. With --not-under, it also checks that
-discloss was imported from an install, not from the source tree's package
-directory (e.g. ./discloss). Prints one line per check; exits non-zero on
-the first failure.
+reference, and the float32 path. With --installed, it also checks that
+discloss was imported from the running environment's own site-packages (an
+installed copy, not a source tree or another environment). Prints one line
+per check; exits non-zero on the first failure.
 """
 
 import argparse
 import math
 import os
 import sys
+import sysconfig
 
 import torch
 
@@ -32,7 +33,8 @@ def close(actual, expected, rel=1e-12):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--not-under", help="fail if discloss is imported from this directory (the checkout's discloss/)")
+    parser.add_argument("--installed", action="store_true",
+                        help="fail unless discloss comes from this environment's site-packages")
     args = parser.parse_args()
 
     import discloss
@@ -41,10 +43,9 @@ def main():
 
     location = os.path.dirname(os.path.realpath(discloss.__file__))
     check("import", True, f"discloss {discloss.__version__} from {location}, torch {torch.__version__}")
-    if args.not_under:
-        source = os.path.realpath(args.not_under)
-        check("installed copy", os.path.commonpath([location, source]) != source,
-              f"(not under {source})")
+    if args.installed:
+        site = os.path.realpath(sysconfig.get_paths()["platlib"])
+        check("installed copy", os.path.commonpath([location, site]) == site, f"(in {site})")
 
     # DESIGN §1 check values: pixels (0,0), (2,0), (1,1) with labels 1, 1, 2.
     x = torch.tensor([[[0.0, 2.0, 1.0], [0.0, 0.0, 1.0]]], dtype=torch.float64)

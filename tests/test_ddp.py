@@ -22,18 +22,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def torchrun(args, cwd):
-    """Run torchrun with 2 processes on this machine; kill the whole process group past the timeout."""
+    """Run torchrun with 2 processes on this machine; stop it (and its workers) past the timeout."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                "--nproc_per_node", str(WORLD_SIZE)] + args
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT_SECONDS)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"torchrun did not finish in {TIMEOUT_SECONDS} s:\n{output}")
-    assert process.returncode == 0, f"torchrun exited with {process.returncode}:\n{output}"
+    log_path = os.path.join(cwd, "torchrun.log")
+    # Output to a file, not a pipe: a worker that outlived torchrun would hold a pipe open.
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+        try:
+            process.wait(timeout=TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.terminate()  # torchrun stops its workers on SIGTERM
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    with open(log_path) as log:
+        output = log.read()
+    assert process.returncode == 0, f"torchrun exited with {process.returncode} (timeout {TIMEOUT_SECONDS} s):\n{output}"
     return output
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 
 import pytest
@@ -24,7 +25,9 @@ def test_suite_runs_against_the_installed_copy_when_asked():
     if not source:
         pytest.skip("runs when the suite tests an installed copy (make test-installed sets DISCLOSS_EXPECT_INSTALLED)")
     source = os.path.realpath(source)
+    site = os.path.realpath(sysconfig.get_paths()["platlib"])
     assert os.path.commonpath([PACKAGE_DIR, source]) != source, f"discloss imported from {PACKAGE_DIR}"
+    assert os.path.commonpath([PACKAGE_DIR, site]) == site, f"discloss imported from {PACKAGE_DIR}, not {site}"
 
 
 def test_build_records_the_torch_it_was_built_against():
