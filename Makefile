@@ -15,7 +15,7 @@
 #   make install-check   sdist -> check its contents -> pip install --no-build-isolation -> smoke test
 #   make test-installed  wheel -> pip install -> the whole pytest suite against the installed package
 PYTHON ?= python3
-DEFAULT_TORCH := torch==2.14.1
+DEFAULT_TORCH := torch==2.15.0
 TORCH ?= $(DEFAULT_TORCH)
 VENV ?= .venv$(if $(filter-out $(DEFAULT_TORCH),$(TORCH)),-$(subst =,,$(subst >,,$(subst <,,$(TORCH)))))
 PY := $(VENV)/bin/python
