@@ -4,7 +4,7 @@
 #   make bench   quick CPU benchmark against pure PyTorch
 # Every target creates the virtual environment and builds the extension first.
 #
-# Another torch: make test TORCH=torch==2.4.0 (its own virtual environment,
+# Another torch: make test-py TORCH=torch==2.4.0 (its own virtual environment,
 # .venv-torch2.4.0, so that the default one stays as it is; VENV=... names
 # another). USE_CUDA=0 builds the C++ sources only, PIP_ARGS is passed to pip
 # (e.g. --index-url https://download.pytorch.org/whl/cpu for torch's CPU-only
@@ -15,7 +15,7 @@
 #   make install-check   sdist -> check its contents -> pip install --no-build-isolation -> smoke test
 #   make test-installed  wheel -> pip install -> the whole pytest suite against the installed package
 PYTHON ?= python3
-DEFAULT_TORCH := torch==2.15.0
+DEFAULT_TORCH := torch==2.14.1
 TORCH ?= $(DEFAULT_TORCH)
 VENV ?= .venv$(if $(filter-out $(DEFAULT_TORCH),$(TORCH)),-$(subst =,,$(subst >,,$(subst <,,$(TORCH)))))
 PY := $(VENV)/bin/python
