@@ -135,3 +135,22 @@ def test_mixed_precision_training_step(device, dtype):
     for grad, ref in zip(grads, ref_grads):
         assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
         assert_grad_close(grad, ref, dtype, "parameter grad")
+
+
+def test_compiled_under_autocast_matches_the_reference():
+    # The autocast kernel is traced like the rest: fullgraph, float32 terms.
+    x, labels = embeddings_and_labels("cpu", torch.bfloat16, seed=5)
+
+    def terms_under_autocast(x, labels):
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            return discloss.discriminative_loss(x, labels, gamma=0.1, max_instances=K)
+
+    compiled = torch.compile(terms_under_autocast, fullgraph=True, backend="aot_eager")
+    leaf = x.detach().clone().requires_grad_(True)
+    terms = compiled(leaf, labels)
+    (grad,) = torch.autograd.grad(sum(terms), leaf)
+    ref_terms, ref_grad = reference64(x, labels, gamma=0.1)
+    assert [t.dtype for t in terms] == [torch.float32] * 3 and grad.dtype == torch.bfloat16
+    for name, term, ref in zip(("var", "dist", "reg"), terms, ref_terms):
+        assert_close(term, ref, torch.float32, name)
+    assert_grad_close(grad, ref_grad, torch.bfloat16)
