@@ -3,35 +3,56 @@
 #   make test    C++ (ctest) and Python (pytest) tests
 #   make bench   quick CPU benchmark against pure PyTorch
 # Every target creates the virtual environment and builds the extension first.
+#
+# Another torch: make test-py TORCH=torch==2.4.0 (its own virtual environment,
+# .venv-torch2.4.0, so that the default one stays as it is; VENV=... names
+# another). USE_CUDA=0 builds the C++ sources only, PIP_ARGS is passed to pip
+# (e.g. --index-url https://download.pytorch.org/whl/cpu for torch's CPU-only
+# wheels).
+#
+# Installed copies (each in a fresh virtual environment under build/,
+# from outside the source tree):
+#   make install-check   sdist -> check its contents -> pip install --no-build-isolation -> smoke test
+#   make test-installed  wheel -> pip install -> the whole pytest suite against the installed package
 PYTHON ?= python3
-VENV ?= .venv
+DEFAULT_TORCH := torch==2.14.1
+TORCH ?= $(DEFAULT_TORCH)
+VENV ?= .venv$(if $(filter-out $(DEFAULT_TORCH),$(TORCH)),-$(subst =,,$(subst >,,$(subst <,,$(TORCH)))))
 PY := $(VENV)/bin/python
-TORCH ?= torch==2.14.1
-DEPS := numpy pytest hypothesis expecttest ninja matplotlib scipy scikit-learn
+PIP_ARGS ?=
+DEPS := numpy pytest hypothesis expecttest ninja matplotlib scipy scikit-learn build wheel
 PYTEST_ARGS ?=
 # The package is used from the source tree (the extension is built in place).
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: all venv build test test-cpp test-py bench bench-full demo clean
+.PHONY: all venv build test test-cpp test-py bench bench-full demo sdist wheel install-check test-installed clean FORCE
 
 all: build
 
 $(VENV)/.deps: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q "$(TORCH)" $(DEPS)
+	$(PY) -m pip install --disable-pip-version-check -q $(PIP_ARGS) "$(TORCH)" $(DEPS)
 	touch $@
 
 venv: $(VENV)/.deps
 
 # The extension is built in place (discloss/_C*.so) with ninja, incrementally
 # in build/temp: quick when nothing changed. USE_CUDA=0 / FORCE_CUDA=1 choose
-# the CUDA sources (see setup.py); after changing them, `make clean`.
+# the CUDA sources (see setup.py). A change of virtual environment, torch or
+# these settings starts the build afresh (build/.build-id records them).
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 BUILT := build/.built
+BUILD_ID := $(abspath $(VENV)) $(TORCH) USE_CUDA=$(USE_CUDA) FORCE_CUDA=$(FORCE_CUDA) \
+	TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) DISCLOSS_DEBUG=$(DISCLOSS_DEBUG)
 
-$(BUILT): $(VENV)/.deps $(SOURCES)
+build/.build-id: FORCE
+	@mkdir -p build
+	@echo '$(BUILD_ID)' | cmp -s - $@ || echo '$(BUILD_ID)' > $@
+
+$(BUILT): $(VENV)/.deps build/.build-id $(SOURCES)
+	$(if $(filter $(VENV)/.deps build/.build-id,$?),rm -rf build/temp build/lib.*)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace --build-temp build/temp
-	@mkdir -p build && touch $@
+	@touch $@
 
 build: $(BUILT)
 
@@ -52,5 +73,21 @@ bench-full: build
 demo: build
 	$(PY) -m discloss.demo
 
+# Distributions, built without build isolation against the torch in $(VENV)
+# (with isolation, pip would build against the newest torch instead).
+sdist: venv
+	$(PY) -m build --sdist --no-isolation --outdir dist .
+
+wheel: venv
+	$(PY) -m pip wheel --no-build-isolation --no-deps --wheel-dir dist .
+
+install-check: venv
+	bash scripts/install_check.sh $(PY) build/install-check
+
+test-installed: venv
+	bash scripts/install_check.sh --wheel --tests $(PY) build/test-installed
+
 clean:
-	rm -rf build dist *.egg-info discloss/_C*.so .pytest_cache
+	rm -rf build dist *.egg-info discloss/_C*.so discloss/_build_info.py .pytest_cache
+
+FORCE:

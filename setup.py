@@ -98,7 +98,36 @@ def extensions():
     return [CppExtension("discloss._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)]
 
 
+class BuildExtensionRecordingTorch(BuildExtension):
+    """Builds the extension, then writes discloss/_build_info.py next to it.
+
+    The file records the torch (and the CUDA, when the CUDA sources were
+    compiled) the extension was built against, so that ``import discloss``
+    can say so when another torch is running instead of failing with an
+    undefined symbol (discloss/_extension.py).
+    """
+
+    def run(self):
+        # Let ninja decide what to recompile: it follows every header
+        # (torch's too) and the compile flags. distutils' own up-to-date
+        # check looks at the .cpp files only and would keep a stale
+        # extension after a header, torch or USE_CUDA change.
+        self.force = True
+        super().run()
+        with_cuda = any(source.endswith(".cu") for ext in self.extensions for source in ext.sources)
+        # After run(), get_ext_fullpath names where the extension went: the
+        # source tree for --inplace and editable installs, else build_lib
+        # (what a wheel packs).
+        path = os.path.join(os.path.dirname(self.get_ext_fullpath("discloss._C")), "_build_info.py")
+        with open(path, "w") as handle:
+            handle.write(
+                "# Written by setup.py when discloss._C was built; not in version control.\n"
+                f"torch_version = {torch.__version__!r}\n"
+                f"cuda_version = {(torch.version.cuda if with_cuda else None)!r}\n"
+            )
+
+
 setup(
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionRecordingTorch.with_options(use_ninja=True)},
 )

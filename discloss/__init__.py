@@ -9,11 +9,18 @@ Around the loss: ``cluster_embeddings`` (embeddings to instances),
 synthetic data set) and ``python -m discloss.demo`` (end-to-end training).
 """
 
-from . import chainer, cluster, convert, data, metrics, reference
-from .cluster import cluster_embeddings
-from .convert import labels_from_onehot
-from .data import ScatteredSticks
-from .loss import DiscriminativeLoss, DiscriminativeLossTerms, DiscriminativeLossTermsWithPush, discriminative_loss
+from . import _extension
+
+_extension.load()  # discloss._C, or an ImportError naming the torch it was built against and the fix
+
+from . import _autocast  # noqa: E402  (float32 under torch.autocast, like torch's own losses)
+from . import chainer, cluster, convert, data, metrics, reference  # noqa: E402
+from .cluster import cluster_embeddings  # noqa: E402
+from .convert import labels_from_onehot  # noqa: E402
+from .data import ScatteredSticks  # noqa: E402
+from .loss import (  # noqa: E402
+    DiscriminativeLoss, DiscriminativeLossTerms, DiscriminativeLossTermsWithPush, discriminative_loss,
+)
 
 __all__ = [
     "DiscriminativeLoss",

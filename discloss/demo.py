@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import metrics
+from . import distributed, metrics
 from .cluster import cluster_embeddings
 from .data import ScatteredSticks
 from .loss import discriminative_loss
@@ -264,21 +264,22 @@ class ThreadChooser:
 
 
 def train(model: StickNet, dataset: ScatteredSticks, args, device: torch.device, log=print,
-          thread_chooser: Optional[ThreadChooser] = None) -> int:
+          thread_chooser: Optional[ThreadChooser] = None, context: Optional[distributed.Context] = None) -> int:
     """Train for ``args.steps`` steps or ``args.time_limit`` seconds, whichever ends first.
 
     The learning rate schedule follows whichever of the two is further
     along, so that training stopped by the clock still ends annealed (on a
-    slow or busy machine). Returns the number of steps done.
+    slow or busy machine). Returns the number of steps done. Under torchrun
+    (``context``), the ranks take the stop decision together.
     """
     try:
-        return _train_steps(model, dataset, args, device, log, thread_chooser)
+        return _train_steps(model, dataset, args, device, log, thread_chooser, context or distributed.Context())
     finally:
         if thread_chooser is not None:
             thread_chooser.settle()
 
 
-def _train_steps(model, dataset, args, device, log, thread_chooser) -> int:
+def _train_steps(model, dataset, args, device, log, thread_chooser, context) -> int:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     model.train()
     start = time.perf_counter()
@@ -289,6 +290,7 @@ def _train_steps(model, dataset, args, device, log, thread_chooser) -> int:
     for step in range(args.steps):
         step_start = time.perf_counter()
         progress = max(step / args.steps, (step_start - start) / time_limit)
+        progress = distributed.agree_max(progress, context)  # every rank stops at the same step
         if progress >= 1.0:
             log(f"time limit of {args.time_limit:g} s reached after {step} of {args.steps} steps")
             return step
@@ -595,7 +597,20 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 
 def _run(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Under torchrun: one rank per process, DDP, each rank its share of every batch (discloss/distributed.py).
+    context = distributed.setup(args.device)
+    try:
+        return _run_rank(args, context)
+    finally:
+        distributed.cleanup(context)
+
+
+def _run_rank(args: argparse.Namespace, context: distributed.Context) -> dict:
+    device = context.device
+    print = _print_on_main_rank(context)
+    if args.eval_images < context.world_size:
+        raise SystemExit(f"--eval-images: expected at least one per process ({context.world_size}), "
+                         f"got {args.eval_images}")
     thread_chooser = None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -603,49 +618,66 @@ def _run(args: argparse.Namespace) -> dict:
         thread_chooser = ThreadChooser([torch.get_num_threads(), 1], log=lambda line: print(line, flush=True))
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
-    train_set = make_dataset(args, args.steps * args.batch_size, _TRAIN_SEED)
+    train_set = make_dataset(args, args.steps * args.batch_size * context.world_size, _TRAIN_SEED)
     held_out = make_dataset(args, args.eval_images, _HELD_OUT_SEED)
     model = StickNet(embedding_dim=args.embedding_dim).to(device)
     sticks = "-".join(str(n) for n in dict.fromkeys(args.sticks))
     print(f"discloss demo: {args.steps} steps of {args.batch_size} images of {args.image_size}x{args.image_size} px "
           f"(ScatteredSticks, {sticks} sticks, at {args.image_size / 256:g}x the 256 px geometry) on {device}"
           + (f" ({torch.get_num_threads()} threads" + (" or 1, whichever is faster)" if thread_chooser else ")")
-             if device.type == "cpu" else ""), flush=True)
+             if device.type == "cpu" else "")
+          + (f", {context.world_size} processes (DDP, {args.batch_size} images each per step)"
+             if context.distributed else ""), flush=True)
     print(f"model: U-Net widths {model.widths}, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"embedding dim {args.embedding_dim} and a seediness head, delta_v {args.delta_v}, delta_d {args.delta_d}",
           flush=True)
 
     start = time.perf_counter()
-    steps_done = train(model, train_set, args, device, log=lambda line: print(line, flush=True),
-                       thread_chooser=thread_chooser)
+    steps_done = train(distributed.wrap_model(model, context), distributed.RankShard(train_set, context), args,
+                       device, log=lambda line: print(line, flush=True), thread_chooser=thread_chooser,
+                       context=context)
     train_seconds = time.perf_counter() - start
     checkpoint_path = os.path.join(args.out, "checkpoint.pt")
-    torch.save({"model": model.state_dict(), "embedding_dim": args.embedding_dim, "widths": model.widths,
-                "args": {**vars(args), "sticks": list(args.sticks)}}, checkpoint_path)
+    if context.is_main:
+        torch.save({"model": model.state_dict(), "embedding_dim": args.embedding_dim, "widths": model.widths,
+                    "args": {**vars(args), "sticks": list(args.sticks)}}, checkpoint_path)
 
     evaluation_start = time.perf_counter()
-    scores = evaluate(model, held_out, args, device)
+    scores = evaluate(model, distributed.RankShard(held_out, context), args, device)
+    # every image, every rank
+    scores = {mode: (distributed.gather(sbd, context), distributed.gather(abs_dic, context))
+              for mode, (sbd, abs_dic) in scores.items()}
     evaluate_seconds = time.perf_counter() - evaluation_start
     panel_path = os.path.join(args.out, "panel.png")
-    shown = held_out.batch(range(min(_PANEL_ROWS, len(held_out))))
-    save_panel(panel_path, shown, predict(model, shown.image.to(device), args, _PANEL_MODES), args.delta_v)
+    if context.is_main:
+        shown = held_out.batch(range(min(_PANEL_ROWS, len(held_out))))
+        save_panel(panel_path, shown, predict(model, shown.image.to(device), args, _PANEL_MODES), args.delta_v)
+    sbd = scores["hashed"][0]
     result = {
         "steps": steps_done,
         "train_seconds": train_seconds,
         "evaluate_seconds": evaluate_seconds,
         "checkpoint": checkpoint_path,
         "panel": panel_path,
+        "evaluated_images": len(sbd),
+        "world_size": context.world_size,
     }
     # "sbd" and "abs_dic": hashed seeds, as before seediness existed.
     for mode, suffix in (("hashed", ""), ("seediness-order", "_seediness_order"), ("seediness", "_seediness")):
         sbd, abs_dic = scores[mode]
         result["sbd" + suffix] = float(sbd.mean())
         result["abs_dic" + suffix] = float(abs_dic.float().mean())
-        print(f"held-out ({len(held_out)} images, {args.image_size}x{args.image_size}), {mode} seeds: "
+        print(f"held-out ({len(sbd)} images, {args.image_size}x{args.image_size}), {mode} seeds: "
               f"mean SBD {result['sbd' + suffix]:.3f}, mean |DiC| {result['abs_dic' + suffix]:.2f}", flush=True)
     print(f"time: training {train_seconds:.0f} s ({steps_done} steps), evaluation {evaluate_seconds:.1f} s; "
           f"saved {checkpoint_path} and {panel_path}", flush=True)
     return result
+
+
+def _print_on_main_rank(context: distributed.Context):
+    if context.is_main:
+        return print
+    return lambda *args, **kwargs: None
 
 
 if __name__ == "__main__":
