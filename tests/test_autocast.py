@@ -59,7 +59,8 @@ def test_half_precision_runs_in_float32_under_autocast(device, dtype, norm):
 def test_raw_op_and_chainer_drop_in_run_in_float32_under_autocast(device, dtype):
     x, labels = embeddings_and_labels(device, dtype, seed=1)
     with torch.autocast(device_type=device, dtype=dtype):
-        raw = torch.ops.discloss.forward(x, labels, K, 0.5, 1.5, 2, 1.0, 1.0, 0.1, 0, "paper", "none")
+        raw = torch.ops.discloss.forward(x, labels, None, None, K, 0.5, 1.5, 2, 1.0, 1.0, 0.1, 0.0, 0, "paper",
+                                         "none")
         chainer_terms, chainer_grad = fused(x, labels, loss=chainer_loss, delta_v=0.5, delta_d=1.5,
                                             max_embedding_dim=K - 1)
     ref_none = discriminative_loss_reference(x.cpu().double(), labels.cpu(), gamma=0.1, reduction="none")

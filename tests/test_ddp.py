@@ -107,6 +107,8 @@ def test_demo_under_torchrun_gathers_the_evaluation(tmp_path):
                         "--log-every", "0"], cwd=tmp_path)
     assert "2 processes (DDP, 2 images each per step)" in printed
     assert "step     2/2" in printed
-    # 3 held-out images split 2 + 1 between the ranks, gathered for the score; printed once (rank 0).
-    assert printed.count("held-out (3 images, 32x32): mean SBD") == 1
+    # 3 held-out images split 2 + 1 between the ranks, gathered for the score; printed once (rank 0)
+    # per seed mode.
+    for mode in ("hashed", "seediness-order", "seediness"):
+        assert printed.count(f"held-out (3 images, 32x32), {mode} seeds: mean SBD") == 1
     assert (out / "checkpoint.pt").exists() and (out / "panel.png").exists()
