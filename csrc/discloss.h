@@ -39,6 +39,19 @@ void check_slot_memory(const LossConfig& c, int64_t batch, int64_t embed_dim, in
 // labels of slot_map: an integer tensor (B, *spatial); max_instances >= 1.
 void check_slot_map_inputs(const at::Tensor& labels, int64_t max_instances);
 
+// Calls fn(label_t{}) with the C++ type of an integer label dtype.
+template <typename Fn>
+void dispatch_label_type(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kByte: return fn(uint8_t{});
+    case at::kChar: return fn(int8_t{});
+    case at::kShort: return fn(int16_t{});
+    case at::kInt: return fn(int32_t{});
+    case at::kLong: return fn(int64_t{});
+    default: TORCH_CHECK(false, "labels: expected uint8, int8, int16, int32 or int64, got ", t);
+  }
+}
+
 // Rows of push_grad_sums: K with the unlabeled push, 0 without.
 inline int64_t push_rows(const LossConfig& c) { return c.unlabeled_push > 0 ? c.num_slots : 0; }
 

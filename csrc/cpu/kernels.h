@@ -244,6 +244,55 @@ static inline void finish_norms(const scalar_t* x, const PixelLayout& L, PixelOf
   fix_l2_range<scalar_t, kUnit>(x, L, o, in, mu, s, t, r);
 }
 
+// r[s .. t) = ||x_j - mu|| for the pixels of a run (L2: with the range fix).
+template <typename scalar_t, int kNorm, bool kUnit>
+static inline void run_norms(const scalar_t* x, const PixelLayout& L, PixelOffsets o, InnerStride<kUnit> in,
+                             const typename AccOf<scalar_t>::type* mu, int64_t s, int64_t t,
+                             typename AccOf<scalar_t>::type* r) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  for (int64_t j = s; j < t; ++j) r[j] = 0;
+  for (int64_t e = 0; e < L.embed_dim; ++e) {
+    const scalar_t* xe = x + o.x + e * L.x_embed_stride;
+    const acc_t m = mu[e];
+#pragma omp simd
+    for (int64_t j = s; j < t; ++j) r[j] += norm_term<acc_t>(to_acc(xe[j * in.xs()]) - m, kNorm);
+  }
+  finish_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r);
+}
+
+// For a run against the mean mu: (h_j, coef_j) = hinge_of(||x_j - mu||),
+// grad[e] += sum_j coef_j u_je (u = x - mu for L2, its sign for L1), and the
+// sum of h_j^2 returned. The pull (pass 2) and the unlabeled push share it.
+template <typename scalar_t, int kNorm, bool kUnit, typename HingeOf>
+static inline typename AccOf<scalar_t>::type run_hinge_sums(const scalar_t* x, const PixelLayout& L, PixelOffsets o,
+                                                            InnerStride<kUnit> in,
+                                                            const typename AccOf<scalar_t>::type* mu, int64_t s,
+                                                            int64_t t, typename AccOf<scalar_t>::type* r,
+                                                            typename AccOf<scalar_t>::type* coef, HingeOf hinge_of,
+                                                            typename AccOf<scalar_t>::type* grad) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r);
+  acc_t h2 = 0;
+#pragma omp simd reduction(+ : h2)
+  for (int64_t j = s; j < t; ++j) {
+    const PullHinge<acc_t> ph = hinge_of(r[j]);
+    h2 += ph.h * ph.h;
+    coef[j] = ph.coef;
+  }
+  for (int64_t e = 0; e < L.embed_dim; ++e) {
+    const scalar_t* xe = x + o.x + e * L.x_embed_stride;
+    const acc_t m = mu[e];
+    acc_t g = 0;
+#pragma omp simd reduction(+ : g)
+    for (int64_t j = s; j < t; ++j) {
+      const acc_t d = to_acc(xe[j * in.xs()]) - m;
+      g += coef[j] * (kNorm == 2 ? d : norm_grad(d, acc_t(0), 1));
+    }
+    grad[e] += g;
+  }
+  return h2;
+}
+
 // ---- pass 1: per-slot sums of x and counts ---------------------------------
 // Reads each embedding of the chunk once; writes the chunk's K x E partial
 // sums and K counts (caller-zeroed, private to this chunk). The sums are of
@@ -305,34 +354,9 @@ static void hinge_sums_impl(const ChunkArgs& a) {
   for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
     segment_slots(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, slots, nullptr);
     for_each_run(slots, len, [&](int64_t s, int64_t t, int64_t k) {
-      const acc_t* mu = means + k * E;
-      for (int64_t j = s; j < t; ++j) r[j] = 0;
-      for (int64_t e = 0; e < E; ++e) {
-        const scalar_t* xe = x + o.x + e * L.x_embed_stride;
-        const acc_t m = mu[e];
-#pragma omp simd
-        for (int64_t j = s; j < t; ++j) r[j] += norm_term<acc_t>(to_acc(xe[j * in.xs()]) - m, kNorm);
-      }
-      finish_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r);
-      acc_t h2 = 0;
-#pragma omp simd reduction(+ : h2)
-      for (int64_t j = s; j < t; ++j) {
-        const PullHinge<acc_t> ph = pull_hinge(r[j], delta_v, kNorm);
-        h2 += ph.h * ph.h;
-        coef[j] = ph.coef;
-      }
-      hinge[k] += h2;
-      for (int64_t e = 0; e < E; ++e) {
-        const scalar_t* xe = x + o.x + e * L.x_embed_stride;
-        const acc_t m = mu[e];
-        acc_t g = 0;
-#pragma omp simd reduction(+ : g)
-        for (int64_t j = s; j < t; ++j) {
-          const acc_t d = to_acc(xe[j * in.xs()]) - m;
-          g += coef[j] * (kNorm == 2 ? d : norm_grad(d, acc_t(0), 1));
-        }
-        hinge_grad[k * E + e] += g;
-      }
+      hinge[k] += run_hinge_sums<scalar_t, kNorm, kUnit>(
+          x, L, o, in, means + k * E, s, t, r, coef, [&](acc_t rj) { return pull_hinge(rj, delta_v, kNorm); },
+          hinge_grad + k * E);
     });
     if (a.push == nullptr || a.num_present == 0) return;
     // Unlabeled push: every unlabeled pixel against every cluster present,
@@ -344,34 +368,9 @@ static void hinge_sums_impl(const ChunkArgs& a) {
       if (slot != kIgnored) return;
       for (int64_t pi = 0; pi < a.num_present; ++pi) {
         const int64_t k = a.present[pi];
-        const acc_t* mu = means + k * E;
-        for (int64_t j = s; j < t; ++j) r[j] = 0;
-        for (int64_t e = 0; e < E; ++e) {
-          const scalar_t* xe = x + o.x + e * L.x_embed_stride;
-          const acc_t m = mu[e];
-#pragma omp simd
-          for (int64_t j = s; j < t; ++j) r[j] += norm_term<acc_t>(to_acc(xe[j * in.xs()]) - m, kNorm);
-        }
-        finish_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r);
-        acc_t q2 = 0;
-#pragma omp simd reduction(+ : q2)
-        for (int64_t j = s; j < t; ++j) {
-          const PullHinge<acc_t> uq = unlabeled_hinge(r[j], delta_d, kNorm);
-          q2 += uq.h * uq.h;
-          coef[j] = uq.coef;
-        }
-        push[k] += q2;
-        for (int64_t e = 0; e < E; ++e) {
-          const scalar_t* xe = x + o.x + e * L.x_embed_stride;
-          const acc_t m = mu[e];
-          acc_t g = 0;
-#pragma omp simd reduction(+ : g)
-          for (int64_t j = s; j < t; ++j) {
-            const acc_t d = to_acc(xe[j * in.xs()]) - m;
-            g += coef[j] * (kNorm == 2 ? d : norm_grad(d, acc_t(0), 1));
-          }
-          push_grad[k * E + e] += g;
-        }
+        push[k] += run_hinge_sums<scalar_t, kNorm, kUnit>(
+            x, L, o, in, means + k * E, s, t, r, coef, [&](acc_t rj) { return unlabeled_hinge(rj, delta_d, kNorm); },
+            push_grad + k * E);
       }
     });
   });
@@ -403,14 +402,7 @@ static void write_push_grad(const ChunkArgs& a, PixelOffsets o, int64_t s, int64
     for (int64_t i = 0; i < n * E; ++i) buf[i] = 0;
     for (int64_t pi = 0; pi < a.num_present; ++pi) {
       const acc_t* mu = means + a.present[pi] * E;
-      for (int64_t j = s0; j < t0; ++j) r[j] = 0;
-      for (int64_t e = 0; e < E; ++e) {
-        const scalar_t* xe = x + o.x + e * L.x_embed_stride;
-        const acc_t m = mu[e];
-#pragma omp simd
-        for (int64_t j = s0; j < t0; ++j) r[j] += norm_term<acc_t>(to_acc(xe[j * in.xs()]) - m, kNorm);
-      }
-      finish_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s0, t0, r);
+      run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s0, t0, r);
 #pragma omp simd
       for (int64_t j = s0; j < t0; ++j) coef[j] = w * unlabeled_hinge(r[j], delta_d, kNorm).coef;
       for (int64_t e = 0; e < E; ++e) {
@@ -475,14 +467,7 @@ static void write_grad_impl(const ChunkArgs& a) {
       const acc_t* mu = means + k * E;
       const acc_t* b = mean_coef + k * E;
       const acc_t av = var_coef[k];
-      for (int64_t j = s; j < t; ++j) r[j] = 0;
-      for (int64_t e = 0; e < E; ++e) {
-        const scalar_t* xe = x + o.x + e * L.x_embed_stride;
-        const acc_t m = mu[e];
-#pragma omp simd
-        for (int64_t j = s; j < t; ++j) r[j] += norm_term<acc_t>(to_acc(xe[j * in.xs()]) - m, kNorm);
-      }
-      finish_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r);
+      run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r);
 #pragma omp simd
       for (int64_t j = s; j < t; ++j) coef[j] = av * pull_hinge(r[j], delta_v, kNorm).coef;
       for (int64_t e = 0; e < E; ++e) {

@@ -1270,18 +1270,6 @@ __global__ void __launch_bounds__(kGradThreads)
 
 // ---- host side ------------------------------------------------------------------------
 
-template <typename Fn>
-void dispatch_label_type(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kByte: return fn(uint8_t{});
-    case at::kChar: return fn(int8_t{});
-    case at::kShort: return fn(int16_t{});
-    case at::kInt: return fn(int32_t{});
-    case at::kLong: return fn(int64_t{});
-    default: TORCH_CHECK(false, "labels: expected uint8, int8, int16, int32 or int64, got ", t);
-  }
-}
-
 int64_t grid_for(int64_t n, int threads) {
   return std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, threads), int64_t(sm_count()) * 32));
 }

@@ -46,18 +46,6 @@ constexpr unsigned long long kEmptyKey = 0x7fffffffffffffffull;  // INT64_MAX as
 // Per-image words of the map (one int64 tensor (3, B)).
 enum MapWord : int { kOutside = 0, kHasMax = 1, kFilled = 2 };
 
-template <typename Fn>
-void dispatch_labels(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kByte: return fn(uint8_t{});
-    case at::kChar: return fn(int8_t{});
-    case at::kShort: return fn(int16_t{});
-    case at::kInt: return fn(int32_t{});
-    case at::kLong: return fn(int64_t{});
-    default: TORCH_CHECK(false, "labels: expected uint8, int8, int16, int32 or int64, got ", t);
-  }
-}
-
 __device__ __forceinline__ unsigned long long mix_bits(unsigned long long k) {  // splitmix64 finaliser
   k ^= k >> 30;
   k *= 0xbf58476d1ce4e5b9ull;
@@ -196,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> slot_map_cuda(const at::Tensor& labels, int64
     const int64_t want = std::max<int64_t>(1, (sms * 8 + B - 1) / B);
     const dim3 grid(static_cast<unsigned>(std::min<int64_t>((N + kMapThreads - 1) / kMapThreads, want)),
                     static_cast<unsigned>(std::min<int64_t>(B, 65535)));
-    dispatch_labels(lab.scalar_type(), [&](auto tag) {
+    dispatch_label_type(lab.scalar_type(), [&](auto tag) {
       using label_t = decltype(tag);
       const label_t* lab_p = static_cast<const label_t*>(lab.data_ptr());
       outside_ids_kernel<label_t><<<grid, kMapThreads, 0, stream>>>(lab_p, B, N, K, c.has_ignore, c.ignore_index,
