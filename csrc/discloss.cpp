@@ -1,6 +1,8 @@
-// The op schemas, defined once. Kernels are registered per dispatch key in
+// The discloss library: its op schemas (schemas.h). Kernels are registered per dispatch key in
 // cpu/loss.cpp and cuda/loss.cu; fake kernels and autograd in discloss/_ops.py.
 #include <torch/library.h>
+
+#include "schemas.h"
 
 #ifdef DISCLOSS_PYTHON_MODULE
 #include <Python.h>
@@ -12,36 +14,4 @@ extern "C" PyObject* PyInit__C(void) {
 }
 #endif
 
-TORCH_LIBRARY(discloss, m) {
-  // The slot map of arbitrary ids (DESIGN §1): per image, the distinct labels
-  // other than ignore_index, sorted, in slot_ids[b, 0 .. num_ids[b]) (the rest
-  // 0), the slot of a label being its position there; num_ids[b] = -1 when
-  // every such label lies in [0, max_instances) (the identity: slot = label).
-  // More than max_instances distinct ids in an image: an error on CPU; on
-  // CUDA the extra ids are dropped (no cluster) and the Python wrapper checks
-  // in eager mode. slot_ids (B, K) int64, num_ids (B,) int64.
-  m.def("slot_map(Tensor labels, int max_instances, int? ignore_index) -> (Tensor slot_ids, Tensor num_ids)");
-  // Returns the weighted (var, dist, reg, push) terms — shape (B,) for
-  // reduction "none", () otherwise, dtype of embeddings; push is the
-  // unlabeled push, 0 when unlabeled_push is 0 — and what backward needs:
-  // per-(image, slot) means (B, K, E), pixel counts (B, K + 1) whose last
-  // column counts the unlabeled pixels (label == ignore_index; paper
-  // normalisation), the sums of d(h^2)/dx per slot (B, K, E) and of the
-  // push's d(q^2)/dx over the unlabeled pixels per cluster (B, K, E), or
-  // (B, 0, E) when unlabeled_push is 0; means and sums in float32 (float64
-  // for double embeddings). Those four are not differentiable. slot_ids and
-  // num_ids come from slot_map (paper normalisation); without them the
-  // labels are the slots and must lie in [0, max_instances).
-  m.def(
-      "forward(Tensor embeddings, Tensor labels, Tensor? slot_ids, Tensor? num_ids, int max_instances, "
-      "float delta_v, float delta_d, int norm, float alpha, float beta, float gamma, float unlabeled_push, "
-      "int? ignore_index, str normalization, str reduction) "
-      "-> (Tensor var, Tensor dist, Tensor reg, Tensor push, Tensor means, Tensor counts, Tensor hinge_grad_sums, "
-      "Tensor push_grad_sums)");
-  // The gradient with respect to embeddings, from the gradients of the four terms.
-  m.def(
-      "backward(Tensor grad_var, Tensor grad_dist, Tensor grad_reg, Tensor grad_push, Tensor embeddings, "
-      "Tensor labels, Tensor? slot_ids, Tensor? num_ids, Tensor means, Tensor counts, Tensor hinge_grad_sums, "
-      "Tensor push_grad_sums, float delta_v, float delta_d, int norm, float alpha, float beta, float gamma, "
-      "float unlabeled_push, int? ignore_index, str normalization, str reduction) -> Tensor");
-}
+TORCH_LIBRARY(discloss, m) { discloss::define_ops(m); }

@@ -79,11 +79,6 @@
 // the three terms. Deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -93,6 +88,7 @@
 
 #include "../discloss.h"
 #include "reduce.cuh"
+#include "runtime.cuh"
 
 namespace discloss {
 namespace cuda {
@@ -181,7 +177,7 @@ __device__ __forceinline__ acc_t hinge_direction(acc_t d, int norm) {
 // values at xp (stride apart) and the row mu, for the rare norm whose sum of
 // squares left L2Range. Out of line, to keep the streaming loops' registers.
 template <typename scalar_t>
-__device__ __noinline__ typename Elem<scalar_t>::acc pixel_scaled_l2(const scalar_t* xp, int64_t stride,
+__device__ DISCLOSS_NOINLINE typename Elem<scalar_t>::acc pixel_scaled_l2(const scalar_t* xp, int64_t stride,
                                                                      const typename Elem<scalar_t>::acc* mu,
                                                                      int64_t E) {
   using acc_t = typename Elem<scalar_t>::acc;
@@ -220,8 +216,6 @@ struct SlotMapArgs {
   const int64_t* slot_ids;
   const int64_t* num_ids;
 };
-
-int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -522,14 +516,14 @@ __global__ void __launch_bounds__(kSumWarps * 32)
   const int64_t ks = min(plan.slots_per_range, K - lo);
   const int64_t rows = plan.slots_per_range;  // rows allocated per warp
 
-  extern __shared__ __align__(16) unsigned char smem[];
+  DISCLOSS_DYNAMIC_SHARED(unsigned char, smem, 16);
   acc_t* shared_sums = reinterpret_cast<acc_t*>(smem);
   shared_extra_t* shared_extras = reinterpret_cast<shared_extra_t*>(shared_sums + warps * rows * E);
   // The image's slot map and the block's count of unlabeled pixels live in
   // shared memory, out of the registers of the tile loop (pass 1 spilled
   // with them in registers).
-  __shared__ ImageSlots sh_map;
-  __shared__ unsigned sh_unlabeled;  // < kMaxChunkPx per block: fits in 32 bits
+  DISCLOSS_SHARED(ImageSlots, sh_map);
+  DISCLOSS_SHARED(unsigned, sh_unlabeled);  // < kMaxChunkPx per block: fits in 32 bits
   if (threadIdx.x == 0) {
     sh_map = image_slots(slot_ids, num_ids, b, K);
     sh_unlabeled = 0u;
@@ -812,10 +806,10 @@ __global__ void __launch_bounds__(kPushThreads)
                           const int* __restrict__ num_present, typename Elem<scalar_t>::acc* __restrict__ push_out,
                           typename Elem<scalar_t>::acc* __restrict__ push_grad_out) {
   using acc_t = typename Elem<scalar_t>::acc;
-  __shared__ acc_t sh_coef[kPushThreads];
-  __shared__ int64_t sh_xoff[kPushThreads];  // -1: not an unlabeled pixel
-  __shared__ acc_t sh_cells[kPushThreads];
-  __shared__ acc_t scratch[32];
+  DISCLOSS_SHARED_ARRAY(acc_t, sh_coef, kPushThreads);
+  DISCLOSS_SHARED_ARRAY(int64_t, sh_xoff, kPushThreads);  // -1: not an unlabeled pixel
+  DISCLOSS_SHARED_ARRAY(acc_t, sh_cells, kPushThreads);
+  DISCLOSS_SHARED_ARRAY(acc_t, scratch, 32);
   const int64_t K = c.num_slots, E = L.embed_dim, N = L.num_pixels, B = L.batch;
   const int64_t threads = blockDim.x, tid = threadIdx.x;
   const int64_t parts = E <= threads ? threads / E : 1;  // parts * E <= threads when parts > 1
@@ -895,7 +889,7 @@ __global__ void __launch_bounds__(kPushThreads)
 __global__ void __launch_bounds__(kCompactThreads)
     compact_present_kernel(const int64_t* __restrict__ counts, int64_t B, int64_t K, int* __restrict__ present,
                            int* __restrict__ num_present) {
-  __shared__ int scratch[33];
+  DISCLOSS_SHARED_ARRAY(int, scratch, 33);
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
     int offset = 0;
     for (int64_t base = 0; base < K; base += blockDim.x) {
@@ -930,8 +924,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
                             unsigned* __restrict__ tickets, scalar_t* __restrict__ var_out,
                             scalar_t* __restrict__ dist_out, scalar_t* __restrict__ reg_out,
                             scalar_t* __restrict__ push_out) {
-  __shared__ acc_t scratch[32];
-  __shared__ bool is_last;
+  DISCLOSS_SHARED_ARRAY(acc_t, scratch, 32);
+  DISCLOSS_SHARED(bool, is_last);
   const int64_t K = c.num_slots;
   const bool paper = c.normalization == Normalization::Paper;
   const int norm = c.norm;
@@ -1084,10 +1078,14 @@ __global__ void __launch_bounds__(kCoefThreads)
                              const acc_t* __restrict__ push_grad, const int* __restrict__ present,
                              const int* __restrict__ num_present, acc_t* __restrict__ var_coef, acc_t* mean_coef,
                              acc_t* __restrict__ push_coef) {
-  __shared__ acc_t sh_pair_coef[kCoefThreads];
-  __shared__ int sh_pair_slot[kCoefThreads];
-  __shared__ acc_t sh_push[kCoefThreads];
-  __shared__ acc_t sh_a, sh_wd, sh_wr, sh_wu, sh_reg_norm;
+  DISCLOSS_SHARED_ARRAY(acc_t, sh_pair_coef, kCoefThreads);
+  DISCLOSS_SHARED_ARRAY(int, sh_pair_slot, kCoefThreads);
+  DISCLOSS_SHARED_ARRAY(acc_t, sh_push, kCoefThreads);
+  DISCLOSS_SHARED(acc_t, sh_a);
+  DISCLOSS_SHARED(acc_t, sh_wd);
+  DISCLOSS_SHARED(acc_t, sh_wr);
+  DISCLOSS_SHARED(acc_t, sh_wu);
+  DISCLOSS_SHARED(acc_t, sh_reg_norm);
   const int64_t K = c.num_slots;
   const bool paper = c.normalization == Normalization::Paper;
   const int norm = c.norm;
@@ -1287,9 +1285,8 @@ std::pair<at::Tensor, at::Tensor> compact_present(const at::Tensor& counts, cons
   const int64_t K = c.num_slots;
   at::Tensor present = at::empty({B, K}, opts), num_present = at::empty({B}, opts);
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(B, 65535));
-  compact_present_kernel<<<grid, kCompactThreads, 0, stream>>>(counts.data_ptr<int64_t>(), B, K,
+  DISCLOSS_LAUNCH(compact_present_kernel, kCompactThreads, grid, kCompactThreads, 0, stream)(counts.data_ptr<int64_t>(), B, K,
                                                                present.data_ptr<int>(), num_present.data_ptr<int>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {present, num_present};
 }
 
@@ -1307,11 +1304,10 @@ void launch_slot_sums(const at::Tensor& x, const at::Tensor& lab, const PixelLay
                           : static_cast<size_t>(plan.warps * plan.slots_per_range *
                                                 (L.embed_dim * int64_t(sizeof(acc_t)) +
                                                  int64_t(sizeof(typename Types::shared_extra))));
-  slot_sums_kernel<scalar_t, label_t, kHinge><<<static_cast<unsigned>(blocks), plan.warps * 32, smem, stream>>>(
+  DISCLOSS_LAUNCH(slot_sums_kernel<scalar_t, label_t, kHinge>, kSumWarps * 32, static_cast<unsigned>(blocks), plan.warps * 32, smem, stream)(
       static_cast<const scalar_t*>(x.data_ptr()), static_cast<const label_t*>(lab.data_ptr()), L, c, plan,
       map.slot_ids, map.num_ids, static_cast<const acc_t*>(centers), static_cast<acc_t*>(sums_out),
       static_cast<typename Types::global_extra*>(extras_out), extras_row, unlabeled_out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Chunks of the push sums (pass 2b): enough blocks to fill the device, at
@@ -1350,10 +1346,6 @@ SlotMapTensors slot_map_tensors(const std::optional<at::Tensor>& slot_ids, const
   return m;
 }
 
-double device_memory_bytes() {
-  return static_cast<double>(at::cuda::getCurrentDeviceProperties()->totalGlobalMem);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 forward_cuda(const at::Tensor& embeddings, const at::Tensor& labels, const std::optional<at::Tensor>& slot_ids,
              const std::optional<at::Tensor>& num_ids, int64_t max_instances, double delta_v, double delta_d,
@@ -1363,11 +1355,11 @@ forward_cuda(const at::Tensor& embeddings, const at::Tensor& labels, const std::
                                    ignore_index, normalization, reduction);
   check_forward_inputs(embeddings, labels, slot_ids, num_ids, c);
   check_slots(c);
-  const c10::cuda::CUDAGuard guard(embeddings.device());
+  const DeviceGuard guard(embeddings.device());
   check_slot_memory(c, embeddings.size(0), embeddings.size(1),
                     static_cast<int64_t>(c10::elementSize(accumulate_type(embeddings.scalar_type()))),
                     device_memory_bytes(), "CUDA device");
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = current_stream();
   const KernelInputs in = kernel_inputs(embeddings, labels, /*with_grad=*/false);
   const at::Tensor &x = in.x, &lab = in.labels;
   const PixelLayout& L = in.layout;
@@ -1418,24 +1410,21 @@ forward_cuda(const at::Tensor& embeddings, const at::Tensor& labels, const std::
         using label_t = decltype(label_tag);
         const dim3 grid(static_cast<unsigned>(grid_for(N, kElementwiseThreads)),
                         static_cast<unsigned>(std::min<int64_t>(B, 65535)));
-        first_pixel_kernel<label_t><<<grid, kElementwiseThreads, 0, stream>>>(
+        DISCLOSS_LAUNCH(first_pixel_kernel<label_t>, kElementwiseThreads, grid, kElementwiseThreads, 0, stream)(
             static_cast<const label_t*>(lab.data_ptr()), L, c, plan.unit, map.slot_ids, map.num_ids,
             first_px.data_ptr<int64_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-      gather_pivots_kernel<scalar_t><<<grid_for(B * K * E, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+      DISCLOSS_LAUNCH(gather_pivots_kernel<scalar_t>, kElementwiseThreads, grid_for(B * K * E, kElementwiseThreads), kElementwiseThreads, 0, stream)(
           static_cast<const scalar_t*>(x.data_ptr()), L, K, first_px.data_ptr<int64_t>(), pivots.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       dispatch_label_type(lab.scalar_type(), [&](auto label_tag) {
         using label_t = decltype(label_tag);
         if (plan.global_atomics) {
           means.zero_();
           launch_slot_sums<scalar_t, label_t, false>(x, lab, L, c, plan, map, pivots.data_ptr(), means.data_ptr(),
                                                      counts.data_ptr(), K + 1, unlabeled_out, stream);
-          finish_means_kernel<acc_t><<<grid_for(B * K * E, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+          DISCLOSS_LAUNCH(finish_means_kernel<acc_t>, kElementwiseThreads, grid_for(B * K * E, kElementwiseThreads), kElementwiseThreads, 0, stream)(
               means.data_ptr<acc_t>(), counts.data_ptr<int64_t>(), K + 1, 1, B, K, E, pivots.data_ptr<acc_t>(),
               means.data_ptr<acc_t>(), counts.data_ptr<int64_t>(), false);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
         } else if (plan.direct) {
           launch_slot_sums<scalar_t, label_t, false>(x, lab, L, c, plan, map, pivots.data_ptr(), means.data_ptr(),
                                                      counts.data_ptr(), K + 1, unlabeled_out, stream);
@@ -1445,10 +1434,9 @@ forward_cuda(const at::Tensor& embeddings, const at::Tensor& labels, const std::
           launch_slot_sums<scalar_t, label_t, false>(x, lab, L, c, plan, map, pivots.data_ptr(),
                                                      part_sums.data_ptr(), part_extras.data_ptr(), K, unlabeled_out,
                                                      stream);
-          finish_means_kernel<acc_t><<<grid_for(B * K * E, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+          DISCLOSS_LAUNCH(finish_means_kernel<acc_t>, kElementwiseThreads, grid_for(B * K * E, kElementwiseThreads), kElementwiseThreads, 0, stream)(
               part_sums.data_ptr<acc_t>(), part_extras.data_ptr<int64_t>(), K, plan.chunks, B, K, E,
               pivots.data_ptr<acc_t>(), means.data_ptr<acc_t>(), counts.data_ptr<int64_t>(), true);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
     }
@@ -1475,12 +1463,10 @@ forward_cuda(const at::Tensor& embeddings, const at::Tensor& labels, const std::
           at::Tensor part_hinge = at::empty({plan.chunks, B, K}, acc_opts);
           launch_slot_sums<scalar_t, label_t, true>(x, lab, L, c, plan, map, means.data_ptr(), part_sums.data_ptr(),
                                                     part_hinge.data_ptr(), K, nullptr, stream);
-          sum_partials_kernel<acc_t><<<grid_for(B * K * E, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+          DISCLOSS_LAUNCH(sum_partials_kernel<acc_t>, kElementwiseThreads, grid_for(B * K * E, kElementwiseThreads), kElementwiseThreads, 0, stream)(
               part_sums.data_ptr<acc_t>(), plan.chunks, B * K * E, hinge_grad.data_ptr<acc_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          sum_partials_kernel<acc_t><<<grid_for(B * K, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+          DISCLOSS_LAUNCH(sum_partials_kernel<acc_t>, kElementwiseThreads, grid_for(B * K, kElementwiseThreads), kElementwiseThreads, 0, stream)(
               part_hinge.data_ptr<acc_t>(), plan.chunks, B * K, hinge.data_ptr<acc_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
     }
@@ -1498,19 +1484,16 @@ forward_cuda(const at::Tensor& embeddings, const at::Tensor& labels, const std::
         const int64_t blocks = std::min<int64_t>(B * pp.chunks, int64_t(sm_count()) * 32);
         dispatch_label_type(lab.scalar_type(), [&](auto label_tag) {
           using label_t = decltype(label_tag);
-          unlabeled_push_kernel<scalar_t, label_t><<<static_cast<unsigned>(blocks), kPushThreads, 0, stream>>>(
+          DISCLOSS_LAUNCH(unlabeled_push_kernel<scalar_t, label_t>, kPushThreads, static_cast<unsigned>(blocks), kPushThreads, 0, stream)(
               static_cast<const scalar_t*>(x.data_ptr()), static_cast<const label_t*>(lab.data_ptr()), L, c, unit,
               pp.chunks, pp.chunk_px, means.data_ptr<acc_t>(), present.first.data_ptr<int>(),
               present.second.data_ptr<int>(), part_push.data_ptr<acc_t>(), part_push_grad.data_ptr<acc_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
         if (!direct) {
-          sum_partials_kernel<acc_t><<<grid_for(B * K * E, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+          DISCLOSS_LAUNCH(sum_partials_kernel<acc_t>, kElementwiseThreads, grid_for(B * K * E, kElementwiseThreads), kElementwiseThreads, 0, stream)(
               part_push_grad.data_ptr<acc_t>(), pp.chunks, B * K * E, push_grad.data_ptr<acc_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          sum_partials_kernel<acc_t><<<grid_for(B * K, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+          DISCLOSS_LAUNCH(sum_partials_kernel<acc_t>, kElementwiseThreads, grid_for(B * K, kElementwiseThreads), kElementwiseThreads, 0, stream)(
               part_push.data_ptr<acc_t>(), pp.chunks, B * K, push_sums.data_ptr<acc_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       }
     }
@@ -1522,13 +1505,12 @@ forward_cuda(const at::Tensor& embeddings, const at::Tensor& labels, const std::
     TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "embeddings: batch too large for one launch (", B, ")");
     at::Tensor partials = at::empty({blocks, 4}, acc_opts);
     at::Tensor tickets = at::zeros({1}, x.options().dtype(at::kInt));
-    finalize_forward_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kFinalizeThreads, 0, stream>>>(
+    DISCLOSS_LAUNCH(finalize_forward_kernel<scalar_t, acc_t>, kFinalizeThreads, static_cast<unsigned>(blocks), kFinalizeThreads, 0, stream)(
         c, B, E, tiles, means.data_ptr<acc_t>(), counts.data_ptr<int64_t>(), hinge.data_ptr<acc_t>(),
         with_push ? push_sums.data_ptr<acc_t>() : nullptr, paper ? present.first.data_ptr<int>() : nullptr,
         paper ? present.second.data_ptr<int>() : nullptr, partials.data_ptr<acc_t>(),
         reinterpret_cast<unsigned*>(tickets.data_ptr<int>()), var.data_ptr<scalar_t>(), dist.data_ptr<scalar_t>(),
         reg.data_ptr<scalar_t>(), push.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {var, dist, reg, push, means, counts, hinge_grad, push_grad};
 }
@@ -1547,8 +1529,8 @@ at::Tensor backward_cuda(const at::Tensor& grad_var, const at::Tensor& grad_dist
   check_backward_inputs(grad_var, grad_dist, grad_reg, grad_push, embeddings, labels, slot_ids, num_ids, means,
                         counts, hinge_grad_sums, push_grad_sums, c);
   check_slots(c);
-  const c10::cuda::CUDAGuard guard(embeddings.device());
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(embeddings.device());
+  cudaStream_t stream = current_stream();
   const KernelInputs in = kernel_inputs(embeddings, labels, /*with_grad=*/true);
   const at::Tensor &x = in.x, &lab = in.labels, &grad = in.grad;
   const PixelLayout& L = in.layout;
@@ -1573,24 +1555,22 @@ at::Tensor backward_cuda(const at::Tensor& grad_var, const at::Tensor& grad_dist
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "discloss_backward_cuda", [&] {
     using acc_t = typename Elem<scalar_t>::acc;
     const int64_t coef_blocks = std::max<int64_t>(1, std::min<int64_t>(B * K, int64_t(sm_count()) * 32));
-    slot_coefficients_kernel<acc_t><<<static_cast<unsigned>(coef_blocks), kCoefThreads, 0, stream>>>(
+    DISCLOSS_LAUNCH(slot_coefficients_kernel<acc_t>, kCoefThreads, static_cast<unsigned>(coef_blocks), kCoefThreads, 0, stream)(
         c, B, E, gv.data_ptr<acc_t>(), gd.data_ptr<acc_t>(), gr.data_ptr<acc_t>(), gp.data_ptr<acc_t>(),
         c.reduction == Reduction::None, means_c.data_ptr<acc_t>(), counts_c.data_ptr<int64_t>(), hg.data_ptr<acc_t>(),
         with_push ? pg.data_ptr<acc_t>() : nullptr, paper ? present.first.data_ptr<int>() : nullptr,
         paper ? present.second.data_ptr<int>() : nullptr, var_coef.data_ptr<acc_t>(), mean_coef.data_ptr<acc_t>(),
         with_push ? push_coef.data_ptr<acc_t>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(N, kGradThreads), 1 << 30)),
                     static_cast<unsigned>(std::min<int64_t>(B, 65535)));
     dispatch_label_type(lab.scalar_type(), [&](auto label_tag) {
       using label_t = decltype(label_tag);
-      write_grad_kernel<scalar_t, label_t><<<grid, kGradThreads, 0, stream>>>(
+      DISCLOSS_LAUNCH(write_grad_kernel<scalar_t, label_t>, kGradThreads, grid, kGradThreads, 0, stream)(
           static_cast<const scalar_t*>(x.data_ptr()), static_cast<const label_t*>(lab.data_ptr()),
           static_cast<scalar_t*>(grad.data_ptr()), L, c, unit, map.slot_ids, map.num_ids, means_c.data_ptr<acc_t>(),
           var_coef.data_ptr<acc_t>(), mean_coef.data_ptr<acc_t>(), with_push ? push_coef.data_ptr<acc_t>() : nullptr,
           paper ? present.first.data_ptr<int>() : nullptr, paper ? present.second.data_ptr<int>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return grad;
@@ -1599,7 +1579,7 @@ at::Tensor backward_cuda(const at::Tensor& grad_var, const at::Tensor& grad_dist
 }  // namespace
 }  // namespace cuda
 
-TORCH_LIBRARY_IMPL(discloss, CUDA, m) {
+DISCLOSS_REGISTER_KERNELS(m) {
   m.impl("forward", &cuda::forward_cuda);
   m.impl("backward", &cuda::backward_cuda);
 }

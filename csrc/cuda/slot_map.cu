@@ -23,9 +23,6 @@
 // order when an image holds at most 2K distinct ids (the table holds them all
 // and is sorted).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -34,6 +31,7 @@
 
 #include "../discloss.h"
 #include "reduce.cuh"
+#include "runtime.cuh"
 
 namespace discloss {
 namespace cuda {
@@ -155,7 +153,7 @@ __global__ void __launch_bounds__(kMapThreads)
 std::tuple<at::Tensor, at::Tensor> slot_map_cuda(const at::Tensor& labels, int64_t max_instances,
                                                  std::optional<int64_t> ignore_index) {
   check_slot_map_inputs(labels, max_instances);
-  const c10::cuda::CUDAGuard guard(labels.device());
+  const DeviceGuard guard(labels.device());
   LossConfig c{};
   c.num_slots = max_instances;
   c.has_ignore = ignore_index.has_value();
@@ -163,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> slot_map_cuda(const at::Tensor& labels, int64
   const int64_t B = labels.size(0), K = max_instances;
   // The table (2K to 4K int64 per image) and the sort's keys and indices:
   // at most 4 x 16 bytes per slot.
-  const double device_bytes = static_cast<double>(at::cuda::getCurrentDeviceProperties()->totalGlobalMem);
+  const double device_bytes = device_memory_bytes();
   check_slot_memory(c, B, 0, 16, device_bytes, "CUDA device");
   TORCH_CHECK(K <= (int64_t(1) << 30), "max_instances: the CUDA slot map supports at most 2^30 slots, got ", K);
   const auto long_opts = labels.options().dtype(at::kLong);
@@ -174,25 +172,23 @@ std::tuple<at::Tensor, at::Tensor> slot_map_cuda(const at::Tensor& labels, int64
   const int64_t N = lab.size(1);
   int64_t cap = 1;
   while (cap < 2 * K) cap <<= 1;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = current_stream();
   at::Tensor words = at::zeros({3, B}, long_opts);
   at::Tensor tables = at::full({B, cap}, kMaxId, long_opts);
   auto* words_p = reinterpret_cast<unsigned long long*>(words.data_ptr<int64_t>());
   auto* tables_p = reinterpret_cast<unsigned long long*>(tables.data_ptr<int64_t>());
   if (N > 0) {
-    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int64_t sms = sm_count();
     const int64_t want = std::max<int64_t>(1, (sms * 8 + B - 1) / B);
     const dim3 grid(static_cast<unsigned>(std::min<int64_t>((N + kMapThreads - 1) / kMapThreads, want)),
                     static_cast<unsigned>(std::min<int64_t>(B, 65535)));
     dispatch_label_type(lab.scalar_type(), [&](auto tag) {
       using label_t = decltype(tag);
       const label_t* lab_p = static_cast<const label_t*>(lab.data_ptr());
-      outside_ids_kernel<label_t><<<grid, kMapThreads, 0, stream>>>(lab_p, B, N, K, c.has_ignore, c.ignore_index,
+      DISCLOSS_LAUNCH(outside_ids_kernel<label_t>, kMapThreads, grid, kMapThreads, 0, stream)(lab_p, B, N, K, c.has_ignore, c.ignore_index,
                                                                      words_p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      insert_ids_kernel<label_t><<<grid, kMapThreads, 0, stream>>>(lab_p, B, N, c.has_ignore, c.ignore_index, cap,
+      DISCLOSS_LAUNCH(insert_ids_kernel<label_t>, kMapThreads, grid, kMapThreads, 0, stream)(lab_p, B, N, c.has_ignore, c.ignore_index, cap,
                                                                     tables_p, words_p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   // Sorting int64 values is deterministic whatever the algorithm (equal keys
@@ -200,15 +196,14 @@ std::tuple<at::Tensor, at::Tensor> slot_map_cuda(const at::Tensor& labels, int64
   const at::Tensor sorted = std::get<0>(at::sort(tables, /*dim=*/1));
   const int64_t blocks =
       std::max<int64_t>(1, std::min<int64_t>((B * K + kMapThreads - 1) / kMapThreads, int64_t(1) << 20));
-  write_slot_map_kernel<<<static_cast<unsigned>(blocks), kMapThreads, 0, stream>>>(
+  DISCLOSS_LAUNCH(write_slot_map_kernel, kMapThreads, static_cast<unsigned>(blocks), kMapThreads, 0, stream)(
       sorted.data_ptr<int64_t>(), words_p, B, K, cap, slot_ids.data_ptr<int64_t>(), num_ids.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {slot_ids, num_ids};
 }
 
 }  // namespace
 }  // namespace cuda
 
-TORCH_LIBRARY_IMPL(discloss, CUDA, m) { m.impl("slot_map", &cuda::slot_map_cuda); }
+DISCLOSS_REGISTER_KERNELS(m) { m.impl("slot_map", &cuda::slot_map_cuda); }
 
 }  // namespace discloss
