@@ -1,6 +1,9 @@
 # discloss: set-up, build, test, benchmark and demo from a fresh clone.
 #   make demo    train the end-to-end demo (the main job)
-#   make test    C++ (ctest) and Python (pytest) tests
+#   make test    C++ (ctest) and Python (pytest) tests; without a GPU the
+#                CUDA tests run csrc/cuda on the CUDA simulator (tests/cudasim)
+#   make test-cudasim-asan   the CUDA tests on the simulator built with
+#                AddressSanitizer (out-of-bounds accesses of the CUDA kernels)
 #   make bench   quick CPU benchmark against pure PyTorch
 # Every target creates the virtual environment and builds the extension first.
 #
@@ -25,7 +28,7 @@ PYTEST_ARGS ?=
 # The package is used from the source tree (the extension is built in place).
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: all venv build test test-cpp test-py bench bench-full demo sdist wheel install-check test-installed clean FORCE
+.PHONY: all venv build build-cudasim test test-cpp test-py test-cudasim-asan bench bench-full demo sdist wheel install-check test-installed clean FORCE
 
 all: build
 
@@ -59,8 +62,21 @@ build: $(BUILT)
 test-cpp: venv
 	bash scripts/cmake_check.sh $(PY) build/cmake
 
-test-py: build
-	$(PY) -m pytest $(PYTEST_ARGS)
+# The CUDA simulator's library (test-only, build/cudasim; ninja, incremental).
+build-cudasim: venv
+	$(PY) tests/cudasim/build.py
+
+test-py: build build-cudasim
+	DISCLOSS_CUDASIM_REBUILD=0 $(PY) -m pytest $(PYTEST_ARGS)
+
+# AddressSanitizer needs its runtime first in the process: preloaded.
+ASAN_RUNTIME = $(shell $${CXX:-c++} -print-file-name=libasan.so)
+ASAN_ENV = LD_PRELOAD=$(ASAN_RUNTIME) ASAN_OPTIONS=detect_leaks=0:detect_odr_violation=0
+CUDASIM_ASAN_TESTS ?= tests/test_cudasim.py tests/test_cuda.py
+test-cudasim-asan: build
+	$(ASAN_ENV) $(PY) tests/cudasim/build.py --asan
+	$(ASAN_ENV) DISCLOSS_CUDASIM_LIB=$(CURDIR)/build/cudasim-asan/discloss_cudasim_asan.so \
+		$(PY) -m pytest -q $(CUDASIM_ASAN_TESTS) $(PYTEST_ARGS)
 
 test: test-cpp test-py
 

@@ -1,10 +1,21 @@
 """Shared test helpers: label maps, the float64 oracle and comparisons."""
 
+import pytest
 import torch
 
+from cudasim_device import HAVE_GPU
 from discloss.reference import discriminative_loss_reference
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+class SimulatedCuda(str):
+    """The device "cpu" for torch, marking a test whose ops run csrc/cuda's
+    kernels on the CUDA simulator (tests/conftest.py activates it)."""
+
+
+CUDA_SIM = SimulatedCuda("cpu")
+# Every device test runs on the CPU kernels and on the CUDA kernels: on a GPU
+# when there is one, else on the simulator.
+DEVICES = ["cpu", "cuda" if HAVE_GPU else pytest.param(CUDA_SIM, id="cudasim")]
 LABEL_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
 
 
@@ -57,7 +68,7 @@ def assert_grad_close(actual, expected, dtype, what="grad"):
     """Elementwise, with the absolute tolerance scaled to the gradient's size:
     most entries are sums of a few large and many small contributions."""
     tol = tolerances(dtype)
-    scale = float(expected.abs().max()) or 1.0
+    scale = (float(expected.abs().max()) if expected.numel() else 0.0) or 1.0
     torch.testing.assert_close(
         actual.to(torch.float64).cpu(), expected.to(torch.float64).cpu(), rtol=tol["rtol"],
         atol=max(tol["atol"], tol["rtol"] * scale), msg=lambda m: f"{what}: {m}",

@@ -3,8 +3,11 @@ the float64 reference and the CPU op, CUDA-graph capture, torch.compile on
 CUDA, bitwise determinism, K = 65536, 3D volumes, a bfloat16 training step,
 label dtypes, layouts and degenerate images.
 
-Skipped (reported as skipped, never passed) without a CUDA device. The rest
-of the suite also runs on CUDA when one is present (helpers.DEVICES).
+On a GPU they run on it; without one they run on the CUDA simulator
+(tests/cudasim: the same CUDA sources compiled as plain C++, executed on the
+CPU; see cudasim_device.py), where a comparison with "the CPU op" means
+discloss's own CPU kernels (cpu_reference). What needs real hardware (CUDA
+graphs, inductor's CUDA code) skips there and says why.
 
 Which kernel path a shape takes (see the comment at the top of loss.cu):
   shared/direct   one warp tile (<= 256 pixels) per image: one chunk
@@ -20,14 +23,29 @@ import torch
 
 import discloss
 from discloss.chainer import discriminative_margin_based_clustering_loss as chainer_loss
+from cudasim_device import DEVICE as CUDA
+from cudasim_device import ON_SIMULATOR, sync
+from cudasim_device import to_cpu_reference as cpu_reference
 from helpers import LABEL_DTYPES, assert_close, assert_grad_close, blob_labels, reference64
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA device)"),
-]
+pytestmark = [pytest.mark.cuda]
+needs_gpu = pytest.mark.skipif(ON_SIMULATOR, reason="needs an NVIDIA GPU: not expressible on the CUDA simulator")
+# K = 65536 on the simulator: B*K per-slot rows, each with block barriers in
+# the coefficients step, take minutes; the K = 1024 cases take the same paths.
+huge_k = pytest.mark.skipif(ON_SIMULATOR, reason="K = 65536 takes minutes on the CUDA simulator; K = 1024 "
+                            "reaches the same kernel paths there")
 
-CUDA = "cuda"
+
+@pytest.fixture(autouse=True)
+def cuda_device():
+    """The CUDA kernels serve the ops: on the GPU, or on the simulator."""
+    if not ON_SIMULATOR:
+        yield
+        return
+    import cudasim_device
+
+    with cudasim_device.activate():
+        yield
 
 
 @contextlib.contextmanager
@@ -134,11 +152,11 @@ def test_cuda_op_matches_cpu_op(dtype, kw, det):
     K = args.pop("max_instances")
     with deterministic(det):
         out = torch.ops.discloss.forward(*op_args(x, labels, K, **args))
-    ref = torch.ops.discloss.forward(*op_args(x.cpu(), labels.cpu(), K, **args))
+    ref = cpu_reference(torch.ops.discloss.forward, *op_args(x, labels, K, **args))
     for name, a, b in zip(["var", "dist", "reg", "push", "means", "counts", "hinge_grad_sums", "push_grad_sums"], out,
                           ref):
         assert a.dtype == b.dtype and a.shape == b.shape, name
-        assert a.device.type == "cuda", name
+        assert a.device.type == CUDA, name
         if name == "counts":
             assert torch.equal(a.cpu(), b), name
         elif name in ("var", "dist", "reg", "push"):
@@ -149,7 +167,7 @@ def test_cuda_op_matches_cpu_op(dtype, kw, det):
     rest = op_args(x, labels, K, **args)[5:]
     with deterministic(det):
         grad = torch.ops.discloss.backward(*g, x, labels, None, None, *out[4:], *rest)
-    grad_cpu = torch.ops.discloss.backward(*[t.cpu() for t in g], x.cpu(), labels.cpu(), None, None, *ref[4:], *rest)
+    grad_cpu = cpu_reference(torch.ops.discloss.backward, *g, x, labels, None, None, *ref[4:], *rest)
     assert grad.dtype == dtype and grad.shape == x.shape
     assert_grad_close(grad, grad_cpu, dtype)
 
@@ -157,6 +175,7 @@ def test_cuda_op_matches_cpu_op(dtype, kw, det):
 # ---- CUDA graphs, torch.compile ----------------------------------------------------------
 
 
+@needs_gpu
 @pytest.mark.parametrize("max_instances", [12, 2048])
 def test_cuda_graph_capture_and_replay(max_instances):
     loss_fn = discloss.DiscriminativeLoss(max_instances=max_instances, gamma=0.01)
@@ -185,12 +204,13 @@ def test_cuda_graph_capture_and_replay(max_instances):
             x.copy_(new_x)
         labels.copy_(new_labels)
         graph.replay()
-        torch.cuda.synchronize()
+        sync()
         ref_terms, ref_grad = oracle(new_x, new_labels, gamma=0.01, max_instances=max_instances)
         assert_close(static_loss, sum(ref_terms), torch.float32, "graph loss")
         assert_grad_close(x.grad, ref_grad, torch.float32, "graph grad")
 
 
+@needs_gpu
 def test_compile_fullgraph_inductor_on_cuda():
     torch._dynamo.reset()
     labels = blob_labels(2, (24, 28), 6, seed=6).to(CUDA)
@@ -214,7 +234,7 @@ def test_compile_fullgraph_inductor_on_cuda():
 # ---- determinism ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("max_instances,instances", [(10, 8), (1024, 60), (65536, 300)])
+@pytest.mark.parametrize("max_instances,instances", [(10, 8), (1024, 60), pytest.param(65536, 300, marks=huge_k)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_deterministic_bitwise(max_instances, instances, dtype):
     labels = blob_labels(3, (96, 80), instances, seed=9).to(CUDA)
@@ -249,6 +269,7 @@ def test_deterministic_bitwise(max_instances, instances, dtype):
 
 @pytest.mark.parametrize("det", [False, True])
 @pytest.mark.parametrize("instances", [50, 800])
+@huge_k
 def test_k65536(det, instances):
     # Sparse ids up to ~65500; the oracle runs on the compacted ids (the loss
     # does not depend on the id values), which keeps its (B, K, K) pairs small.
@@ -383,15 +404,14 @@ def test_degenerate_images_finite(max_instances, normalization):
         x = torch.randn(labels.shape[0], 3, 9, 11, dtype=torch.float64, device=CUDA)
         for reduction in ["mean"] if normalization == "chainer" else ["mean", "none"]:
             out = torch.ops.discloss.forward(*op_args(x, labels, max_instances, reduction=reduction, **kw))
-            ref = torch.ops.discloss.forward(*op_args(x.cpu(), labels.cpu(), max_instances, reduction=reduction, **kw))
+            ref = cpu_reference(torch.ops.discloss.forward, *op_args(x, labels, max_instances, reduction=reduction, **kw))
             for a, b in zip(out[:3], ref[:3]):
                 assert torch.isfinite(a).all(), name
                 assert_close(a, b, torch.float64, name)
             g = [torch.ones_like(t) for t in out[:4]]
             rest = op_args(x, labels, max_instances, reduction=reduction, **kw)[5:]
             grad = torch.ops.discloss.backward(*g, x, labels, None, None, *out[4:], *rest)
-            grad_cpu = torch.ops.discloss.backward(*[t.cpu() for t in g], x.cpu(), labels.cpu(), None, None, *ref[4:],
-                                                   *rest)
+            grad_cpu = cpu_reference(torch.ops.discloss.backward, *g, x, labels, None, None, *ref[4:], *rest)
             assert torch.isfinite(grad).all(), name
             assert_grad_close(grad, grad_cpu, torch.float64, name)
 
@@ -402,7 +422,7 @@ def test_empty_and_tiny_inputs(shape):
     labels = torch.ones(shape[0], *shape[2:], dtype=torch.long, device=CUDA)
     for reduction in ["mean", "sum", "none"]:
         terms = discloss.discriminative_loss(x, labels, max_instances=3, reduction=reduction)
-        cpu = discloss.discriminative_loss(x.detach().cpu(), labels.cpu(), max_instances=3, reduction=reduction)
+        cpu = cpu_reference(discloss.discriminative_loss, x.detach(), labels, max_instances=3, reduction=reduction)
         for a, b in zip(terms, cpu):
             assert a.shape == b.shape
             torch.testing.assert_close(a.cpu(), b)
@@ -461,9 +481,9 @@ def test_slot_map_matches_cpu(case, label_dtype):
         labels = labels.clamp(info.min, info.max).to(label_dtype)  # collisions are fine: the same on both
         if ignore is not None and not info.min <= ignore <= info.max:
             ignore = 0
-    cpu_ids, cpu_n = torch.ops.discloss.slot_map(labels, K, ignore)
+    cpu_ids, cpu_n = cpu_reference(torch.ops.discloss.slot_map, labels, K, ignore)
     ids, n = torch.ops.discloss.slot_map(labels.to(CUDA), K, ignore)
-    assert ids.device.type == "cuda" and ids.dtype == torch.int64 and ids.shape == (labels.shape[0], K)
+    assert ids.device.type == CUDA and ids.dtype == torch.int64 and ids.shape == (labels.shape[0], K)
     assert torch.equal(n.cpu(), cpu_n)
     assert torch.equal(ids.cpu(), cpu_ids)
 
@@ -472,7 +492,7 @@ def test_slot_map_strided_labels_and_empty_batch():
     labels = blob_labels(2, (30, 26), 5, seed=3) * 1000 - 7
     strided = labels.to(CUDA).transpose(1, 2)  # not contiguous
     ids, n = torch.ops.discloss.slot_map(strided, 6, 0)
-    cpu_ids, cpu_n = torch.ops.discloss.slot_map(labels.transpose(1, 2), 6, 0)
+    cpu_ids, cpu_n = cpu_reference(torch.ops.discloss.slot_map, labels.transpose(1, 2), 6, 0)
     assert torch.equal(ids.cpu(), cpu_ids) and torch.equal(n.cpu(), cpu_n)
     ids, n = torch.ops.discloss.slot_map(torch.zeros(0, 4, 4, dtype=torch.long, device=CUDA), 3, 0)
     assert ids.shape == (0, 3) and n.shape == (0,)
@@ -487,7 +507,7 @@ def test_slot_map_more_than_k_ids_stays_in_bounds(distinct):
     g = torch.Generator().manual_seed(distinct)
     labels = (torch.randint(0, distinct, (2, 64, 80), generator=g) * 7919 + 3).to(CUDA)
     ids, n = torch.ops.discloss.slot_map(labels, K, 0)
-    torch.cuda.synchronize()
+    sync()
     assert n.tolist() == [K, K]
     for b in range(2):
         row = ids[b].cpu()
@@ -507,13 +527,13 @@ def _compare_op_with_cpu(x, labels, K, det, **kw):
     """forward and backward of the CUDA op against the CPU op, both given the
     CPU slot map (and the CUDA slot map agreeing with it)."""
     ignore = kw.get("ignore_index", 0)
-    cpu_ids, cpu_n = torch.ops.discloss.slot_map(labels.cpu(), K, ignore)
+    cpu_ids, cpu_n = cpu_reference(torch.ops.discloss.slot_map, labels, K, ignore)
     ids, n = torch.ops.discloss.slot_map(labels, K, ignore)
     assert torch.equal(ids.cpu(), cpu_ids) and torch.equal(n.cpu(), cpu_n)
     dtype = x.dtype
     with deterministic(det):
         out = torch.ops.discloss.forward(*_op_args_full(x, labels, K, ids, n, **kw))
-    ref = torch.ops.discloss.forward(*_op_args_full(x.cpu(), labels.cpu(), K, cpu_ids, cpu_n, **kw))
+    ref = cpu_reference(torch.ops.discloss.forward, *_op_args_full(x, labels, K, cpu_ids, cpu_n, **kw))
     names = ["var", "dist", "reg", "push", "means", "counts", "hinge_grad_sums", "push_grad_sums"]
     for name, a, b in zip(names, out, ref):
         assert a.dtype == b.dtype and a.shape == b.shape, name
@@ -527,8 +547,7 @@ def _compare_op_with_cpu(x, labels, K, det, **kw):
     rest = _op_args_full(x, labels, K, **kw)[5:]
     with deterministic(det):
         grad = torch.ops.discloss.backward(*g, x, labels, ids, n, *out[4:], *rest)
-    grad_cpu = torch.ops.discloss.backward(*[t.cpu() for t in g], x.cpu(), labels.cpu(), cpu_ids, cpu_n, *ref[4:],
-                                           *rest)
+    grad_cpu = cpu_reference(torch.ops.discloss.backward, *g, x, labels, cpu_ids, cpu_n, *ref[4:], *rest)
     assert grad.dtype == dtype and grad.shape == x.shape
     assert_grad_close(grad, grad_cpu, dtype)
     return out, grad
@@ -635,7 +654,7 @@ def test_nan_is_not_hidden_by_the_tile_skip(max_instances, norm):
     for det in [False, True]:
         with deterministic(det):
             terms, grad = run(x, labels, max_instances=max_instances, norm=norm, delta_d=10.0)
-        ref, ref_grad = run(x.cpu(), labels.cpu(), max_instances=max_instances, norm=norm, delta_d=10.0)
+        ref, ref_grad = cpu_reference(run, x, labels, max_instances=max_instances, norm=norm, delta_d=10.0)
         assert all(torch.isnan(t) for t in terms)  # var, dist, reg
         assert torch.isnan(grad[:, :, :8]).all()
         torch.testing.assert_close(grad.cpu(), ref_grad, equal_nan=True)
@@ -666,7 +685,7 @@ def test_more_than_k_ids_without_validation_stays_in_bounds(max_instances):
     labels[:, :5] = 0
     x = torch.randn(2, 4, 40, 44, device=CUDA)
     terms, grad = run(x, labels, max_instances=max_instances, validate=False, unlabeled_push=0.5)
-    torch.cuda.synchronize()
+    sync()
     assert all(torch.isfinite(t).all() for t in terms) and torch.isfinite(grad).all()
     with pytest.raises(RuntimeError, match="max_instances"):
         discloss.discriminative_loss(x, labels, max_instances=max_instances)
@@ -759,3 +778,114 @@ def test_float32_norm_range_in_the_unlabeled_push(max_instances, det):
         assert float(r) > 0 or float(t) == 0
         torch.testing.assert_close(t.double().cpu(), r, rtol=1e-4, atol=4 * 2.0 ** -149)
     torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=1e-4, atol=1e-4 * float(ref_grad.abs().max()))
+
+
+# ---- launch limits -------------------------------------------------------------------------------
+
+# Accumulators of exactly 48 KiB (4 warps * K * (E + 1) values): slot_sums_kernel's
+# static shared memory must still fit beside them. The deterministic rows take
+# the slot-range path with K beyond the shared path's reach.
+@pytest.mark.parametrize(
+    "dtype,E,K,det",
+    [(torch.float32, 15, 192, False), (torch.float32, 31, 96, False), (torch.float32, 47, 64, False),
+     (torch.float32, 2, 1024, False), (torch.float32, 3, 768, False), (torch.float64, 2, 512, False),
+     (torch.float32, 15, 400, True), (torch.float64, 5, 700, True)],
+)
+def test_shared_memory_at_the_48k_limit(dtype, E, K, det):
+    g = torch.Generator().manual_seed(K + E)
+    labels = torch.randint(0, K, (1, 2, 160), generator=g)
+    labels[:, :, :40] = labels[:, :, :1]  # one long run, then scattered ids
+    x = torch.randn(1, E, 2, 160, dtype=dtype, generator=g).to(CUDA)
+    with deterministic(det):
+        check_against_reference(x, labels.to(CUDA), max_instances=K, gamma=0.1)
+
+
+# ---- the simulator: every launch site, and the schedule orders -------------------------------------
+
+
+@pytest.mark.skipif(not ON_SIMULATOR, reason="counts launches on the CUDA simulator (on a GPU the other tests run them)")
+def test_every_launch_site_runs_on_the_simulator():
+    # One small case per path of the planner (sm_count 2): shared/direct (one
+    # tile per image), shared/partial, global atomics, slot ranges
+    # (deterministic), the push (one chunk and per-chunk partials), the
+    # Chainer normalisation, sparse ids (the slot map's hash table).
+    import cudasim_device
+
+    cudasim_device.reset_launch_log()
+    cases = [
+        (dict(max_instances=8), (1, 3, 10, 12), False),
+        (dict(max_instances=8, unlabeled_push=1.0), (2, 3, 40, 48), False),
+        (dict(max_instances=1024), (2, 16, 20, 24), False),
+        (dict(max_instances=1024, unlabeled_push=0.5), (2, 16, 20, 24), True),
+    ]
+    for kw, shape, det in cases:
+        labels = blob_labels(shape[0], shape[2:], 6, seed=1)
+        if kw["max_instances"] > 256:
+            labels = labels * 97 + 2**40  # sparse ids: the slot map
+        x = torch.randn(*shape, dtype=torch.float64)
+        with deterministic(det):
+            check_against_reference(x, labels, gamma=0.1, **kw)
+    with deterministic(False):
+        x = torch.randn(2, 4, 30, 30, dtype=torch.float64, requires_grad=True)
+        terms = chainer_loss(x, blob_labels(2, (30, 30), 5, seed=2), 0.5, 1.5, 6)
+        torch.autograd.grad(sum(terms), x)
+    expected, ran = cudasim_device.launch_sites_in_sources(), cudasim_device.launch_sites_run()
+    missing = {site: n - ran[site] for site, n in expected.items() if ran[site] < n}
+    assert not missing, f"launch sites that did not run: {missing}"
+
+
+@pytest.mark.skipif(not ON_SIMULATOR, reason="schedule orders are the CUDA simulator's")
+@pytest.mark.parametrize("max_instances,push", [(9, 0.0), (1024, 1.0)])
+def test_deterministic_mode_is_bitwise_equal_in_every_schedule_order(max_instances, push):
+    # Blocks and threads forward, reversed and in two seeded random orders:
+    # deterministic mode must not depend on the order (a missing barrier or
+    # an order-dependent reduction would show here).
+    import cudasim_device
+
+    labels = blob_labels(2, (36, 40), 7, seed=3)
+    if max_instances > 256:
+        labels = torch.where(labels > 0, labels * 131, 0)
+    x = torch.randn(2, 5, 36, 40)
+    args = op_args(x, labels, max_instances)
+    args = args[:11] + (push,) + args[12:]
+    g = [torch.full((), v) for v in (1.0, 0.7, 1.3, 0.9)]
+    results = {}
+    for order, seed in [("forward", 0), ("reverse", 0), ("random", 1), ("random", 2)]:
+        cudasim_device.configure(2, order, seed)
+        with deterministic(True):
+            out = torch.ops.discloss.forward(*args)
+            grad = torch.ops.discloss.backward(*g, x, labels, None, None, *out[4:], *args[5:])
+        results[(order, seed)] = [t.clone() for t in out] + [grad]
+    first = results[("forward", 0)]
+    for key, res in results.items():
+        for i, (a, b) in enumerate(zip(first, res)):
+            assert torch.equal(a, b), f"output {i} differs in order {key}"
+    ref_terms, ref_grad = oracle(x, labels, gamma=0.01, max_instances=max_instances, unlabeled_push=push)
+    for a, b in zip(first[:3], ref_terms):
+        assert_close(a, b, torch.float32)
+
+
+# ---- raw-op contracts (DESIGN §7) ----------------------------------------------------------------
+
+
+def test_untrusted_slot_maps_stay_in_bounds():
+    # The CUDA kernels clamp num_ids to the row's K ids without a host
+    # synchronisation (the CPU kernels reject such maps): counts past the
+    # row, unsorted rows, duplicates and negative counts give wrong slots,
+    # never an access out of bounds (AddressSanitizer would see one on the
+    # simulator: make test-cudasim-asan) nor a non-finite result.
+    x = torch.randn(2, 2, 6, dtype=torch.float64)
+    labels = torch.tensor([[5, 7, 11, 11, 5, 7], [9, 11, 9, 11, 9, 11]])
+    maps = [([[5, 7], [9, 11]], [4, 2]), ([[7, 5], [11, 9]], [2, 2]), ([[5, 5], [9, 9]], [2, 2]),
+            ([[5, 7], [9, 11]], [-5, 2**40])]
+    for ids, n in maps:
+        ids, n = torch.tensor(ids).to(CUDA), torch.tensor(n).to(CUDA)
+        args = (x.to(CUDA), labels.to(CUDA), ids, n, 2, 0.5, 1.5, 2, 1.0, 1.0, 0.001, 0.0, 0, "paper", "none")
+        out = torch.ops.discloss.forward(*args)
+        g = [torch.ones_like(t) for t in out[:4]]
+        grad = torch.ops.discloss.backward(*g, *args[:4], *out[4:], *args[5:])
+        sync()
+        counts = out[5].cpu()
+        assert bool((counts >= 0).all()) and bool((counts[:, :2].sum(1) <= 6).all()), (ids, n, counts)
+        for t in list(out[:4]) + [grad]:
+            assert torch.isfinite(t).all(), (ids, n)

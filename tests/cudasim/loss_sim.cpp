@@ -1,4 +1,0 @@
-// csrc/cuda/loss.cu compiled as plain C++ on the CUDA simulator.
-#include "cudasim.h"
-// (cudasim.h first: it defines the CUDA language for what follows)
-#include "../../csrc/cuda/loss.cu"
