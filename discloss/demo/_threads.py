@@ -1,8 +1,8 @@
 """Choosing the CPU thread count while training: private to the demo, not part of discloss's API.
 
-Kept because it earns its place on shared machines. Measured on 2 Intel Xeon
-cores shared with three other agents' builds and tests (load average 4.8 to
-5.4), 2026-11-29: the demo's default training step (8 images of 128 x 128,
+Kept because it earns its place on shared machines. Measured on 2 Intel
+Xeon cores shared with other programs (load average 4.8 to 5.4),
+2026-11-29: the demo's default training step (8 images of 128 x 128,
 forward + backward + Adam), 4 alternating blocks of 6 steps per thread count
 (first step of each block not timed), took a median 4.81 s (1.87-7.56 s)
 with torch's default of 2 threads and 1.00 s (0.76-1.17 s) with 1 thread.
