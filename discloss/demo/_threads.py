@@ -26,8 +26,8 @@ class ThreadChooser:
 
     Why: PyTorch's OpenMP threads wait for each other at every operation, so
     when other programs keep the cores busy one descheduled thread stalls the
-    others. On a busy 2-core machine a demo step took 2-5 s with 2 threads
-    and 0.7-0.9 s with 1; on idle cores 2 threads are faster. So the
+    others (4.8 s against 1.0 s per demo step, measured above), while on idle
+    cores more threads are faster. So the
     candidates take turns for a few (real, not wasted) training steps, the
     fastest median wins, and the contest is held again every
     ``recheck_seconds``.
