@@ -53,6 +53,17 @@ def test_seediness_target_by_hand():
     torch.testing.assert_close(target, expected)
 
 
+def test_foreground_loss_by_hand():
+    # Logits 0: probability 1/2 everywhere, cross-entropy ln 2 per pixel. Image 0 has
+    # 1 foreground pixel of 4, image 1 none: Dice (2*1/2*t + 1) / (1/2*4 + t + 1) with
+    # t foreground pixels, 2/4 for image 0 and 1/3 for image 1.
+    logits = torch.zeros(2, 2, 2)
+    foreground = torch.zeros(2, 2, 2, dtype=torch.bool)
+    foreground[0, 0, 0] = True
+    expected = math.log(2.0) + ((1.0 - 2.0 / 4.0) + (1.0 - 1.0 / 3.0)) / 2.0
+    assert float(demo.foreground_loss(logits, foreground)) == pytest.approx(expected, rel=1e-6)
+
+
 def test_seediness_loss_reaches_the_head_only():
     embeddings = torch.randn(2, 3, 4, 4, requires_grad=True)
     logits = torch.zeros(2, 4, 4, requires_grad=True)
