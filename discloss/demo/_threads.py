@@ -5,7 +5,8 @@ Xeon cores shared with other programs (load average 4.8 to 5.4),
 2026-11-29: the demo's default training step (8 images of 128 x 128,
 forward + backward + Adam), 4 alternating blocks of 6 steps per thread count
 (first step of each block not timed), took a median 4.81 s (1.87-7.56 s)
-with torch's default of 2 threads and 1.00 s (0.76-1.17 s) with 1 thread.
+with torch's default of 2 threads and 1.00 s (0.76-1.17 s) with 1 thread;
+a second run, at load average 5.7 to 7.9, 6.38 s against 1.50 s.
 With torch's default alone the demo's 420 s would buy less than a quarter
 of the steps there; the chooser's contest costs a few steps at the slower
 count every 90 s.
