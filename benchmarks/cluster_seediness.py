@@ -39,7 +39,7 @@ def evaluate_checkpoint(path: str, eval_images: int, min_seed_score: float):
     args.eval_images = eval_images
     model = demo.StickNet(embedding_dim=checkpoint["embedding_dim"], widths=checkpoint["widths"])
     model.load_state_dict(checkpoint["model"])
-    held_out = demo.make_dataset(args, args.eval_images, demo._HELD_OUT_SEED)
+    held_out = demo.make_dataset(args, args.eval_images, demo.HELD_OUT_SEED)
     start = time.perf_counter()
     scores = demo.evaluate(model, held_out, args, torch.device("cpu"))
     seconds = time.perf_counter() - start

@@ -66,8 +66,8 @@ def _tracing() -> bool:
 def distinct_ids_per_image(labels: torch.Tensor, ignore_index: Optional[int]) -> torch.Tensor:
     """(B,) int64: the number of distinct labels other than ignore_index in each image.
 
-    No host synchronisation by itself; O(N log N) (a sort per image) unless
-    the labels are small non-negative ids, where a bincount does.
+    No host synchronisation by itself; O(N log N), a sort per image (the
+    callers skip it when every id is non-negative and small enough).
     """
     B = labels.shape[0]
     if B == 0 or labels.numel() == 0:
@@ -153,10 +153,11 @@ def discriminative_loss(
             on the id values). Giving it makes every shape static (no host
             synchronisation: capturable in a CUDA graph, no graph break
             under torch.compile). None: inferred from the labels (host
-            synchronisation; a sort per image when ids are 4096 or more).
+            synchronisation; a sort per image when some id is negative or
+            4096 or more).
         reduction: "mean" or "sum" over the batch, or "none" for (B,) terms.
         unlabeled_push: w >= 0, the weight of SPOCO's unlabeled push: every
-            pixel labelled ``ignore_index`` is pushed more than delta_d away
+            pixel labelled ``ignore_index`` is pushed to at least delta_d
             from every cluster mean (DESIGN §1); 0 = off.
         hinge_pull: False pulls every pixel to its mean with
             ||x - mu||^2 (the hinge with delta_v = 0).

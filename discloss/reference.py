@@ -152,8 +152,8 @@ def discriminative_loss_loop(
 ):
     """The per-image, per-instance Python loop of the common ports (mean over B).
 
-    Unlike most ports it does not return NaN on empty images; it is here to
-    time the loop, not to copy its bugs.
+    Unlike nyoki-mtl's and Wizaron's ports it does not return NaN on an
+    image with no instance; it is here to time the loop, not to copy bugs.
     """
     B, E = embeddings.shape[:2]
     zero = embeddings.sum() * 0

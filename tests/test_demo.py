@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from discloss import demo
+from discloss.demo._threads import ThreadChooser
+from discloss.demo.panel import _match_to_truth
+from discloss.demo.training import _learning_rate
 
 
 def test_demo_smoke(tmp_path, capsys):
@@ -50,6 +53,17 @@ def test_seediness_target_by_hand():
     torch.testing.assert_close(target, expected)
 
 
+def test_foreground_loss_by_hand():
+    # Logits 0: probability 1/2 everywhere, cross-entropy ln 2 per pixel. Image 0 has
+    # 1 foreground pixel of 4, image 1 none: Dice (2*1/2*t + 1) / (1/2*4 + t + 1) with
+    # t foreground pixels, 2/4 for image 0 and 1/3 for image 1.
+    logits = torch.zeros(2, 2, 2)
+    foreground = torch.zeros(2, 2, 2, dtype=torch.bool)
+    foreground[0, 0, 0] = True
+    expected = math.log(2.0) + ((1.0 - 2.0 / 4.0) + (1.0 - 1.0 / 3.0)) / 2.0
+    assert float(demo.foreground_loss(logits, foreground)) == pytest.approx(expected, rel=1e-6)
+
+
 def test_seediness_loss_reaches_the_head_only():
     embeddings = torch.randn(2, 3, 4, 4, requires_grad=True)
     logits = torch.zeros(2, 4, 4, requires_grad=True)
@@ -68,10 +82,10 @@ def test_seediness_loss_reaches_the_head_only():
 def test_predictions_take_the_colour_of_their_best_match():
     truth = np.array([[0, 1, 1, 2, 2, 2]])
     predicted = np.array([[0, 2, 2, 1, 1, 3]])  # 2 is truth 1, 1 is truth 2, 3 is extra
-    np.testing.assert_array_equal(demo._match_to_truth(predicted, truth), [[0, 1, 1, 2, 2, 3]])
+    np.testing.assert_array_equal(_match_to_truth(predicted, truth), [[0, 1, 1, 2, 2, 3]])
     one_stick = np.array([[0, 2, 2, 2, 2, 2]])
     clash = np.array([[0, 1, 1, 1, 2, 2]])  # both overlap truth 2; the larger overlap gets its colour
-    np.testing.assert_array_equal(demo._match_to_truth(clash, one_stick), [[0, 2, 2, 2, 3, 3]])
+    np.testing.assert_array_equal(_match_to_truth(clash, one_stick), [[0, 2, 2, 2, 3, 3]])
 
 
 def test_sticks_option():
@@ -90,7 +104,7 @@ def test_time_limit_stops_training(tmp_path, capsys):
 def test_thread_chooser_keeps_the_faster_thread_count():
     original = torch.get_num_threads()
     lines = []
-    chooser = demo.ThreadChooser([2, 1], recheck_seconds=1e9, probe_steps=2, log=lines.append)
+    chooser = ThreadChooser([2, 1], recheck_seconds=1e9, probe_steps=2, log=lines.append)
     try:
         used = []
         for _ in range(8):
@@ -114,9 +128,9 @@ def test_thread_chooser_keeps_the_faster_thread_count():
 
 def test_learning_rate_schedule_warms_up_then_anneals():
     peak = 1.0
-    assert demo._learning_rate(0.0, peak, warmup=0.1) < 0.1
-    assert demo._learning_rate(0.1, peak, warmup=0.1) == pytest.approx(peak)
-    assert demo._learning_rate(1.0, peak, warmup=0.1) == pytest.approx(0.01 * peak)
+    assert _learning_rate(0.0, peak, warmup=0.1) < 0.1
+    assert _learning_rate(0.1, peak, warmup=0.1) == pytest.approx(peak)
+    assert _learning_rate(1.0, peak, warmup=0.1) == pytest.approx(0.01 * peak)
 
 
 @pytest.mark.parametrize("option, value", [("--steps", "0"), ("--image-size", "30"), ("--time-limit", "-1"),
