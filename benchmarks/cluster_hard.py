@@ -113,6 +113,78 @@ def packed_embeddings(labels: torch.Tensor, dim: int, delta_v: float, delta_d: f
     return pixels.permute(0, 3, 1, 2).contiguous()
 
 
+def touching_embeddings(labels: torch.Tensor, dim: int, delta_v: float, delta_d: float, seed: int,
+                        close_fraction: float = 0.2, stray_fraction: float = 0.04, pull: float = 0.45,
+                        reach: float = 4.0) -> torch.Tensor:
+    """Embeddings with the three flaws of a network's where instances touch.
+
+    - close means: each instance after the first is, with probability
+      ``close_fraction``, placed 1.3-2*delta_d from a mean already drawn
+      (an undertrained push), the others at least 2*delta_d from all;
+    - boundary pixels: a pixel whose nearest pixel of another instance is d
+      pixels away moves a fraction t = pull * u * (1 - (d - 1) / reach),
+      u ~ U(0.6, 1), of the way to that instance's mean (t = 0 beyond
+      ``reach`` + 1 px): the receptive field straddles both instances, so
+      the network's answer lies partway between them;
+    - strays: ``stray_fraction`` of the pixels moved 2-4*delta_v in a random
+      direction, away from every instance.
+
+    Every pixel also lies within 1.2*delta_v of where the rest puts it (as in
+    ``packed_embeddings``). With ``pull`` < 0.5 a boundary pixel still lies
+    nearer its own mean than the other's, up to that noise.
+    """
+    from scipy import ndimage
+
+    generator = torch.Generator().manual_seed(seed)
+    batch, height, width = labels.shape
+    num_labels = int(labels.max()) + 1
+    centres = torch.zeros(batch, num_labels, dim)
+    for b in range(batch):
+        found = [torch.randn(dim, generator=generator) * delta_d]
+        scale = delta_d
+        while len(found) < num_labels:
+            if float(torch.rand((), generator=generator)) < close_fraction:
+                anchor = found[int(torch.randint(len(found), (), generator=generator))]
+                direction = torch.randn(dim, generator=generator)
+                gap = (1.3 + 0.7 * float(torch.rand((), generator=generator))) * delta_d
+                candidate = anchor + direction / direction.norm() * gap
+                if all(float((candidate - other).norm()) >= 1.3 * delta_d - 1e-6 for other in found):
+                    found.append(candidate)
+                continue
+            for _ in range(50):
+                candidate = torch.randn(dim, generator=generator) * scale
+                if all(float((candidate - other).norm()) >= 2 * delta_d for other in found):
+                    found.append(candidate)
+                    break
+            else:
+                scale *= 1.1
+        centres[b] = torch.stack(found)
+    image_ids = torch.arange(batch).reshape(batch, 1, 1)
+    pixels = centres[image_ids, labels]  # (B, H, W, E)
+    # Per pixel, the nearest other instance and its distance in pixels.
+    target = torch.zeros(batch, height, width, dtype=torch.long)
+    gap_px = torch.full((batch, height, width), float("inf"))
+    for b in range(batch):
+        image_labels = labels[b].numpy()
+        for k in range(1, int(image_labels.max()) + 1):
+            distance = torch.from_numpy(ndimage.distance_transform_edt(image_labels != k)).float()
+            closer = (distance < gap_px[b]) & (labels[b] != k) & (labels[b] > 0)
+            gap_px[b] = torch.where(closer, distance, gap_px[b])
+            target[b] = torch.where(closer, torch.full_like(target[b], k), target[b])
+    strength = (1.0 - (gap_px - 1.0) / reach).clamp(0.0, 1.0)
+    u = 0.6 + 0.4 * torch.rand(labels.shape, generator=generator)
+    along = (pull * u * strength).unsqueeze(-1)
+    pixels = pixels + along * (centres[image_ids, target] - pixels)
+    direction = torch.randn(pixels.shape, generator=generator)
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    pixels = pixels + direction * torch.rand(labels.shape + (1,), generator=generator) * 1.2 * delta_v
+    stray = torch.rand(labels.shape + (1,), generator=generator) < stray_fraction
+    away = torch.randn(pixels.shape, generator=generator)
+    away = away / away.norm(dim=-1, keepdim=True) * (2 + 2 * torch.rand(labels.shape + (1,), generator=generator))
+    pixels = pixels + torch.where(stray, away * delta_v, torch.zeros_like(pixels))
+    return pixels.permute(0, 3, 1, 2).contiguous()
+
+
 def load_network(path: str) -> StickNet:
     checkpoint = torch.load(path, weights_only=True, map_location="cpu")
     model = StickNet(embedding_dim=checkpoint["embedding_dim"], widths=checkpoint["widths"])

@@ -26,6 +26,11 @@ __all__ = ["cluster_embeddings"]
 # Points processed at once in the final nearest-centre assignment, which
 # needs a (points, centres, E) difference tensor.
 _ASSIGN_CHUNK = 1 << 16
+# Points of an image that every point is compared with to estimate its
+# density (see _estimated_density), and the most (points x samples)
+# distances formed at once there.
+_DENSITY_SAMPLES = 512
+_DENSITY_CHUNK = 1 << 22
 
 
 def _check_seed_scores(seed_scores, foreground):
@@ -159,6 +164,263 @@ def _nearest_centre(points, image, centres, kept):
     return nearest
 
 
+def _position_in_image(image: torch.Tensor, points_per_image: torch.Tensor) -> torch.Tensor:
+    """Index of each point within its image; points are grouped by image in order."""
+    offsets = torch.cumsum(points_per_image, 0) - points_per_image
+    return torch.arange(image.numel(), device=image.device) - _per_point(offsets, image)
+
+
+def _rank_in_image(image, points_per_image, priority):
+    """Rank of each point within its image by descending ``priority`` (>= -1): one sort of a combined key."""
+    key = image * (1 << 33) + ((1 << 32) - 1 - priority)
+    order = torch.argsort(key)
+    rank = torch.empty_like(order)
+    rank[order] = _position_in_image(image[order], points_per_image)
+    return rank
+
+
+def _estimated_density(points, image, points_per_image, priority, bandwidth_sq, samples):
+    """Per point, an estimate of how many points of its image lie within ``bandwidth`` of it.
+
+    Exact counts cost O(points^2) distances per image; instead each point is
+    compared with ``samples`` points of its image (those of highest hashed
+    priority, so that an image's estimate does not depend on the rest of the
+    batch) and the fraction inside the window is scaled to the image's point
+    count. An instance of n points in an image of N holds about
+    n * samples / N of the samples, so one that could be kept (n >= min_size)
+    goes unsampled with probability about exp(-min_size * samples / N).
+    The distances come from one padded (B, points, samples) batched product,
+    in chunks of points to bound memory; one host synchronisation sizes it.
+    """
+    batch, dim = points_per_image.shape[0], points.shape[1]
+    position = _position_in_image(image, points_per_image)
+    rank = _rank_in_image(image, points_per_image, priority)
+    sampled = rank < samples
+    # d^2 <= bandwidth^2  <=>  [x, |x|^2, 1] . [2s, -1, bandwidth^2 - |s|^2] >= 0, so one batched
+    # product per (point, sample) pair (> 0 counted: a pair at exactly the
+    # window's edge is not, which an estimate can afford); an unused sample
+    # slot is [0, 0, -1], negative for every point.
+    sample_count = points_per_image.clamp(max=samples)
+    sample_rows = points.new_zeros(batch, samples, dim + 2)
+    sample_rows[..., dim + 1] = -1.0
+    chosen = points[sampled]
+    sample_rows[image[sampled], rank[sampled]] = torch.cat(
+        [2.0 * chosen, -torch.ones_like(chosen[:, :1]),
+         (bandwidth_sq - (chosen * chosen).sum(dim=1, keepdim=True))], dim=1)
+    most = int(points_per_image.max())  # one synchronisation
+    point_rows = points.new_ones(batch, most, dim + 2)
+    point_rows[image, position, :dim] = points
+    point_rows[image, position, dim] = (points * points).sum(dim=1)
+    sample_rows = sample_rows.transpose(1, 2)
+    hits = points.new_zeros(batch, most)
+    chunk = max(1, _DENSITY_CHUNK // max(batch * samples, 1))
+    for first in range(0, most, chunk):
+        # clamp, sign, sum: in place and about 3x faster on CPU than comparing and summing bools.
+        product = torch.bmm(point_rows[:, first:first + chunk], sample_rows)
+        hits[:, first:first + chunk] = product.clamp_(min=0).sign_().sum(dim=2)
+    scale = points_per_image.to(points.dtype) / sample_count.clamp(min=1).to(points.dtype)
+    return hits[image, position] * _per_point(scale, image)
+
+
+def _next_seeds(points, image, points_per_image, visited, priority, score, min_seeds):
+    """One seed per image: the unvisited open point of highest score, then priority.
+
+    An image gets none once it has fewer than ``min_seeds`` unvisited points
+    (they could not make an instance that is kept) or no open point left.
+    Returns is_seed (M,) bool, has_seed (B,) bool, point_has_seed (M,) bool
+    and the seeds' embeddings (B, E), zero where an image has none.
+    """
+    batch = points_per_image.shape[0]
+    unvisited_count = _per_image_sum((~visited).to(points.dtype), points_per_image)
+    open_priority = torch.where(visited, torch.full_like(priority, -1), priority)
+    open_score = None if score is None else torch.where(visited, torch.full_like(score, -torch.inf), score)
+    best, is_best = _pick_seeds(open_priority, open_score, image, batch)
+    has_seed = (best >= 0) & (unvisited_count >= min_seeds)
+    point_has_seed = _per_point(has_seed, image)
+    is_seed = is_best & point_has_seed
+    seeds = _per_image_sum(points * is_seed.unsqueeze(1).to(points.dtype), points_per_image)
+    return is_seed, has_seed, point_has_seed, seeds
+
+
+def _window_count(points, image, points_per_image, centre, bandwidth_sq):
+    """Points of each image within the window around its ``centre`` (B, E): (B,) float."""
+    offsets = points - _per_point(centre, image)
+    inside = ((offsets * offsets).sum(dim=1) <= bandwidth_sq).to(points.dtype)
+    return _per_image_sum(inside, points_per_image)
+
+
+def _no_valley_between(points, image, points_per_image, mode, other, bandwidth_sq):
+    """(B,) bool: the window midway between ``mode`` and ``other`` holds at least as many points as ``mode``'s.
+
+    Density does not dip between them, so ``mode`` sits on the slope of
+    ``other``'s instance (a bridge of boundary pixels partway to a touching
+    instance, say), not on a peak of its own. Two instances, even with close
+    means, have a valley between them: midway, the window holds only the
+    rims of both.
+    """
+    at_mode = _window_count(points, image, points_per_image, mode, bandwidth_sq)
+    midway = _window_count(points, image, points_per_image, 0.5 * (mode + other), bandwidth_sq)
+    return midway >= at_mode
+
+
+def _add_or_join_mode(centres, num_found, mode, has_seed, merge_sq, no_valley=None):
+    """File each image's new ``mode`` (B, E): a new slot, or the slot of the nearest mode found.
+
+    The means of two instances are pushed 2*delta_d apart, so a mode within
+    delta_d (sqrt(merge_sq)) of one already found is the same instance seen
+    from another seed. ``no_valley``, when given, is a callable
+    (mode, nearest mode) -> (B,) bool that joins more (``_no_valley_between``).
+    centres (B, capacity, E) and num_found (B,) are updated for images with
+    ``has_seed``; returns (slot (B,), centres, num_found). A full image
+    (num_found == capacity) only joins.
+    """
+    capacity = centres.shape[1]
+    slot_ids = torch.arange(capacity, device=centres.device)
+    batch_ids = torch.arange(centres.shape[0], device=centres.device)
+    to_existing = centres - mode.unsqueeze(1)
+    existing_sq = (to_existing * to_existing).sum(dim=2)
+    existing_sq = existing_sq.masked_fill(slot_ids.unsqueeze(0) >= num_found.unsqueeze(1), float("inf"))
+    nearest_sq, nearest_slot = existing_sq.min(dim=1)
+    duplicate = nearest_sq <= merge_sq
+    if no_valley is not None:
+        nearest = centres[torch.arange(centres.shape[0], device=centres.device), nearest_slot]
+        duplicate = duplicate | (torch.isfinite(nearest_sq) & no_valley(mode, nearest))
+    is_new = has_seed & ~duplicate
+    slot = torch.where(duplicate, nearest_slot, num_found)
+    write_slot = num_found.clamp(max=capacity - 1)
+    centres = centres.clone()
+    centres[batch_ids, write_slot] = torch.where(is_new.unsqueeze(1), mode, centres[batch_ids, write_slot])
+    return slot, centres, num_found + is_new.long()
+
+
+def _claim(points, image, mode, seeds, slot, point_label, visited, is_seed, point_has_seed,
+           threshold_sq, merge_sq, bandwidth_sq):
+    """Label the unvisited points within the threshold of each image's ``mode`` with ``slot`` + 1.
+
+    Points within delta_d of a mode cannot seed a new instance (its mode
+    would be a duplicate), nor can the seed's own window, which the first
+    mean shift step used: they are marked visited, claimed or not, and left
+    to the final assignment, so that stray points cost no iterations of
+    their own. Returns (point_label, visited).
+    """
+    offsets = points - _per_point(mode, image)
+    distance_sq = (offsets * offsets).sum(dim=1)
+    claim = (distance_sq <= threshold_sq) & ~visited & point_has_seed
+    point_label = torch.where(claim, _per_point(slot, image) + 1, point_label)
+    offsets = points - _per_point(seeds, image)
+    around_seed = (offsets * offsets).sum(dim=1) <= bandwidth_sq
+    visited = visited | ((distance_sq <= merge_sq) | around_seed | is_seed) & point_has_seed
+    return point_label, visited
+
+
+def _find_modes(points, image, points_per_image, priority, score, *, bandwidth_sq, threshold_sq, merge_sq,
+                mean_shift_steps, max_iterations, min_size, valley_test=False):
+    """The seed / mean shift / claim loop, every image at once.
+
+    Returns centres (B, max_iterations, E), num_found (B,) (slots
+    0..num_found-1 hold a mode) and point_label (M,) (0: unclaimed, else the
+    claiming slot + 1). The only host synchronisation is the check whether
+    any image still has a seed: every iteration on CPU, every 8 on CUDA.
+    """
+    batch, dim = points_per_image.shape[0], points.shape[1]
+    device = points.device
+    centres = points.new_zeros(batch, max_iterations, dim)
+    num_found = torch.zeros(batch, dtype=torch.long, device=device)
+    point_label = torch.zeros(points.shape[0], dtype=torch.long, device=device)
+    visited = torch.zeros(points.shape[0], dtype=torch.bool, device=device)
+    check_every = 8 if device.type == "cuda" else 1
+    no_valley = None
+    if valley_test:
+        def no_valley(mode, other):
+            return _no_valley_between(points, image, points_per_image, mode, other, bandwidth_sq)
+    for iteration in range(max_iterations):
+        is_seed, has_seed, point_has_seed, seeds = _next_seeds(points, image, points_per_image, visited, priority,
+                                                               score, max(min_size, 1))
+        mode = _mean_shift(points, image, points_per_image, seeds, bandwidth_sq, mean_shift_steps,
+                           stop_when_converged=device.type == "cpu")
+        slot, centres, num_found = _add_or_join_mode(centres, num_found, mode, has_seed, merge_sq, no_valley)
+        point_label, visited = _claim(points, image, mode, seeds, slot, point_label, visited, is_seed,
+                                      point_has_seed, threshold_sq, merge_sq, bandwidth_sq)
+        if (iteration + 1) % check_every == 0 and not bool(has_seed.any()):
+            break
+    return centres, num_found, point_label
+
+
+def _slot_sizes(slot_of_point, image, capacity, batch):
+    """Points per (image, slot), (B, capacity); points with slot -1 are not counted."""
+    has_slot = slot_of_point >= 0
+    segment = image * capacity + slot_of_point.clamp(min=0)
+    return _segment_sum(has_slot.long(), segment, batch * capacity).reshape(batch, capacity)
+
+
+def _assign_by_claim(points, image, centres, num_found, point_label, min_size):
+    """The paper's assignment: each point keeps the instance that claimed it first.
+
+    Instances with fewer than ``min_size`` points are dropped; their points
+    and those no instance claimed join the nearest kept centre. Returns
+    (slot_of_point (M,), -1 where no instance is kept in the image; kept
+    (B, capacity) bool).
+    """
+    batch, capacity = centres.shape[:2]
+    slot_ids = torch.arange(capacity, device=points.device)
+    sizes = _slot_sizes(point_label - 1, image, capacity, batch)
+    kept = (sizes >= max(min_size, 1)) & (slot_ids.unsqueeze(0) < num_found.unsqueeze(1))
+    slot_of_point = point_label - 1
+    in_kept = (slot_of_point >= 0) & kept[image, slot_of_point.clamp(min=0)]
+    return _join_nearest(points, image, centres, kept, torch.where(in_kept, slot_of_point, -1)), kept
+
+
+def _assign_to_nearest(points, image, centres, num_found, min_size):
+    """Every point to its nearest mode (a Lloyd assignment step), whichever seed claimed it.
+
+    A boundary point that a network left partway between two instances goes
+    to the nearer mode. Modes that end up with fewer than ``min_size``
+    points are dropped and their points join the nearest kept mode. Returns
+    (slot_of_point (M,), kept (B, capacity) bool).
+    """
+    batch, capacity = centres.shape[:2]
+    slot_ids = torch.arange(capacity, device=points.device)
+    found = slot_ids.unsqueeze(0) < num_found.unsqueeze(1)
+    slot_of_point = _nearest_centre(points, image, centres, found)
+    kept = (_slot_sizes(slot_of_point, image, capacity, batch) >= max(min_size, 1)) & found
+    in_kept = (slot_of_point >= 0) & kept[image, slot_of_point.clamp(min=0)]
+    return _join_nearest(points, image, centres, kept, torch.where(in_kept, slot_of_point, -1)), kept
+
+
+def _join_nearest(points, image, centres, kept, slot_of_point):
+    """Points with slot -1 join the nearest kept centre of their image (-1 if it has none)."""
+    orphans = (slot_of_point < 0).nonzero(as_tuple=True)[0]  # one synchronisation
+    if orphans.numel() > 0:
+        slot_of_point = slot_of_point.clone()
+        slot_of_point[orphans] = _nearest_centre(points[orphans], image[orphans], centres, kept)
+    return slot_of_point
+
+
+def _number_instances(slot_of_point, image, points, centres, kept, delta_v):
+    """Instance ids 1..L_b per image in slot order, and each instance's confidence.
+
+    Returns (ids (M,), 0 where a point has no slot; scores (B, L) float32):
+    the fraction of an instance's points within delta_v of its centre.
+    """
+    batch, capacity = kept.shape
+    new_id = torch.cumsum(kept.long(), dim=1) * kept.long()  # (B, capacity), 0 for dropped
+    has_slot = slot_of_point >= 0
+    safe_slot = slot_of_point.clamp(min=0)
+    ids = torch.where(has_slot, new_id[image, safe_slot], torch.zeros_like(safe_slot))
+    offsets = points - centres[image, safe_slot]
+    within = ((offsets * offsets).sum(dim=1) <= float(delta_v) ** 2) & has_slot
+    segment = image * capacity + safe_slot
+    totals = _segment_sum(has_slot.to(points.dtype), segment, batch * capacity).reshape(batch, capacity)
+    hits = _segment_sum(within.to(points.dtype), segment, batch * capacity).reshape(batch, capacity)
+    confidence = hits / totals.clamp(min=1.0)
+    num_instances = int(kept.sum(dim=1).max())  # one synchronisation
+    scores = torch.zeros(batch, num_instances + 1, dtype=torch.float32, device=points.device)
+    # Dropped slots go to the spare last column, which is cut off.
+    column = torch.where(kept, new_id - 1, torch.full_like(new_id, num_instances))
+    scores.scatter_(1, column, confidence.float())
+    return ids, scores[:, :num_instances]
+
+
 @torch.no_grad()
 def cluster_embeddings(
     embeddings: torch.Tensor,
@@ -174,6 +436,10 @@ def cluster_embeddings(
     seed: int = 0,
     seed_scores: Optional[torch.Tensor] = None,
     min_seed_score: Optional[float] = None,
+    density_seeds: bool = False,
+    valley_test: bool = False,
+    assign: str = "claim",
+    mode_points: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cluster pixel embeddings into instances, batched, on any device.
 
@@ -182,10 +448,10 @@ def cluster_embeddings(
     still has unvisited foreground pixels:
 
     1. seed: pick an unvisited pixel: the one of highest ``seed_scores``
-       when given (e.g. a seediness head's output), ties broken as without
-       it; without scores, in a random order of the pixel positions fixed by
-       ``seed``, so an image's result does not depend on the rest of the
-       batch;
+       when given (e.g. a seediness head's output), or of highest estimated
+       density with ``density_seeds``, ties broken as without them; without
+       either, in a random order of the pixel positions fixed by ``seed``, so
+       an image's result does not depend on the rest of the batch;
     2. mean shift: move the seed's embedding to the mean of the image's
        foreground embeddings within ``bandwidth`` of it, ``mean_shift_steps``
        times (flat kernel; all foreground pixels count, visited or not, so
@@ -202,19 +468,25 @@ def cluster_embeddings(
     An image stops when fewer than ``min_size`` of its pixels are unvisited
     (they could not make an instance that is kept).
 
-    After the last iteration, instances with fewer than ``min_size`` pixels
-    are dropped, and every foreground pixel not in a kept instance (pixels
-    that no threshold ball claimed, and those of dropped instances) joins the
-    kept instance whose centre is nearest to its embedding, so no foreground
-    pixel is left unlabelled. Instances are numbered 1, 2, ... per image in
-    the order they were found.
+    After the last iteration, with ``assign="claim"`` (the paper's way)
+    instances with fewer than ``min_size`` pixels are dropped, and every
+    foreground pixel not in a kept instance (pixels that no threshold ball
+    claimed, and those of dropped instances) joins the kept instance whose
+    centre is nearest to its embedding. With ``assign="nearest"`` every
+    foreground pixel goes to the nearest centre found, whichever seed claimed
+    it (a Lloyd assignment step: a boundary pixel that the network left
+    partway between two instances goes to the nearer one), then centres with
+    fewer than ``min_size`` pixels are dropped and their pixels join the
+    nearest kept centre. Either way no foreground pixel is left unlabelled.
+    Instances are numbered 1, 2, ... per image in the order they were found.
 
     Cost: at most (mean_shift_steps + 2) passes over the foreground
-    embeddings per iteration, with no Python loop over images. The only host
+    embeddings per iteration, with no Python loop over images; density seeds
+    add one pass over (points x _DENSITY_SAMPLES) distances. The only host
     synchronisations are a constant few (gathering the foreground pixels,
-    sizing the outputs) plus the check whether any image still has a seed, done
-    after every iteration on CPU and every 8 iterations on CUDA; none per
-    instance. Memory is O(foreground pixels * E).
+    sizing the outputs) plus the check whether any image still has a seed,
+    done after every iteration on CPU and every 8 iterations on CUDA; none
+    per instance. Memory is O(foreground pixels * E).
 
     Args:
         embeddings: (B, E, *spatial) float; computed in float32 (float64 for
@@ -248,6 +520,15 @@ def cluster_embeddings(
             seed-map threshold): an image stops when no unvisited pixel
             reaches it, and the rest join the nearest kept instance. Stray
             pixels then cannot start spurious instances. None: no threshold.
+        density_seeds: seed at the densest unvisited pixel first: the one
+            with the most foreground pixels of its image within
+            ``bandwidth``, estimated from _DENSITY_SAMPLES pixels per image.
+            Seeds then start at instance cores, not at boundary or stray
+            pixels, whose spurious modes would take an instance's place; and
+            a pixel whose window holds fewer than ``min_size`` pixels
+            (estimated) never seeds, so stray pixels cost no iterations.
+            Not with ``seed_scores``.
+        assign: "claim" (the paper's) or "nearest" (a Lloyd step), as above.
 
     Returns:
         labels: (B, *spatial) int64, 0 for background, 1..L_b for the
@@ -271,6 +552,17 @@ def cluster_embeddings(
             raise ValueError("min_seed_score: needs seed_scores")
         if not isinstance(min_seed_score, (int, float)) or min_seed_score != min_seed_score:
             raise ValueError(f"min_seed_score: expected a number or None, got {min_seed_score!r}")
+    if not isinstance(density_seeds, bool):
+        raise TypeError(f"density_seeds: expected a bool, got {density_seeds!r}")
+    if density_seeds and seed_scores is not None:
+        raise ValueError("density_seeds: expected False when seed_scores is given (both set the seed order)")
+    if assign not in ("claim", "nearest"):
+        raise ValueError(f"assign: expected 'claim' or 'nearest', got {assign!r}")
+    if mode_points is not None:
+        if not isinstance(mode_points, int) or isinstance(mode_points, bool) or mode_points < 1:
+            raise ValueError(f"mode_points: expected an int >= 1 or None, got {mode_points!r}")
+        if assign != "nearest":
+            raise ValueError("mode_points: needs assign='nearest' (only the sampled pixels are claimed)")
     batch, dim = embeddings.shape[:2]
     spatial = tuple(embeddings.shape[2:])
     device = embeddings.device
@@ -279,11 +571,11 @@ def cluster_embeddings(
     image, pixel = foreground.reshape(batch, -1).nonzero(as_tuple=True)  # one synchronisation
     points = flat[image, :, pixel].to(compute_dtype)  # (M, E), grouped by image in order
     points_per_image = torch.bincount(image, minlength=batch)
-    num_points = points.shape[0]
     labels_flat = torch.zeros(batch, flat.shape[2], dtype=torch.long, device=device)
-    if num_points == 0:
+    if points.shape[0] == 0:
         return labels_flat.reshape((batch,) + spatial), torch.zeros(batch, 0, device=device)
 
+    bandwidth_sq = float(bandwidth) ** 2
     priority = _seed_priority(pixel, seed)
     score = None
     if seed_scores is not None:
@@ -293,95 +585,33 @@ def cluster_embeddings(
         if min_seed_score is not None:
             # Below the threshold a pixel is never open: -inf, like a visited one.
             priority = torch.where(score >= min_seed_score, priority, torch.full_like(priority, -1))
-    bandwidth_sq = float(bandwidth) ** 2
-    threshold_sq = float(threshold) ** 2
-    merge_sq = float(delta_d) ** 2
-    capacity = max_iterations
-    centres = points.new_zeros(batch, capacity, dim)
-    num_found = torch.zeros(batch, dtype=torch.long, device=device)
-    slot_ids = torch.arange(capacity, device=device)
-    batch_ids = torch.arange(batch, device=device)
-    point_label = torch.zeros(num_points, dtype=torch.long, device=device)  # 0: unclaimed, else slot + 1
-    visited = torch.zeros(num_points, dtype=torch.bool, device=device)
-    check_every = 8 if device.type == "cuda" else 1
-    # Fewer unvisited points than this cannot make an instance that is kept.
-    min_seeds = max(min_size, 1)
+    # The modes are searched on all points, or on a sample of each image's
+    # (the first mode_points in the hashed order); min_size shrinks with it.
+    search_points, search_image, search_count, search_min_size = points, image, points_per_image, min_size
+    if mode_points is not None:
+        chosen = _rank_in_image(image, points_per_image, priority) < mode_points
+        search_points, search_image = points[chosen], image[chosen]
+        search_count = points_per_image.clamp(max=mode_points)
+        priority = priority[chosen]
+        score = None if score is None else score[chosen]
+        largest = int(points_per_image.max())  # one synchronisation
+        search_min_size = max(1, min_size * min(mode_points, largest) // largest)
+    if density_seeds:
+        score = _estimated_density(search_points, search_image, search_count, priority, bandwidth_sq,
+                                   _DENSITY_SAMPLES)
+        # In pixels of the whole image, whatever the sample.
+        score = score * _per_point(points_per_image.to(score.dtype) / search_count.to(score.dtype), search_image)
+        priority = torch.where(score >= max(min_size, 1), priority, torch.full_like(priority, -1))
 
-    for iteration in range(max_iterations):
-        # 1. The unvisited point of highest score (then priority) in each
-        # image that still has enough unvisited points to make an instance
-        # of min_size.
-        unvisited_count = _per_image_sum((~visited).to(points.dtype), points_per_image)
-        open_priority = torch.where(visited, torch.full_like(priority, -1), priority)
-        open_score = None if score is None else torch.where(visited, torch.full_like(score, -torch.inf), score)
-        best, is_best = _pick_seeds(open_priority, open_score, image, batch)
-        has_seed = (best >= 0) & (unvisited_count >= min_seeds)
-        point_has_seed = _per_point(has_seed, image)
-        is_seed = is_best & point_has_seed
-        seeds = _per_image_sum(points * is_seed.unsqueeze(1).to(points.dtype), points_per_image)
-
-        # 2. Mean shift to the mode.
-        centre = _mean_shift(points, image, points_per_image, seeds, bandwidth_sq, mean_shift_steps,
-                             stop_when_converged=device.type == "cpu")
-
-        # 3. New instance, or more pixels for the instance already at this mode.
-        to_existing = centres - centre.unsqueeze(1)
-        existing_sq = (to_existing * to_existing).sum(dim=2)
-        existing_sq = existing_sq.masked_fill(slot_ids.unsqueeze(0) >= num_found.unsqueeze(1), float("inf"))
-        nearest_sq, nearest_slot = existing_sq.min(dim=1)
-        duplicate = nearest_sq <= merge_sq
-        is_new = has_seed & ~duplicate
-        slot = torch.where(duplicate, nearest_slot, num_found)
-        write_slot = num_found.clamp(max=capacity - 1)
-        centres[batch_ids, write_slot] = torch.where(is_new.unsqueeze(1), centre, centres[batch_ids, write_slot])
-        num_found = num_found + is_new.long()
-
-        offsets = points - _per_point(centre, image)
-        distance_sq = (offsets * offsets).sum(dim=1)
-        claim = (distance_sq <= threshold_sq) & ~visited & point_has_seed
-        point_label = torch.where(claim, _per_point(slot, image) + 1, point_label)
-        # Points within delta_d of a mode cannot seed a new instance (its mode
-        # would be a duplicate), nor can the seed's own window, which the
-        # first mean shift step used: they are visited, claimed or not, and
-        # left to the final nearest-centre assignment, so that stray points
-        # cost no iterations of their own.
-        offsets = points - _per_point(seeds, image)
-        around_seed = (offsets * offsets).sum(dim=1) <= bandwidth_sq
-        visited = visited | ((distance_sq <= merge_sq) | around_seed | is_seed) & point_has_seed
-        if (iteration + 1) % check_every == 0 and not bool(has_seed.any()):
-            break
-
-    # Drop small instances; every other foreground point joins its nearest kept centre.
-    slot_of_point = (point_label - 1).clamp(min=0)
-    claimed = point_label > 0
-    sizes = _segment_sum(claimed.long(), image * capacity + slot_of_point, batch * capacity)
-    kept = (sizes.reshape(batch, capacity) >= max(min_size, 1)) & (slot_ids.unsqueeze(0) < num_found.unsqueeze(1))
-    in_kept = claimed & kept[image, slot_of_point]
-    orphans = (~in_kept).nonzero(as_tuple=True)[0]  # one synchronisation
-    num_slots = max(int(num_found.max()), 1)  # one synchronisation
-    centres = centres[:, :num_slots]
-    kept = kept[:, :num_slots]
-    slot_of_point = torch.where(in_kept, slot_of_point, torch.full_like(slot_of_point, -1))
-    if orphans.numel() > 0:
-        slot_of_point[orphans] = _nearest_centre(points[orphans], image[orphans], centres, kept)
-
-    # Number the kept instances 1..L_b per image, in the order found.
-    new_id = torch.cumsum(kept.long(), dim=1) * kept.long()  # (B, num_slots), 0 for dropped
-    has_slot = slot_of_point >= 0
-    safe_slot = slot_of_point.clamp(min=0)
-    final = torch.where(has_slot, new_id[image, safe_slot], torch.zeros_like(safe_slot))
-    labels_flat[image, pixel] = final
-
-    # Confidence: the fraction of an instance's pixels within delta_v of its centre.
-    offsets = points - centres[image, safe_slot]
-    within = ((offsets * offsets).sum(dim=1) <= float(delta_v) ** 2) & has_slot
-    segment = image * num_slots + safe_slot
-    totals = _segment_sum(has_slot.to(compute_dtype), segment, batch * num_slots).reshape(batch, num_slots)
-    hits = _segment_sum(within.to(compute_dtype), segment, batch * num_slots).reshape(batch, num_slots)
-    confidence = hits / totals.clamp(min=1.0)
-    num_instances = int(kept.sum(dim=1).max())  # one synchronisation
-    scores = torch.zeros(batch, num_instances + 1, dtype=torch.float32, device=device)
-    # Dropped slots go to the spare last column, which is cut off.
-    column = torch.where(kept, new_id - 1, torch.full_like(new_id, num_instances))
-    scores.scatter_(1, column, confidence.float())
-    return labels_flat.reshape((batch,) + spatial), scores[:, :num_instances]
+    centres, num_found, point_label = _find_modes(
+        search_points, search_image, search_count, priority, score, bandwidth_sq=bandwidth_sq,
+        threshold_sq=float(threshold) ** 2, merge_sq=float(delta_d) ** 2, mean_shift_steps=mean_shift_steps,
+        max_iterations=max_iterations, min_size=search_min_size, valley_test=valley_test)
+    centres = centres[:, :max(int(num_found.max()), 1)]  # one synchronisation
+    if assign == "claim":
+        slot_of_point, kept = _assign_by_claim(points, image, centres, num_found, point_label, min_size)
+    else:
+        slot_of_point, kept = _assign_to_nearest(points, image, centres, num_found, min_size)
+    ids, scores = _number_instances(slot_of_point, image, points, centres, kept, delta_v)
+    labels_flat[image, pixel] = ids
+    return labels_flat.reshape((batch,) + spatial), scores
