@@ -31,6 +31,12 @@ _ASSIGN_CHUNK = 1 << 16
 # distances formed at once there.
 _DENSITY_SAMPLES = 512
 _DENSITY_CHUNK = 1 << 22
+# join="density": how many times denser than a new mode a mode found before
+# must be for the new one to count as its satellite (within 2*delta_d) or as
+# a bridge between two of them (within the window of their segment). Real
+# instances of the hard benchmark's sticks differ in size by up to about 3x.
+_SATELLITE_RATIO = 4.0
+_BRIDGE_RATIO = 2.0
 
 
 def _check_seed_scores(seed_scores, foreground):
@@ -249,30 +255,57 @@ def _window_count(points, image, points_per_image, centre, bandwidth_sq):
     return _per_image_sum(inside, points_per_image)
 
 
-def _no_valley_between(points, image, points_per_image, mode, other, bandwidth_sq):
-    """(B,) bool: the window midway between ``mode`` and ``other`` holds at least as many points as ``mode``'s.
+def _beside_a_denser_mode(mode, mode_count, centres, centre_counts, num_found, radius_sq):
+    """(B,) bool: a mode found before lies within sqrt(radius_sq) of ``mode`` and has at least
+    _SATELLITE_RATIO times as many points in its window.
 
-    Density does not dip between them, so ``mode`` sits on the slope of
-    ``other``'s instance (a bridge of boundary pixels partway to a touching
-    instance, say), not on a peak of its own. Two instances, even with close
-    means, have a valley between them: midway, the window holds only the
-    rims of both.
+    The push term leaves the means of two instances 2*delta_d apart; a mode
+    nearer than that to a much denser one is a satellite of it (a crowd of
+    pixels that the network left partway out), not an instance of its own.
+    mode (B, E), mode_count (B,), centres (B, K, E), centre_counts (B, K).
     """
-    at_mode = _window_count(points, image, points_per_image, mode, bandwidth_sq)
-    midway = _window_count(points, image, points_per_image, 0.5 * (mode + other), bandwidth_sq)
-    return midway >= at_mode
+    capacity = centres.shape[1]
+    found = torch.arange(capacity, device=centres.device).unsqueeze(0) < num_found.unsqueeze(1)
+    offsets = centres - mode.unsqueeze(1)
+    near = (offsets * offsets).sum(dim=2) <= radius_sq
+    return (found & near & (centre_counts >= _SATELLITE_RATIO * mode_count.unsqueeze(1))).any(dim=1)
 
 
-def _add_or_join_mode(centres, num_found, mode, has_seed, merge_sq, no_valley=None):
+def _on_a_bridge(mode, mode_count, centres, centre_counts, num_found, radius_sq):
+    """(B,) bool: ``mode`` lies within sqrt(radius_sq) of the segment between two modes found
+    before, each with at least _BRIDGE_RATIO times as many points in its window.
+
+    Where instances a and b touch, the network puts a's boundary pixels
+    partway towards b's mean: on the segment between the two means. A rim
+    of them is a small density peak of its own that mean shift settles on,
+    and a spurious instance if kept. A small instance of its own lies on
+    such a segment only if its mean happens to be in line with two others.
+    mode (B, E), mode_count (B,), centres (B, K, E), centre_counts (B, K).
+    """
+    capacity = centres.shape[1]
+    found = torch.arange(capacity, device=centres.device).unsqueeze(0) < num_found.unsqueeze(1)
+    denser = found & (centre_counts >= _BRIDGE_RATIO * mode_count.unsqueeze(1))  # (B, K)
+    start = centres.unsqueeze(2)  # a, (B, K, 1, E)
+    span = centres.unsqueeze(1) - start  # b - a, (B, K, K, E)
+    to_mode = mode.unsqueeze(1).unsqueeze(1) - start
+    length_sq = (span * span).sum(dim=3)
+    along = (to_mode * span).sum(dim=3) / length_sq.clamp(min=torch.finfo(centres.dtype).tiny)
+    off = to_mode - along.unsqueeze(3) * span
+    between = (along > 0) & (along < 1) & ((off * off).sum(dim=3) <= radius_sq)
+    pairs = denser.unsqueeze(2) & denser.unsqueeze(1)
+    return (between & pairs).flatten(1).any(dim=1)
+
+
+def _add_or_join_mode(centres, num_found, mode, has_seed, merge_sq, join=None):
     """File each image's new ``mode`` (B, E): a new slot, or the slot of the nearest mode found.
 
     The means of two instances are pushed 2*delta_d apart, so a mode within
     delta_d (sqrt(merge_sq)) of one already found is the same instance seen
-    from another seed. ``no_valley``, when given, is a callable
-    (mode, nearest mode) -> (B,) bool that joins more (``_no_valley_between``).
-    centres (B, capacity, E) and num_found (B,) are updated for images with
-    ``has_seed``; returns (slot (B,), centres, num_found). A full image
-    (num_found == capacity) only joins.
+    from another seed; ``join`` (B,) bool, when given, joins more (modes on
+    a bridge, ``_on_a_bridge``). centres (B, capacity, E) and num_found (B,)
+    are updated for images with ``has_seed``; returns (slot (B,), is_new
+    (B,), centres, num_found). A full image (num_found == capacity) only
+    joins.
     """
     capacity = centres.shape[1]
     slot_ids = torch.arange(capacity, device=centres.device)
@@ -282,15 +315,14 @@ def _add_or_join_mode(centres, num_found, mode, has_seed, merge_sq, no_valley=No
     existing_sq = existing_sq.masked_fill(slot_ids.unsqueeze(0) >= num_found.unsqueeze(1), float("inf"))
     nearest_sq, nearest_slot = existing_sq.min(dim=1)
     duplicate = nearest_sq <= merge_sq
-    if no_valley is not None:
-        nearest = centres[torch.arange(centres.shape[0], device=centres.device), nearest_slot]
-        duplicate = duplicate | (torch.isfinite(nearest_sq) & no_valley(mode, nearest))
+    if join is not None:
+        duplicate = duplicate | (join & torch.isfinite(nearest_sq))
     is_new = has_seed & ~duplicate
     slot = torch.where(duplicate, nearest_slot, num_found)
     write_slot = num_found.clamp(max=capacity - 1)
     centres = centres.clone()
     centres[batch_ids, write_slot] = torch.where(is_new.unsqueeze(1), mode, centres[batch_ids, write_slot])
-    return slot, centres, num_found + is_new.long()
+    return slot, is_new, centres, num_found + is_new.long()
 
 
 def _claim(points, image, mode, seeds, slot, point_label, visited, is_seed, point_has_seed,
@@ -314,7 +346,7 @@ def _claim(points, image, mode, seeds, slot, point_label, visited, is_seed, poin
 
 
 def _find_modes(points, image, points_per_image, priority, score, *, bandwidth_sq, threshold_sq, merge_sq,
-                mean_shift_steps, max_iterations, min_size, valley_test=False):
+                mean_shift_steps, max_iterations, min_size, join_density=False):
     """The seed / mean shift / claim loop, every image at once.
 
     Returns centres (B, max_iterations, E), num_found (B,) (slots
@@ -329,16 +361,23 @@ def _find_modes(points, image, points_per_image, priority, score, *, bandwidth_s
     point_label = torch.zeros(points.shape[0], dtype=torch.long, device=device)
     visited = torch.zeros(points.shape[0], dtype=torch.bool, device=device)
     check_every = 8 if device.type == "cuda" else 1
-    no_valley = None
-    if valley_test:
-        def no_valley(mode, other):
-            return _no_valley_between(points, image, points_per_image, mode, other, bandwidth_sq)
+    if join_density:
+        counts = points.new_zeros(batch, max_iterations)
+        batch_ids = torch.arange(batch, device=device)
     for iteration in range(max_iterations):
         is_seed, has_seed, point_has_seed, seeds = _next_seeds(points, image, points_per_image, visited, priority,
                                                                score, max(min_size, 1))
         mode = _mean_shift(points, image, points_per_image, seeds, bandwidth_sq, mean_shift_steps,
                            stop_when_converged=device.type == "cpu")
-        slot, centres, num_found = _add_or_join_mode(centres, num_found, mode, has_seed, merge_sq, no_valley)
+        join = None
+        if join_density:
+            count = _window_count(points, image, points_per_image, mode, bandwidth_sq)
+            join = (_beside_a_denser_mode(mode, count, centres, counts, num_found, 4.0 * merge_sq)
+                    | _on_a_bridge(mode, count, centres, counts, num_found, bandwidth_sq))
+        slot, is_new, centres, num_found = _add_or_join_mode(centres, num_found, mode, has_seed, merge_sq, join)
+        if join_density:
+            write_slot = slot.clamp(max=max_iterations - 1)
+            counts[batch_ids, write_slot] = torch.where(is_new, count, counts[batch_ids, write_slot])
         point_label, visited = _claim(points, image, mode, seeds, slot, point_label, visited, is_seed,
                                       point_has_seed, threshold_sq, merge_sq, bandwidth_sq)
         if (iteration + 1) % check_every == 0 and not bool(has_seed.any()):
@@ -370,19 +409,46 @@ def _assign_by_claim(points, image, centres, num_found, point_label, min_size):
     return _join_nearest(points, image, centres, kept, torch.where(in_kept, slot_of_point, -1)), kept
 
 
-def _assign_to_nearest(points, image, centres, num_found, min_size):
+def _nearest_found_mode(points, image, points_per_image, centres, found, window_sq):
+    """Index of each point's nearest found centre (-1 if its image has none), and per centre the
+    number of its image's points within sqrt(window_sq), (B, K) float.
+
+    |x - c|^2 = |x|^2 - (2 x.c - |c|^2): one padded (B, points, K) batched
+    product gives every point's distances to its own image's centres, where
+    a (points, K, E) difference tensor would be E times larger; one host
+    synchronisation sizes it.
+    """
+    batch, dim = points_per_image.shape[0], points.shape[1]
+    position = _position_in_image(image, points_per_image)
+    most = int(points_per_image.max())  # one synchronisation
+    rows = points.new_zeros(batch, most, dim + 1)
+    rows[image, position] = torch.cat([points, torch.ones_like(points[:, :1])], dim=1)
+    columns = torch.cat([2.0 * centres, -(centres * centres).sum(dim=2, keepdim=True)], dim=2)
+    closeness = torch.bmm(rows, columns.transpose(1, 2))[image, position]  # (M, K): |x|^2 - distance^2
+    closeness = closeness.masked_fill(~found[image], -torch.inf)
+    squared = (points * points).sum(dim=1, keepdim=True)
+    in_window = _segment_sum((closeness >= squared - window_sq).to(points.dtype), image, batch)
+    best, nearest = closeness.max(dim=1)
+    return torch.where(torch.isfinite(best), nearest, torch.full_like(nearest, -1)), in_window
+
+
+def _assign_to_nearest(points, image, points_per_image, centres, num_found, min_size, bandwidth_sq):
     """Every point to its nearest mode (a Lloyd assignment step), whichever seed claimed it.
 
     A boundary point that a network left partway between two instances goes
-    to the nearer mode. Modes that end up with fewer than ``min_size``
-    points are dropped and their points join the nearest kept mode. Returns
-    (slot_of_point (M,), kept (B, capacity) bool).
+    to the nearer mode. A mode is dropped when fewer than ``min_size``
+    points lie within its window (a stray point's own mode: the points
+    nearest to it may still be many) or are nearest to it; the points of
+    dropped modes join the nearest kept mode. Returns (slot_of_point (M,),
+    kept (B, capacity) bool).
     """
     batch, capacity = centres.shape[:2]
     slot_ids = torch.arange(capacity, device=points.device)
     found = slot_ids.unsqueeze(0) < num_found.unsqueeze(1)
-    slot_of_point = _nearest_centre(points, image, centres, found)
-    kept = (_slot_sizes(slot_of_point, image, capacity, batch) >= max(min_size, 1)) & found
+    slot_of_point, in_window = _nearest_found_mode(points, image, points_per_image, centres, found, bandwidth_sq)
+    kept = found & (in_window >= max(min_size, 1))
+    kept = kept & (_slot_sizes(torch.where(kept[image, slot_of_point.clamp(min=0)], slot_of_point, -1), image,
+                               capacity, batch) >= max(min_size, 1))
     in_kept = (slot_of_point >= 0) & kept[image, slot_of_point.clamp(min=0)]
     return _join_nearest(points, image, centres, kept, torch.where(in_kept, slot_of_point, -1)), kept
 
@@ -437,7 +503,7 @@ def cluster_embeddings(
     seed_scores: Optional[torch.Tensor] = None,
     min_seed_score: Optional[float] = None,
     density_seeds: bool = False,
-    valley_test: bool = False,
+    join: str = "margin",
     assign: str = "claim",
     mode_points: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -556,6 +622,8 @@ def cluster_embeddings(
         raise TypeError(f"density_seeds: expected a bool, got {density_seeds!r}")
     if density_seeds and seed_scores is not None:
         raise ValueError("density_seeds: expected False when seed_scores is given (both set the seed order)")
+    if join not in ("margin", "density"):
+        raise ValueError(f"join: expected 'margin' or 'density', got {join!r}")
     if assign not in ("claim", "nearest"):
         raise ValueError(f"assign: expected 'claim' or 'nearest', got {assign!r}")
     if mode_points is not None:
@@ -606,12 +674,13 @@ def cluster_embeddings(
     centres, num_found, point_label = _find_modes(
         search_points, search_image, search_count, priority, score, bandwidth_sq=bandwidth_sq,
         threshold_sq=float(threshold) ** 2, merge_sq=float(delta_d) ** 2, mean_shift_steps=mean_shift_steps,
-        max_iterations=max_iterations, min_size=search_min_size, valley_test=valley_test)
+        max_iterations=max_iterations, min_size=search_min_size, join_density=join == "density")
     centres = centres[:, :max(int(num_found.max()), 1)]  # one synchronisation
     if assign == "claim":
         slot_of_point, kept = _assign_by_claim(points, image, centres, num_found, point_label, min_size)
     else:
-        slot_of_point, kept = _assign_to_nearest(points, image, centres, num_found, min_size)
+        slot_of_point, kept = _assign_to_nearest(points, image, points_per_image, centres, num_found, min_size,
+                                                  bandwidth_sq)
     ids, scores = _number_instances(slot_of_point, image, points, centres, kept, delta_v)
     labels_flat[image, pixel] = ids
     return labels_flat.reshape((batch,) + spatial), scores
