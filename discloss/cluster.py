@@ -346,8 +346,16 @@ def _claim(points, image, mode, seeds, slot, point_label, visited, is_seed, poin
 
 
 def _find_modes(points, image, points_per_image, priority, score, *, bandwidth_sq, threshold_sq, merge_sq,
-                mean_shift_steps, max_iterations, min_size, join_density=False):
+                mean_shift_steps, max_iterations, min_size, join_density=False, density=None):
     """The seed / mean shift / claim loop, every image at once.
+
+    With ``join_density``, modes also join as satellites or bridges
+    (``_beside_a_denser_mode``, ``_on_a_bridge``); given each point's
+    ``density`` (M,) too (points within the window, estimated), a point
+    within 2*delta_d of a mode at least _SATELLITE_RATIO times denser than
+    itself is marked visited: its own mode would be a satellite of that one,
+    so the many boundary points between touching instances cost no
+    iterations.
 
     Returns centres (B, max_iterations, E), num_found (B,) (slots
     0..num_found-1 hold a mode) and point_label (M,) (0: unclaimed, else the
@@ -380,6 +388,11 @@ def _find_modes(points, image, points_per_image, priority, score, *, bandwidth_s
             counts[batch_ids, write_slot] = torch.where(is_new, count, counts[batch_ids, write_slot])
         point_label, visited = _claim(points, image, mode, seeds, slot, point_label, visited, is_seed,
                                       point_has_seed, threshold_sq, merge_sq, bandwidth_sq)
+        if join_density and density is not None:
+            offsets = points - _per_point(centres[batch_ids, write_slot], image)
+            near = (offsets * offsets).sum(dim=1) <= 4.0 * merge_sq
+            sparser = _SATELLITE_RATIO * density <= _per_point(counts[batch_ids, write_slot], image)
+            visited = visited | near & sparser & point_has_seed
         if (iteration + 1) % check_every == 0 and not bool(has_seed.any()):
             break
     return centres, num_found, point_label
@@ -664,17 +677,20 @@ def cluster_embeddings(
         score = None if score is None else score[chosen]
         largest = int(points_per_image.max())  # one synchronisation
         search_min_size = max(1, min_size * min(mode_points, largest) // largest)
+    density = None
     if density_seeds:
-        score = _estimated_density(search_points, search_image, search_count, priority, bandwidth_sq,
-                                   _DENSITY_SAMPLES)
+        density = _estimated_density(search_points, search_image, search_count, priority, bandwidth_sq,
+                                     _DENSITY_SAMPLES)
         # In pixels of the whole image, whatever the sample.
-        score = score * _per_point(points_per_image.to(score.dtype) / search_count.to(score.dtype), search_image)
+        score = density * _per_point(points_per_image.to(density.dtype) / search_count.to(density.dtype),
+                                     search_image)
         priority = torch.where(score >= max(min_size, 1), priority, torch.full_like(priority, -1))
 
     centres, num_found, point_label = _find_modes(
         search_points, search_image, search_count, priority, score, bandwidth_sq=bandwidth_sq,
         threshold_sq=float(threshold) ** 2, merge_sq=float(delta_d) ** 2, mean_shift_steps=mean_shift_steps,
-        max_iterations=max_iterations, min_size=search_min_size, join_density=join == "density")
+        max_iterations=max_iterations, min_size=search_min_size, join_density=join == "density",
+        density=density)
     centres = centres[:, :max(int(num_found.max()), 1)]  # one synchronisation
     if assign == "claim":
         slot_of_point, kept = _assign_by_claim(points, image, centres, num_found, point_label, min_size)
