@@ -411,7 +411,7 @@ def _assign_by_claim(points, image, centres, num_found, point_label, min_size):
     Instances with fewer than ``min_size`` points are dropped; their points
     and those no instance claimed join the nearest kept centre. Returns
     (slot_of_point (M,), -1 where no instance is kept in the image; kept
-    (B, capacity) bool).
+    (B, capacity) bool; centres, as given).
     """
     batch, capacity = centres.shape[:2]
     slot_ids = torch.arange(capacity, device=points.device)
@@ -419,7 +419,7 @@ def _assign_by_claim(points, image, centres, num_found, point_label, min_size):
     kept = (sizes >= max(min_size, 1)) & (slot_ids.unsqueeze(0) < num_found.unsqueeze(1))
     slot_of_point = point_label - 1
     in_kept = (slot_of_point >= 0) & kept[image, slot_of_point.clamp(min=0)]
-    return _join_nearest(points, image, centres, kept, torch.where(in_kept, slot_of_point, -1)), kept
+    return _join_nearest(points, image, centres, kept, torch.where(in_kept, slot_of_point, -1)), kept, centres
 
 
 def _nearest_found_mode(points, image, points_per_image, centres, found, window_sq):
@@ -446,14 +446,17 @@ def _nearest_found_mode(points, image, points_per_image, centres, found, window_
 
 
 def _assign_to_nearest(points, image, points_per_image, centres, num_found, min_size, bandwidth_sq):
-    """Every point to its nearest mode (a Lloyd assignment step), whichever seed claimed it.
+    """Every point to its nearest mode, whichever seed claimed it, then one Lloyd step.
 
     A boundary point that a network left partway between two instances goes
     to the nearer mode. A mode is dropped when fewer than ``min_size``
     points lie within its window (a stray point's own mode: the points
     nearest to it may still be many) or are nearest to it; the points of
-    dropped modes join the nearest kept mode. Returns (slot_of_point (M,),
-    kept (B, capacity) bool).
+    dropped modes join the nearest kept mode. Then each kept centre moves to
+    the mean of its points and every point goes to the nearest moved centre
+    (a mode is biased towards the side where more boundary points crowd its
+    window; the mean of all its points balances the sides). Returns
+    (slot_of_point (M,), kept (B, capacity) bool, centres (B, capacity, E)).
     """
     batch, capacity = centres.shape[:2]
     slot_ids = torch.arange(capacity, device=points.device)
@@ -463,7 +466,17 @@ def _assign_to_nearest(points, image, points_per_image, centres, num_found, min_
     kept = kept & (_slot_sizes(torch.where(kept[image, slot_of_point.clamp(min=0)], slot_of_point, -1), image,
                                capacity, batch) >= max(min_size, 1))
     in_kept = (slot_of_point >= 0) & kept[image, slot_of_point.clamp(min=0)]
-    return _join_nearest(points, image, centres, kept, torch.where(in_kept, slot_of_point, -1)), kept
+    slot_of_point = _join_nearest(points, image, centres, kept, torch.where(in_kept, slot_of_point, -1))
+
+    segment = image * capacity + slot_of_point.clamp(min=0)
+    sums = _segment_sum(points * (slot_of_point >= 0).unsqueeze(1).to(points.dtype), segment, batch * capacity)
+    sizes = _slot_sizes(slot_of_point, image, capacity, batch)
+    means = sums.reshape(batch, capacity, -1) / sizes.clamp(min=1).unsqueeze(2).to(points.dtype)
+    centres = torch.where((sizes > 0).unsqueeze(2), means, centres)
+    slot_of_point, _ = _nearest_found_mode(points, image, points_per_image, centres, kept, bandwidth_sq)
+    # A centre that the step left without points is no instance.
+    kept = kept & (_slot_sizes(slot_of_point, image, capacity, batch) > 0)
+    return slot_of_point, kept, centres
 
 
 def _join_nearest(points, image, centres, kept, slot_of_point):
@@ -554,9 +567,11 @@ def cluster_embeddings(
     centre is nearest to its embedding. With ``assign="nearest"`` every
     foreground pixel goes to the nearest centre found, whichever seed claimed
     it (a Lloyd assignment step: a boundary pixel that the network left
-    partway between two instances goes to the nearer one), then centres with
-    fewer than ``min_size`` pixels are dropped and their pixels join the
-    nearest kept centre. Either way no foreground pixel is left unlabelled.
+    partway between two instances goes to the nearer one); centres with
+    fewer than ``min_size`` pixels nearest to them or within ``bandwidth``
+    of them are dropped and their pixels join the nearest kept centre; then
+    each centre moves to the mean of its pixels and every pixel goes to the
+    nearest moved centre (one Lloyd step). Either way no foreground pixel is left unlabelled.
     Instances are numbered 1, 2, ... per image in the order they were found.
 
     Cost: at most (mean_shift_steps + 2) passes over the foreground
@@ -693,10 +708,10 @@ def cluster_embeddings(
         density=density)
     centres = centres[:, :max(int(num_found.max()), 1)]  # one synchronisation
     if assign == "claim":
-        slot_of_point, kept = _assign_by_claim(points, image, centres, num_found, point_label, min_size)
+        slot_of_point, kept, centres = _assign_by_claim(points, image, centres, num_found, point_label, min_size)
     else:
-        slot_of_point, kept = _assign_to_nearest(points, image, points_per_image, centres, num_found, min_size,
-                                                  bandwidth_sq)
+        slot_of_point, kept, centres = _assign_to_nearest(points, image, points_per_image, centres, num_found,
+                                                           min_size, bandwidth_sq)
     ids, scores = _number_instances(slot_of_point, image, points, centres, kept, delta_v)
     labels_flat[image, pixel] = ids
     return labels_flat.reshape((batch,) + spatial), scores

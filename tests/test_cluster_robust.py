@@ -27,7 +27,8 @@ def squared(a, b):
 def reference_assign_to_nearest(points, centres, window_sq, min_size):
     """The documented rule for one image, in Python floats: every point to its nearest centre;
     a centre is dropped when fewer than min_size points lie within its window or are nearest
-    to it (among all centres); points of dropped centres go to the nearest kept one."""
+    to it (among all centres); points of dropped centres go to the nearest kept one; then one
+    Lloyd step."""
     def nearest(point, allowed):
         options = [k for k in range(len(centres)) if allowed[k]]
         return min(options, key=lambda k: squared(point, centres[k])) if options else -1
@@ -37,7 +38,15 @@ def reference_assign_to_nearest(points, centres, window_sq, min_size):
     kept = [in_window[k] >= min_size for k in range(len(centres))]
     sizes = [sum(1 for f in first if f == k) for k in range(len(centres))]
     kept = [kept[k] and sizes[k] >= min_size for k in range(len(centres))]
-    return [f if f >= 0 and kept[f] else nearest(p, kept) for p, f in zip(points, first)], kept
+    assigned = [f if f >= 0 and kept[f] else nearest(p, kept) for p, f in zip(points, first)]
+    # One Lloyd step: kept centres to the mean of their points, points to the nearest moved one.
+    for k in range(len(centres)):
+        mine = [p for p, a in zip(points, assigned) if a == k]
+        if mine:
+            centres[k] = [sum(column) / len(mine) for column in zip(*mine)]
+    assigned = [nearest(p, kept) for p in points]
+    kept = [kept[k] and k in assigned for k in range(len(centres))]
+    return assigned, kept
 
 
 @pytest.mark.parametrize("trial", range(4))
@@ -51,8 +60,8 @@ def test_assign_to_nearest_matches_a_plain_reference(trial):
     centres = torch.randn(2, capacity, dim, generator=generator, dtype=torch.float64) * 2.5
     points = centres[image, torch.randint(0, 3, (image.numel(),), generator=generator)]
     points = points + torch.randn(image.numel(), dim, generator=generator, dtype=torch.float64) * 0.6
-    slot, kept = _assign_to_nearest(points, image, torch.tensor(counts), centres, torch.tensor(found), min_size,
-                                    window_sq)
+    slot, kept, _ = _assign_to_nearest(points, image, torch.tensor(counts), centres, torch.tensor(found), min_size,
+                                       window_sq)
     start = 0
     for b, n in enumerate(counts):
         mine = points[start:start + n].tolist()
@@ -71,7 +80,8 @@ def test_nearest_assignment_moves_a_boundary_pixel_to_the_nearer_mode():
     # its window); B's = (40 * 1.8 + 0.95) / 41 = 1.779; they are 1.756 apart,
     # more than the merge radius. p is 0.927 from A's mode and 0.829 from B's:
     # within the claim radius of both, so A, found first, claims it; the
-    # nearest mode is B's.
+    # nearest mode is B's, and still after the Lloyd step (A's mean 0, B's
+    # 1.779).
     embeddings = torch.zeros(1, 1, 1, 81, dtype=torch.float64)
     embeddings[0, 0, 0, 40:80] = 1.8
     embeddings[0, 0, 0, 80] = 0.95
