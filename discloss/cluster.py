@@ -13,6 +13,15 @@ instance (stray pixels, crossings): a seed there can find a spurious mode.
 Fathi et al. (2017, "Semantic instance segmentation via deep metric
 learning") train a seediness head that scores how good a seed each pixel is;
 ``seed_scores`` takes such a score map and seeds in descending score.
+
+Where instances touch, a network leaves boundary pixels partway between two
+means, and some means closer than 2*delta_d. A seed there finds a spurious
+mode that claims pixels of both instances and, within delta_d of the real
+modes, absorbs them. The options ``density_seeds`` (seed at dense pixels
+first, never at sparse ones), ``join="density"`` (modes that are satellites
+of a much denser mode, or lie on a bridge between two, join them) and
+``assign="nearest"`` (every pixel to its nearest mode, then one Lloyd step)
+address this; ``mode_points`` searches the modes on a sample of each image.
 """
 
 from __future__ import annotations
