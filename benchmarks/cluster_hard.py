@@ -34,9 +34,10 @@ threadpoolctl, scikit-learn's native code):
   exp(-||x_i - mu_c||^2 / (2 delta_v^2)), mu_c the ground-truth instance
   means: the target the seediness head is trained to predict (a reference
   for what a perfect seediness head would give);
-- discloss density seeds, + join, robust (all points), robust: the robust
-  clustering's options added one at a time (``density_seeds``,
-  ``join="density"``, ``assign="nearest"``, ``mode_points=4096``);
+- discloss density seeds, + join, + nearest (all points), + nearest,
+  robust: the robust clustering's options added one at a time
+  (``density_seeds``, ``join="density"``, ``assign="nearest"``,
+  ``mode_points=4096``, ``neighbour_vote=16``);
 - sklearn MeanShift(bandwidth=2*delta_v, bin_seeding=True), the same window
   as ours;
 - sklearn HDBSCAN(min_cluster_size=N) for each N of
@@ -74,11 +75,12 @@ PACKED = "synthetic, 15% stray"
 TOUCHING = "synthetic, touching"
 BOUNDARY = "synthetic, boundary only"
 # The robust clustering: each idea is also run alone, added one at a time.
-ROBUST = dict(density_seeds=True, join="density", assign="nearest", mode_points=4096)
+ROBUST = dict(density_seeds=True, join="density", assign="nearest", mode_points=4096, neighbour_vote=16)
 ABLATION = {
     "discloss density seeds": dict(density_seeds=True),
     "discloss density seeds + join": dict(density_seeds=True, join="density"),
-    "discloss robust, all points": dict(density_seeds=True, join="density", assign="nearest"),
+    "discloss + nearest, all points": dict(density_seeds=True, join="density", assign="nearest"),
+    "discloss + nearest": dict(density_seeds=True, join="density", assign="nearest", mode_points=4096),
     "discloss robust": ROBUST,
 }
 NETWORK_ONLY = ("discloss seediness order", "discloss seediness")

@@ -20,7 +20,8 @@ mode that claims pixels of both instances and, within delta_d of the real
 modes, absorbs them. The options ``density_seeds`` (seed at dense pixels
 first, never at sparse ones), ``join="density"`` (modes that are satellites
 of a much denser mode, or lie on a bridge between two, join them) and
-``assign="nearest"`` (every pixel to its nearest mode, then one Lloyd step)
+``assign="nearest"`` (every pixel to its nearest mode, then one Lloyd step;
+``neighbour_vote``: ambiguous pixels take their neighbours' instance)
 address this; ``mode_points`` searches the modes on a sample of each image.
 """
 
@@ -46,6 +47,10 @@ _DENSITY_CHUNK = 1 << 22
 # instances of the hard benchmark's sticks differ in size by up to about 3x.
 _SATELLITE_RATIO = 4.0
 _BRIDGE_RATIO = 2.0
+# neighbour_vote: a point whose nearest centre is at least this fraction of
+# the distance to the second is ambiguous (3-7% of the pixels of the
+# synthetic touching sets).
+_AMBIGUOUS_RATIO = 0.6
 
 
 def _check_seed_scores(seed_scores, foreground):
@@ -431,27 +436,91 @@ def _assign_by_claim(points, image, centres, num_found, point_label, min_size):
     return _join_nearest(points, image, centres, kept, torch.where(in_kept, slot_of_point, -1)), kept, centres
 
 
+def _padded(values, image, points_per_image, most):
+    """Rows of ``values`` (M, ...) grouped by image, as (B, most, ...) with zeros after each image's rows."""
+    out = values.new_zeros((points_per_image.shape[0], most) + tuple(values.shape[1:]))
+    out[image, _position_in_image(image, points_per_image)] = values
+    return out
+
+
+def _closeness(points, image, points_per_image, centres, found):
+    """(M, K): |x|^2 - |x - c|^2 = 2 x.c - |c|^2 for each point and its image's centres, -inf where not found.
+
+    One padded (B, points, K) batched product, where a (points, K, E)
+    difference tensor would be E times larger; one host synchronisation
+    sizes it.
+    """
+    most = int(points_per_image.max())  # one synchronisation
+    rows = _padded(torch.cat([points, torch.ones_like(points[:, :1])], dim=1), image, points_per_image, most)
+    columns = torch.cat([2.0 * centres, -(centres * centres).sum(dim=2, keepdim=True)], dim=2)
+    closeness = torch.bmm(rows, columns.transpose(1, 2))[image, _position_in_image(image, points_per_image)]
+    return closeness.masked_fill(~found[image], -torch.inf)
+
+
 def _nearest_found_mode(points, image, points_per_image, centres, found, window_sq):
     """Index of each point's nearest found centre (-1 if its image has none), and per centre the
-    number of its image's points within sqrt(window_sq), (B, K) float.
-
-    |x - c|^2 = |x|^2 - (2 x.c - |c|^2): one padded (B, points, K) batched
-    product gives every point's distances to its own image's centres, where
-    a (points, K, E) difference tensor would be E times larger; one host
-    synchronisation sizes it.
-    """
-    batch, dim = points_per_image.shape[0], points.shape[1]
-    position = _position_in_image(image, points_per_image)
-    most = int(points_per_image.max())  # one synchronisation
-    rows = points.new_zeros(batch, most, dim + 1)
-    rows[image, position] = torch.cat([points, torch.ones_like(points[:, :1])], dim=1)
-    columns = torch.cat([2.0 * centres, -(centres * centres).sum(dim=2, keepdim=True)], dim=2)
-    closeness = torch.bmm(rows, columns.transpose(1, 2))[image, position]  # (M, K): |x|^2 - distance^2
-    closeness = closeness.masked_fill(~found[image], -torch.inf)
+    number of its image's points within sqrt(window_sq), (B, K) float."""
+    closeness = _closeness(points, image, points_per_image, centres, found)
     squared = (points * points).sum(dim=1, keepdim=True)
-    in_window = _segment_sum((closeness >= squared - window_sq).to(points.dtype), image, batch)
+    in_window = _segment_sum((closeness >= squared - window_sq).to(points.dtype), image, points_per_image.shape[0])
     best, nearest = closeness.max(dim=1)
     return torch.where(torch.isfinite(best), nearest, torch.full_like(nearest, -1)), in_window
+
+
+def _neighbour_vote(points, image, points_per_image, slot_of_point, centres, kept, reference, neighbours):
+    """Ambiguous points take the most common instance among their nearest reference points, twice.
+
+    A point is ambiguous when its nearest kept centre is not clearly nearer
+    than the second (distance ratio >= _AMBIGUOUS_RATIO): where two touching
+    instances' boundary pixels overlap, the nearest centre splits them at the
+    midpoint, while the instance whose pixels crowd around a point is the
+    likelier owner (a k-nearest-neighbour vote follows the local density,
+    as density-based clustering does). ``reference`` (M,) bool marks the
+    points voted among (the searched sample); each ambiguous point compares
+    itself with every reference point of its image: one padded batched
+    product per chunk of ambiguous points. The second round sees the first
+    round's votes. Returns (slot_of_point, kept), kept without the centres
+    left with no point.
+    """
+    batch, capacity = kept.shape
+    closeness = _closeness(points, image, points_per_image, centres, kept)
+    two = closeness.topk(min(2, capacity), dim=1).values
+    squared = (points * points).sum(dim=1)
+    nearest_sq = squared - two[:, 0]
+    second_sq = squared - two[:, -1]
+    ambiguous = (nearest_sq >= _AMBIGUOUS_RATIO ** 2 * second_sq) & torch.isfinite(second_sq) & (capacity > 1)
+    which = ambiguous.nonzero(as_tuple=True)[0]  # one synchronisation
+    if which.numel() == 0:
+        return slot_of_point, kept
+    reference_index = reference.nonzero(as_tuple=True)[0]
+    reference_count = torch.bincount(image[reference_index], minlength=batch)
+    most_reference = int(reference_count.max())  # one synchronisation
+    # |r|^2 - 2 x.r ranks the reference points r by distance to x; padding at +inf.
+    columns = _padded(torch.cat([-2.0 * points[reference_index], (points[reference_index] ** 2).sum(1, keepdim=True)],
+                                dim=1), image[reference_index], reference_count, most_reference)
+    padding = torch.arange(most_reference, device=points.device).unsqueeze(0) >= reference_count.unsqueeze(1)
+    columns[..., -1].masked_fill_(padding, torch.inf)
+    global_index = _padded(reference_index, image[reference_index], reference_count, most_reference)
+    asking_count = torch.bincount(image[which], minlength=batch)
+    most_asking = int(asking_count.max())  # one synchronisation
+    rows = _padded(torch.cat([points[which], torch.ones_like(points[which, :1])], dim=1), image[which],
+                   asking_count, most_asking)
+    k = min(neighbours, most_reference)
+    nearest = torch.empty(batch, most_asking, k, dtype=torch.long, device=points.device)
+    chunk = max(1, _DENSITY_CHUNK // max(batch * most_reference, 1))
+    for first in range(0, most_asking, chunk):
+        distance = torch.bmm(rows[:, first:first + chunk], columns.transpose(1, 2))
+        nearest[:, first:first + chunk] = distance.topk(k, dim=2, largest=False).indices
+    asking_position = _position_in_image(image[which], asking_count)
+    voters = torch.gather(global_index, 1, nearest.flatten(1)).reshape(batch, most_asking, k)
+    voters = voters[image[which], asking_position]  # (A, k) point indices
+    for _ in range(2):
+        votes = torch.zeros(which.numel(), capacity, dtype=points.dtype, device=points.device)
+        votes.scatter_add_(1, slot_of_point[voters].clamp(min=0), torch.ones_like(voters, dtype=points.dtype))
+        slot_of_point = slot_of_point.clone()
+        slot_of_point[which] = votes.argmax(dim=1)
+    kept = kept & (_slot_sizes(slot_of_point, image, capacity, batch) > 0)
+    return slot_of_point, kept
 
 
 def _assign_to_nearest(points, image, points_per_image, centres, num_found, min_size, bandwidth_sq):
@@ -541,6 +610,7 @@ def cluster_embeddings(
     join: str = "margin",
     assign: str = "claim",
     mode_points: Optional[int] = None,
+    neighbour_vote: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cluster pixel embeddings into instances, batched, on any device.
 
@@ -632,6 +702,18 @@ def cluster_embeddings(
             (estimated) never seeds, so stray pixels cost no iterations.
             Not with ``seed_scores``.
         assign: "claim" (the paper's) or "nearest" (a Lloyd step), as above.
+        mode_points: None, or search the modes on at most this many
+            foreground pixels per image (the first in the hashed order, so an
+            image's sample does not depend on the batch; min_size shrinks in
+            proportion there), then assign every pixel (needs
+            ``assign="nearest"``). Faster on large images.
+        neighbour_vote: 0, or k > 0 (needs ``assign="nearest"``): a pixel
+            whose nearest centre is not clearly nearer than the second
+            (distance ratio >= 0.6) takes the instance most common among its
+            k nearest pixels of the searched sample, twice (the second round
+            sees the first's votes). Where two instances' boundary pixels
+            overlap, the crowd around a pixel tells its owner better than the
+            midpoint between the centres does.
 
     Returns:
         labels: (B, *spatial) int64, 0 for background, 1..L_b for the
@@ -668,6 +750,10 @@ def cluster_embeddings(
             raise ValueError(f"mode_points: expected an int >= 1 or None, got {mode_points!r}")
         if assign != "nearest":
             raise ValueError("mode_points: needs assign='nearest' (only the sampled pixels are claimed)")
+    if not isinstance(neighbour_vote, int) or isinstance(neighbour_vote, bool) or neighbour_vote < 0:
+        raise ValueError(f"neighbour_vote: expected an int >= 0, got {neighbour_vote!r}")
+    if neighbour_vote > 0 and assign != "nearest":
+        raise ValueError("neighbour_vote: needs assign='nearest'")
     batch, dim = embeddings.shape[:2]
     spatial = tuple(embeddings.shape[2:])
     device = embeddings.device
@@ -721,6 +807,10 @@ def cluster_embeddings(
     else:
         slot_of_point, kept, centres = _assign_to_nearest(points, image, points_per_image, centres, num_found,
                                                            min_size, bandwidth_sq)
+        if neighbour_vote > 0:
+            reference = chosen if mode_points is not None else torch.ones_like(slot_of_point, dtype=torch.bool)
+            slot_of_point, kept = _neighbour_vote(points, image, points_per_image, slot_of_point, centres, kept,
+                                                  reference, neighbour_vote)
     ids, scores = _number_instances(slot_of_point, image, points, centres, kept, delta_v)
     labels_flat[image, pixel] = ids
     return labels_flat.reshape((batch,) + spatial), scores

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from discloss import metrics
-from discloss.cluster import (_assign_to_nearest, _beside_a_denser_mode, _estimated_density, _on_a_bridge,
-                              _seed_priority, cluster_embeddings)
+from discloss.cluster import (_AMBIGUOUS_RATIO, _assign_to_nearest, _beside_a_denser_mode, _estimated_density,
+                              _neighbour_vote, _on_a_bridge, _seed_priority, cluster_embeddings)
 from discloss.data import ScatteredSticks
 
 from test_cluster import trained_like_embeddings
 
 DELTA_V, DELTA_D = 0.5, 1.5
-ROBUST = dict(density_seeds=True, join="density", assign="nearest")
+ROBUST = dict(density_seeds=True, join="density", assign="nearest", neighbour_vote=16)
 
 
 def squared(a, b):
@@ -95,6 +95,55 @@ def test_nearest_assignment_moves_a_boundary_pixel_to_the_nearer_mode():
     assert nearest[0, 0, :40].eq(1).all() and nearest[0, 0, 40:80].eq(2).all()
     assert claimed[0, 0, 80].item() == 1
     assert nearest[0, 0, 80].item() == 2
+
+
+def reference_neighbour_vote(points, slots, centres, kept, reference, k):
+    """The documented vote for one image in Python floats: a point whose nearest kept centre
+    is at least _AMBIGUOUS_RATIO of the distance to the second takes the most common slot
+    (lowest on ties) among its k nearest reference points, twice, the second round seeing
+    the first's result."""
+    alive = [c for c, keep in zip(centres, kept) if keep]
+    ambiguous = []
+    for i, p in enumerate(points):
+        distances = sorted(math.sqrt(squared(p, c)) for c in alive)
+        if len(distances) > 1 and distances[0] >= _AMBIGUOUS_RATIO * distances[1]:
+            ambiguous.append(i)
+    voters = {i: sorted(reference, key=lambda j: squared(points[i], points[j]))[:k] for i in ambiguous}
+    slots = list(slots)
+    for _ in range(2):
+        new = {}
+        for i in ambiguous:
+            counts = [0] * len(centres)
+            for j in voters[i]:
+                counts[slots[j]] += 1
+            new[i] = counts.index(max(counts))
+        for i, slot in new.items():
+            slots[i] = slot
+    return slots
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_neighbour_vote_matches_a_plain_reference(trial):
+    generator = torch.Generator().manual_seed(10 + trial)
+    counts, capacity, dim, k = [40, 30], 3, 2, 5
+    image = torch.cat([torch.full((n,), b) for b, n in enumerate(counts)])
+    centres = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [9.0, 9.0]]] * 2, dtype=torch.float64)
+    kept = torch.tensor([[True, True, False], [True, True, True]])
+    # Points along the segment between the first two centres, many ambiguous.
+    points = torch.rand(image.numel(), dim, generator=generator, dtype=torch.float64) * torch.tensor([2.0, 0.6])
+    slots = torch.randint(0, 2, (image.numel(),), generator=generator)
+    reference = torch.rand(image.numel(), generator=generator) < 0.6
+    voted, voted_kept = _neighbour_vote(points, image, torch.tensor(counts), slots, centres, kept, reference, k)
+    start = 0
+    for b, n in enumerate(counts):
+        mine = range(start, start + n)
+        expected = reference_neighbour_vote(points[start:start + n].tolist(), slots[start:start + n].tolist(),
+                                            centres[b].tolist(), kept[b].tolist(),
+                                            [j - start for j in mine if reference[j]], k)
+        assert voted[start:start + n].tolist() == expected
+        assert voted_kept[b].tolist() == [kept[b, c].item() and c in expected for c in range(capacity)]
+        start += n
+    assert not torch.equal(voted, slots)  # the case moves some points
 
 
 # ----------------------------------------------------------------------------- the merge rule
@@ -267,6 +316,10 @@ def test_invalid_robust_arguments_name_the_argument():
         cluster_embeddings(embeddings, foreground, assign="nearest", mode_points=2.5)
     with pytest.raises(ValueError, match="mode_points"):
         cluster_embeddings(embeddings, foreground, mode_points=100)  # assign="claim" labels only the sample
+    with pytest.raises(ValueError, match="neighbour_vote"):
+        cluster_embeddings(embeddings, foreground, assign="nearest", neighbour_vote=-1)
+    with pytest.raises(ValueError, match="neighbour_vote"):
+        cluster_embeddings(embeddings, foreground, neighbour_vote=8)
 
 
 @pytest.mark.cuda
