@@ -148,7 +148,7 @@ def test_neighbour_vote_matches_a_plain_reference(trial):
 
 # ----------------------------------------------------------------------------- the merge rule
 
-def reference_joins(mode, count, centres, counts, satellite_radius, window, satellite_ratio=4.0, bridge_ratio=2.0):
+def reference_joins(mode, count, centres, counts, satellite_radius, window, satellite_ratio=4.0, bridge_ratio=1.5):
     """The documented join rule in Python floats: ``mode`` is a satellite of a found centre
     within satellite_radius holding >= satellite_ratio * count points in its window, or lies
     within ``window`` of the segment between two found centres each holding >= bridge_ratio *
@@ -207,7 +207,7 @@ def blobs(*groups, dim=2):
     # B: an instance of its own either way.
     ((30, (0.0, 2.0)), 3, 3),
     # 30 pixels 1.6 along the segment from A (100 at 0) to B (100 at 5):
-    # both at least twice as dense, the segment within the window: a bridge.
+    # both at least 1.5 times as dense, the segment within the window: a bridge.
     ((30, (1.6, 0.0)), 3, 2),
     # The same 1.2 off the segment, more than the window (1): its own.
     ((30, (1.6, 1.2)), 3, 3),
