@@ -361,25 +361,27 @@ def plot(rows, path, title):
 
     sources = list(dict.fromkeys(row[0] for row in rows))
     methods = list(dict.fromkeys(row[1] for row in rows))
-    figure = Figure(figsize=(5.2 * len(sources), 5.0), dpi=100)
+    figure = Figure(figsize=(5.2 * len(sources), 6.2), dpi=100)
     FigureCanvasAgg(figure)
     axes_list = figure.subplots(1, len(sources), squeeze=False)[0]
     markers = "o<s>^DvPX*hd"
     style = {m: (markers[i % len(markers)], f"C{i % 10}") for i, m in enumerate(methods)}
+    handles = {}
     for axes, source in zip(axes_list, sources):
         for row in rows:
             if row[0] == source:
                 marker, colour = style[row[1]]
-                axes.scatter(row[4], row[2], marker=marker, color=colour, s=60, label=row[1])
+                handles[row[1]] = axes.scatter(row[4], row[2], marker=marker, color=colour, s=60)
         axes.set_xscale("log")
         axes.minorticks_off()
         axes.set_xlabel("ms per image (median, 1 CPU thread)")
         axes.set_ylabel("mean SBD")
         axes.set_title(source, fontsize=10)
         axes.grid(True, alpha=0.3)
-        axes.legend(fontsize=6, loc="lower left")
+    # One legend for all panels, below them, so that no point is hidden.
+    figure.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=8)
     figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.04 + 0.035 * ((len(handles) + 3) // 4), 1, 1))
     figure.savefig(path)
 
 
