@@ -511,16 +511,21 @@ def _neighbour_vote(points, image, points_per_image, slot_of_point, centres, kep
                    asking_count, most_asking)
     k = min(neighbours, most_reference)
     nearest = torch.empty(batch, most_asking, k, dtype=torch.long, device=points.device)
+    real = torch.empty(batch, most_asking, k, dtype=torch.bool, device=points.device)
     chunk = max(1, _DENSITY_CHUNK // max(batch * most_reference, 1))
     for first in range(0, most_asking, chunk):
         distance = torch.bmm(rows[:, first:first + chunk], columns.transpose(1, 2))
-        nearest[:, first:first + chunk] = distance.topk(k, dim=2, largest=False).indices
+        closest = distance.topk(k, dim=2, largest=False)
+        nearest[:, first:first + chunk] = closest.indices
+        # An image with fewer than k reference points also gets padding, which must not vote.
+        real[:, first:first + chunk] = torch.isfinite(closest.values)
     asking_position = _position_in_image(image[which], asking_count)
     voters = torch.gather(global_index, 1, nearest.flatten(1)).reshape(batch, most_asking, k)
     voters = voters[image[which], asking_position]  # (A, k) point indices
+    weight = real[image[which], asking_position].to(points.dtype)
     for _ in range(2):
         votes = torch.zeros(which.numel(), capacity, dtype=points.dtype, device=points.device)
-        votes.scatter_add_(1, slot_of_point[voters].clamp(min=0), torch.ones_like(voters, dtype=points.dtype))
+        votes.scatter_add_(1, slot_of_point[voters].clamp(min=0), weight)
         slot_of_point = slot_of_point.clone()
         slot_of_point[which] = votes.argmax(dim=1)
     kept = kept & (_slot_sizes(slot_of_point, image, capacity, batch) > 0)

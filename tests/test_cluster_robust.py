@@ -299,6 +299,33 @@ def test_robust_batched_equals_one_image_at_a_time(sticks, dtype):
         torch.testing.assert_close(scores[0], batched_scores[b, :scores.shape[1]])
 
 
+def test_vote_in_an_image_with_fewer_reference_pixels_than_neighbours():
+    # Image 1 has 12 pixels (fewer than the 16 neighbours asked for) beside
+    # image 0's 600: its votes must come from its own pixels only, as when
+    # it is clustered alone (image 0's first pixel, in its second slot, must
+    # not lend the 4 missing votes to image 1's second slot). 1-D, hand-checked, min_size 3: groups at 0 and
+    # 2.5 (5 and 6 pixels; their windows hold 5 and 6, the pixel at 1.3 none
+    # but itself, so it never seeds; neither mode is a satellite of the
+    # other: 6 < 4 * 5). The pixel at 1.3 is nearer 2.5 (1.2 against 1.3),
+    # still after the Lloyd step (2.329: 1.03), a ratio > 0.6: ambiguous.
+    # Its 12 nearest (all of image 1) hold 7 of the group at 2.5 with
+    # itself and 5 of the group at 0.
+    foreground = torch.zeros(2, 1, 600, dtype=torch.bool)
+    embeddings = torch.zeros(2, 1, 1, 600)
+    foreground[0] = True
+    embeddings[0, 0, 0, 250:] = 20.0  # the denser group, found first
+    foreground[1, 0, :12] = True
+    embeddings[1, 0, 0, 5:11] = 2.5
+    embeddings[1, 0, 0, 11] = 1.3
+    options = dict(ROBUST, min_size=3)
+    batched, _ = cluster_embeddings(embeddings, foreground, **options)
+    alone, _ = cluster_embeddings(embeddings[1:], foreground[1:], **options)
+    assert torch.equal(batched[1], alone[0])
+    row = alone[0, 0, :12]
+    assert row[:5].eq(row[0]).all() and row[5:11].eq(row[5]).all() and row[0] != row[5]
+    assert row[11] == row[5]
+
+
 def test_invalid_robust_arguments_name_the_argument():
     embeddings = torch.zeros(1, 2, 4, 4)
     foreground = torch.ones(1, 4, 4, dtype=torch.bool)
