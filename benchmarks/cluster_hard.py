@@ -1,6 +1,7 @@
 """Clustering on hard sticks: discloss (hashed, seediness, oracle seeds) vs scikit-learn.
 
     python benchmarks/cluster_hard.py                                      # synthetic embeddings only
+    python benchmarks/cluster_hard.py --images 6 --name cluster_touching   # (the run in results/cpu)
     python benchmarks/cluster_hard.py --checkpoints runs/hard_s*/checkpoint.pt   # and trained networks
     python benchmarks/cluster_hard.py --image-size 128 --sticks 8 8 --name cluster_demo_set \
         --checkpoints runs/demo/checkpoint.pt                       # the demo's own (easy) set
@@ -15,6 +16,9 @@ foreground, so that only the clustering differs) and is scored with SBD and
   2-2.5*delta_d apart, as the push term leaves them; 15% stray pixels a
   quarter to half of the way to the nearest other instance; no network,
   hence no seediness row;
+- synthetic touching (``touching_embeddings``): close means, pixels near a
+  touching instance pulled partway to its mean, strays; and the same with
+  the pulls alone ("boundary only");
 - each ``--checkpoints`` file: a demo network (``python -m discloss.demo
   --image-size 256 --sticks 16-24``), its embeddings and seediness head.
 
@@ -30,11 +34,16 @@ threadpoolctl, scikit-learn's native code):
   exp(-||x_i - mu_c||^2 / (2 delta_v^2)), mu_c the ground-truth instance
   means: the target the seediness head is trained to predict (a reference
   for what a perfect seediness head would give);
+- discloss density seeds, + join, + nearest (all points), + nearest,
+  robust: the robust clustering's options added one at a time
+  (``density_seeds``, ``join="density"``, ``assign="nearest"``,
+  ``mode_points=4096``, ``neighbour_vote=16``);
 - sklearn MeanShift(bandwidth=2*delta_v, bin_seeding=True), the same window
   as ours;
-- sklearn HDBSCAN(min_cluster_size=--hdbscan-min-cluster-size); its noise
-  points join the cluster whose mean is nearest to them, as
-  ``cluster_embeddings`` does with the points no instance claimed.
+- sklearn HDBSCAN(min_cluster_size=N) for each N of
+  --hdbscan-min-cluster-size (the verdicts take the best); its noise points
+  join the cluster whose mean is nearest to them, as ``cluster_embeddings``
+  does with the points no instance claimed.
 
 Times: per image, wall time of the clustering call alone (the network's
 forward pass excluded), median over the images; discloss also as the whole
@@ -61,11 +70,22 @@ from cluster_vs_sklearn import HELD_OUT_SEED, machine_description  # noqa: E402
 from discloss import metrics  # noqa: E402
 from discloss.cluster import cluster_embeddings  # noqa: E402
 from discloss.data import ScatteredSticks  # noqa: E402
-from discloss.demo import StickNet, seediness_target  # noqa: E402
 
-SYNTHETIC = "synthetic, 15% stray"
-METHODS = ("discloss hashed", "discloss seediness order", "discloss seediness", "discloss oracle order",
-           "discloss oracle", "sklearn MeanShift", "sklearn HDBSCAN")
+PACKED = "synthetic, 15% stray"
+TOUCHING = "synthetic, touching"
+BOUNDARY = "synthetic, boundary only"
+# The robust clustering: each idea is also run alone, added one at a time.
+ROBUST = dict(density_seeds=True, join="density", assign="nearest", mode_points=4096, neighbour_vote=16)
+ABLATION = {
+    "discloss density seeds": dict(density_seeds=True),
+    "discloss density seeds + join": dict(density_seeds=True, join="density"),
+    "discloss + nearest, all points": dict(density_seeds=True, join="density", assign="nearest"),
+    "discloss + nearest": dict(density_seeds=True, join="density", assign="nearest", mode_points=4096),
+    "discloss robust": ROBUST,
+}
+NETWORK_ONLY = ("discloss seediness order", "discloss seediness")
+DISCLOSS = ("discloss hashed", "discloss seediness order", "discloss seediness", "discloss oracle order",
+            "discloss oracle") + tuple(ABLATION)
 
 
 def packed_embeddings(labels: torch.Tensor, dim: int, delta_v: float, delta_d: float, seed: int,
@@ -113,7 +133,81 @@ def packed_embeddings(labels: torch.Tensor, dim: int, delta_v: float, delta_d: f
     return pixels.permute(0, 3, 1, 2).contiguous()
 
 
-def load_network(path: str) -> StickNet:
+def touching_embeddings(labels: torch.Tensor, dim: int, delta_v: float, delta_d: float, seed: int,
+                        close_fraction: float = 0.2, stray_fraction: float = 0.04, pull: float = 0.45,
+                        reach: float = 4.0) -> torch.Tensor:
+    """Embeddings with the three flaws of a network's where instances touch.
+
+    - close means: each instance after the first is, with probability
+      ``close_fraction``, placed 1.3-2*delta_d from a mean already drawn
+      (an undertrained push), the others at least 2*delta_d from all;
+    - boundary pixels: a pixel whose nearest pixel of another instance is d
+      pixels away moves a fraction t = pull * u * (1 - (d - 1) / reach),
+      u ~ U(0.6, 1), of the way to that instance's mean (t = 0 beyond
+      ``reach`` + 1 px): the receptive field straddles both instances, so
+      the network's answer lies partway between them;
+    - strays: ``stray_fraction`` of the pixels moved 2-4*delta_v in a random
+      direction, away from every instance.
+
+    Every pixel also lies within 1.2*delta_v of where the rest puts it (as in
+    ``packed_embeddings``). With ``pull`` < 0.5 a boundary pixel still lies
+    nearer its own mean than the other's, up to that noise.
+    """
+    from scipy import ndimage
+
+    generator = torch.Generator().manual_seed(seed)
+    batch, height, width = labels.shape
+    num_labels = int(labels.max()) + 1
+    centres = torch.zeros(batch, num_labels, dim)
+    for b in range(batch):
+        found = [torch.randn(dim, generator=generator) * delta_d]
+        scale = delta_d
+        while len(found) < num_labels:
+            if float(torch.rand((), generator=generator)) < close_fraction:
+                anchor = found[int(torch.randint(len(found), (), generator=generator))]
+                direction = torch.randn(dim, generator=generator)
+                gap = (1.3 + 0.7 * float(torch.rand((), generator=generator))) * delta_d
+                candidate = anchor + direction / direction.norm() * gap
+                if all(float((candidate - other).norm()) >= 1.3 * delta_d - 1e-6 for other in found):
+                    found.append(candidate)
+                continue
+            for _ in range(50):
+                candidate = torch.randn(dim, generator=generator) * scale
+                if all(float((candidate - other).norm()) >= 2 * delta_d for other in found):
+                    found.append(candidate)
+                    break
+            else:
+                scale *= 1.1
+        centres[b] = torch.stack(found)
+    image_ids = torch.arange(batch).reshape(batch, 1, 1)
+    pixels = centres[image_ids, labels]  # (B, H, W, E)
+    # Per pixel, the nearest other instance and its distance in pixels.
+    target = torch.zeros(batch, height, width, dtype=torch.long)
+    gap_px = torch.full((batch, height, width), float("inf"))
+    for b in range(batch):
+        image_labels = labels[b].numpy()
+        for k in range(1, int(image_labels.max()) + 1):
+            distance = torch.from_numpy(ndimage.distance_transform_edt(image_labels != k)).float()
+            closer = (distance < gap_px[b]) & (labels[b] != k) & (labels[b] > 0)
+            gap_px[b] = torch.where(closer, distance, gap_px[b])
+            target[b] = torch.where(closer, torch.full_like(target[b], k), target[b])
+    strength = (1.0 - (gap_px - 1.0) / reach).clamp(0.0, 1.0)
+    u = 0.6 + 0.4 * torch.rand(labels.shape, generator=generator)
+    along = (pull * u * strength).unsqueeze(-1)
+    pixels = pixels + along * (centres[image_ids, target] - pixels)
+    direction = torch.randn(pixels.shape, generator=generator)
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    pixels = pixels + direction * torch.rand(labels.shape + (1,), generator=generator) * 1.2 * delta_v
+    stray = torch.rand(labels.shape + (1,), generator=generator) < stray_fraction
+    away = torch.randn(pixels.shape, generator=generator)
+    away = away / away.norm(dim=-1, keepdim=True) * (2 + 2 * torch.rand(labels.shape + (1,), generator=generator))
+    pixels = pixels + torch.where(stray, away * delta_v, torch.zeros_like(pixels))
+    return pixels.permute(0, 3, 1, 2).contiguous()
+
+
+def load_network(path: str):
+    from discloss.demo import StickNet
+
     checkpoint = torch.load(path, weights_only=True, map_location="cpu")
     model = StickNet(embedding_dim=checkpoint["embedding_dim"], widths=checkpoint["widths"])
     model.load_state_dict(checkpoint["model"])
@@ -121,7 +215,7 @@ def load_network(path: str) -> StickNet:
 
 
 @torch.no_grad()
-def network_outputs(model: StickNet, images: torch.Tensor, batch_size: int = 4):
+def network_outputs(model, images: torch.Tensor, batch_size: int = 4):
     embeddings, seediness = [], []
     for first in range(0, images.shape[0], batch_size):
         _, embedding, seediness_logits = model(images[first:first + batch_size])
@@ -155,44 +249,54 @@ def time_per_image(cluster_one, images: int):
     return torch.stack(labels), seconds
 
 
+def hdbscan_name(size: int) -> str:
+    return f"sklearn HDBSCAN (min_cluster_size {size})"
+
+
 def run_source(name, embeddings, seed_scores, batch, args, sklearn_cluster):
     """Rows (source, method, mean SBD, mean |DiC|, median ms/image, batched ms/image) for one embedding source."""
+    from discloss.demo import seediness_target
+
     foreground = batch.foreground
     options = dict(delta_v=args.delta_v, delta_d=args.delta_d, min_size=args.min_size)
     oracle = seediness_target(embeddings, batch.labels, args.delta_v)
-    scores = {"discloss hashed": (None, None), "discloss seediness order": (seed_scores, None),
-              "discloss seediness": (seed_scores, args.min_seed_score), "discloss oracle order": (oracle, None),
-              "discloss oracle": (oracle, args.min_seed_score)}
+    settings = {"discloss hashed": dict(), "discloss seediness order": dict(seed_scores=seed_scores),
+                "discloss seediness": dict(seed_scores=seed_scores, min_seed_score=args.min_seed_score),
+                "discloss oracle order": dict(seed_scores=oracle),
+                "discloss oracle": dict(seed_scores=oracle, min_seed_score=args.min_seed_score), **ABLATION}
     points = [embeddings[b][:, foreground[b]].T.double().numpy() for b in range(args.images)]
+    methods = [m for m in DISCLOSS if seed_scores is not None or m not in NETWORK_ONLY]
+    methods += ["sklearn MeanShift"] + [hdbscan_name(size) for size in args.hdbscan_min_cluster_size]
     rows = []
-    for method in METHODS:
+    for method in methods:
         batched_ms = float("nan")
         if method.startswith("discloss"):
-            score, threshold = scores[method]
-            if score is None and method != "discloss hashed":
-                continue
+            setting = settings[method]
 
-            def cluster_one(b, score=score, threshold=threshold):
-                return cluster_embeddings(embeddings[b:b + 1], foreground[b:b + 1], **options,
-                                          seed_scores=None if score is None else score[b:b + 1],
-                                          min_seed_score=threshold)[0][0]
+            def per_image(b, setting=setting):
+                return {k: v[b:b + 1] if isinstance(v, torch.Tensor) else v for k, v in setting.items()}
+
+            def cluster_one(b, per_image=per_image):
+                return cluster_embeddings(embeddings[b:b + 1], foreground[b:b + 1], **options, **per_image(b))[0][0]
 
             labels, seconds = time_per_image(cluster_one, args.images)
             batched = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                cluster_embeddings(embeddings, foreground, **options, seed_scores=score, min_seed_score=threshold)
+                cluster_embeddings(embeddings, foreground, **options, **setting)
                 batched.append(time.perf_counter() - start)
-            batched_ms = statistics.median(batched) / args.images * 1e3
+            if batched:
+                batched_ms = statistics.median(batched) / args.images * 1e3
         else:
             if method == "sklearn MeanShift":
                 def fit(b):
                     return sklearn_cluster.MeanShift(bandwidth=2 * args.delta_v, bin_seeding=True).fit_predict(
                         points[b]) + 1
             else:
-                def fit(b):
-                    found = sklearn_cluster.HDBSCAN(min_cluster_size=args.hdbscan_min_cluster_size, copy=True).fit_predict(
-                        points[b])
+                size = int(method.rsplit(" ", 1)[1].rstrip(")"))
+
+                def fit(b, size=size):
+                    found = sklearn_cluster.HDBSCAN(min_cluster_size=size, copy=True).fit_predict(points[b])
                     return join_noise_to_nearest(points[b], found)
 
             def cluster_one(b, fit=fit):
@@ -205,7 +309,7 @@ def run_source(name, embeddings, seed_scores, batch, args, sklearn_cluster):
         abs_dic = metrics.absolute_difference_in_count(labels, batch.labels).float().mean().item()
         ms = statistics.median(seconds) * 1e3
         rows.append((name, method, sbd, abs_dic, ms, batched_ms))
-        print(f"  {name:>24} | {method:<22} SBD {sbd:.4f}  |DiC| {abs_dic:5.2f}  {ms:9.1f} ms/image"
+        print(f"  {name:>24} | {method:<40} SBD {sbd:.4f}  |DiC| {abs_dic:5.2f}  {ms:9.1f} ms/image"
               + (f"  (whole batch {batched_ms:.1f} ms/image)" if batched_ms == batched_ms else ""), flush=True)
     return rows
 
@@ -213,35 +317,41 @@ def run_source(name, embeddings, seed_scores, batch, args, sklearn_cluster):
 def summarise(rows):
     """Per method, the mean over the network sources of SBD, |DiC| and ms/image."""
     summary = []
-    networks = [row for row in rows if row[0] != SYNTHETIC]
-    for method in METHODS:
+    networks = [row for row in rows if not row[0].startswith("synthetic")]
+    for method in dict.fromkeys(row[1] for row in networks):
         chosen = [row for row in networks if row[1] == method]
-        if chosen:
-            summary.append((f"networks (mean of {len(chosen)})", method,
-                            *(statistics.mean(row[i] for row in chosen) for i in (2, 3, 4, 5))))
+        summary.append((f"networks (mean of {len(chosen)})", method,
+                        *(statistics.mean(row[i] for row in chosen) for i in (2, 3, 4, 5))))
     return summary
 
 
 def verdicts(rows):
+    """Per source: the robust clustering against the old default, MeanShift and HDBSCAN's best
+    min_cluster_size, and the issue's targets (SBD >= HDBSCAN's best, >= 10x its speed)."""
     lines = []
     by_source = {}
     for row in rows:
         by_source.setdefault(row[0], {})[row[1]] = row
     for source, methods in by_source.items():
-        ours = methods["discloss hashed"]
-        best = max((m for m in methods.values() if m[1].startswith("discloss") and "oracle" not in m[1]),
-                   key=lambda m: m[2])
-        for other in ("sklearn MeanShift", "sklearn HDBSCAN"):
-            them = methods.get(other)
-            if them:
-                lines.append(f"- {source}: {best[1]} SBD {best[2]:.4f} in {best[4]:.1f} ms/image vs {other} "
-                             f"SBD {them[2]:.4f} in {them[4]:.1f} ms/image: {them[4] / best[4]:.1f}x the speed, "
-                             f"SBD {best[2] - them[2]:+.4f}")
+        ours, old = methods["discloss robust"], methods["discloss hashed"]
+        lines.append(f"- {source}: discloss robust SBD {ours[2]:.4f}, |DiC| {ours[3]:.2f} in {ours[4]:.1f} ms/image; "
+                     f"the old default (hashed) SBD {old[2]:.4f}, |DiC| {old[3]:.2f} in {old[4]:.1f} ms/image")
+        hdbscan = [m for name, m in methods.items() if name.startswith("sklearn HDBSCAN")]
+        others = ([max(hdbscan, key=lambda m: m[2])] if hdbscan else []) + (
+            [methods["sklearn MeanShift"]] if "sklearn MeanShift" in methods else [])
+        for them in others:
+            line = (f"- {source}: vs {them[1]}{' (the best of the sizes tried)' if 'HDBSCAN' in them[1] else ''} "
+                    f"SBD {them[2]:.4f} in {them[4]:.1f} ms/image: SBD {ours[2] - them[2]:+.4f}, "
+                    f"{them[4] / ours[4]:.1f}x the speed")
+            if "HDBSCAN" in them[1]:
+                met = ours[2] >= them[2] and them[4] >= 10 * ours[4]
+                line += f"; targets (SBD >= and >= 10x faster) {'met' if met else 'NOT met'}"
+            lines.append(line)
         for mode in ("discloss seediness order", "discloss seediness", "discloss oracle order", "discloss oracle"):
             if mode in methods:
                 seed = methods[mode]
-                lines.append(f"- {source}: {mode[9:]} vs hashed seeds: SBD {seed[2] - ours[2]:+.4f}, "
-                             f"|DiC| {seed[3] - ours[3]:+.2f}")
+                lines.append(f"- {source}: {mode[9:]} vs hashed seeds: SBD {seed[2] - old[2]:+.4f}, "
+                             f"|DiC| {seed[3] - old[3]:+.2f}")
     return lines
 
 
@@ -250,24 +360,28 @@ def plot(rows, path, title):
     from matplotlib.figure import Figure
 
     sources = list(dict.fromkeys(row[0] for row in rows))
-    figure = Figure(figsize=(4.6 * len(sources), 4.2), dpi=100)
+    methods = list(dict.fromkeys(row[1] for row in rows))
+    figure = Figure(figsize=(5.2 * len(sources), 6.2), dpi=100)
     FigureCanvasAgg(figure)
     axes_list = figure.subplots(1, len(sources), squeeze=False)[0]
-    markers = dict(zip(METHODS, "o<s>^DX"))
-    colours = dict(zip(METHODS, ["C0", "C1", "C2", "C3", "C4", "C5", "C6"]))
+    markers = "o<s>^DvPX*hd"
+    style = {m: (markers[i % len(markers)], f"C{i % 10}") for i, m in enumerate(methods)}
+    handles = {}
     for axes, source in zip(axes_list, sources):
         for row in rows:
             if row[0] == source:
-                axes.scatter(row[4], row[2], marker=markers[row[1]], color=colours[row[1]], s=60, label=row[1])
+                marker, colour = style[row[1]]
+                handles[row[1]] = axes.scatter(row[4], row[2], marker=marker, color=colour, s=60)
         axes.set_xscale("log")
         axes.minorticks_off()
         axes.set_xlabel("ms per image (median, 1 CPU thread)")
         axes.set_ylabel("mean SBD")
         axes.set_title(source, fontsize=10)
         axes.grid(True, alpha=0.3)
-        axes.legend(fontsize=7, loc="best")
+    # One legend for all panels, below them, so that no point is hidden.
+    figure.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=8)
     figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.04 + 0.035 * ((len(handles) + 3) // 4), 1, 1))
     figure.savefig(path)
 
 
@@ -280,12 +394,18 @@ def main(argv=None) -> int:
                         help="sticks per image (default: 16 24)")
     parser.add_argument("--name", default="cluster_hard", help="results file names (default: %(default)s)")
     parser.add_argument("--no-synthetic", action="store_true", help="skip the synthetic embeddings")
+    parser.add_argument("--synthetic", nargs="+", default=["packed", "touching", "boundary"],
+                        choices=["packed", "touching", "boundary"],
+                        help="synthetic sets: packed (15%% stray), touching (close means, boundary pixels pulled "
+                             "toward the touching instance, 4%% strays), boundary (the pulls alone) "
+                             "(default: all three)")
     parser.add_argument("--delta-v", type=float, default=0.5)
     parser.add_argument("--delta-d", type=float, default=1.5)
     parser.add_argument("--min-size", type=int, default=10, help="cluster_embeddings' min_size (default: %(default)s)")
     parser.add_argument("--min-seed-score", type=float, default=0.5, help="(default: %(default)s, as the demo)")
-    parser.add_argument("--hdbscan-min-cluster-size", type=int, default=50,
-                        help="(default: %(default)s; sticks keep >= 400 visible pixels)")
+    parser.add_argument("--hdbscan-min-cluster-size", type=int, nargs="+", default=[25, 50, 100, 200],
+                        help="sizes tried; the verdicts take the best (default: 25 50 100 200; sticks keep >= 400 "
+                             "visible pixels)")
     parser.add_argument("--repeats", type=int, default=3, help="timed whole-batch calls of ours (default: %(default)s)")
     parser.add_argument("--out-dir", default=None, help="default: benchmarks/results/cpu")
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from the CSV of an earlier run")
@@ -314,9 +434,17 @@ def main(argv=None) -> int:
     print(f"{args.images} images of {args.image_size}x{args.image_size} px, {sticks:.1f} sticks and {pixels:.0f} foreground pixels per image; "
           f"{machine_description(torch.device('cpu'))}", flush=True)
     rows = []
-    if not args.no_synthetic:
+    synthetic = [] if args.no_synthetic else args.synthetic
+    if "packed" in synthetic:
         embeddings = packed_embeddings(batch.labels, 8, args.delta_v, args.delta_d, seed=0, stray_fraction=0.15)
-        rows += run_source(SYNTHETIC, embeddings, None, batch, args, sklearn_cluster)
+        rows += run_source(PACKED, embeddings, None, batch, args, sklearn_cluster)
+    if "touching" in synthetic:
+        embeddings = touching_embeddings(batch.labels, 8, args.delta_v, args.delta_d, seed=0)
+        rows += run_source(TOUCHING, embeddings, None, batch, args, sklearn_cluster)
+    if "boundary" in synthetic:
+        embeddings = touching_embeddings(batch.labels, 8, args.delta_v, args.delta_d, seed=0, close_fraction=0.0,
+                                         stray_fraction=0.0)
+        rows += run_source(BOUNDARY, embeddings, None, batch, args, sklearn_cluster)
     for path in args.checkpoints:
         embeddings, seediness = network_outputs(load_network(path), batch.image)
         name = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
@@ -343,16 +471,23 @@ def main(argv=None) -> int:
         handle.write(f"- data: {args.images} held-out ScatteredSticks images, {args.image_size}x{args.image_size} px, "
                      f"{args.sticks[0]}-{args.sticks[1]} sticks "
                      f"({sticks:.1f} on average), {pixels:.0f} foreground pixels per image (ground-truth mask)\n")
-        sources = [] if args.no_synthetic else [
-            "synthetic embeddings (dimension 8, means packed about 2-2.5*delta_d apart, 15% stray pixels 1/4-1/2 "
-            "of the way to the nearest other instance)"]
+        descriptions = {
+            "packed": "synthetic, 15% stray: dimension 8, means packed about 2-2.5*delta_d apart, 15% stray pixels "
+                      "1/4-1/2 of the way to the nearest other instance (packed_embeddings)",
+            "touching": "synthetic, touching: 20% of the means only 1.3-2*delta_d from another, pixels within 5 px "
+                        "of a touching instance pulled up to 0.45 of the way to its mean, 4% strays 2-4*delta_v "
+                        "off (touching_embeddings)",
+            "boundary": "synthetic, boundary only: the touching set's pulls alone",
+        }
+        sources = [descriptions[name] for name in ([] if args.no_synthetic else args.synthetic)]
         if args.checkpoints:
             sources.append(f"{len(args.checkpoints)} demo network(s) trained on this set: {', '.join(args.checkpoints)}")
-        handle.write(f"- sources: {'; '.join(sources)}\n")
+        handle.write("- sources: " + "; ".join(sources) + "\n")
         handle.write(f"- discloss: delta_v {args.delta_v:g}, delta_d {args.delta_d:g}, min_size {args.min_size}, "
                      f"min_seed_score {args.min_seed_score:g} (rows without 'order'), "
-                     f"window and claim radius 2*delta_v; MeanShift bandwidth 2*delta_v, bin_seeding; HDBSCAN "
-                     f"min_cluster_size {args.hdbscan_min_cluster_size}, other options default, noise joins the "
+                     f"window and claim radius 2*delta_v; robust = {ROBUST}; the rows above it add its options "
+                     f"one at a time; MeanShift bandwidth 2*delta_v, bin_seeding; HDBSCAN min_cluster_size "
+                     f"{' '.join(map(str, args.hdbscan_min_cluster_size))}, other options default, noise joins the "
                      "nearest cluster mean\n")
         handle.write(f"- machine: {machine_description(torch.device('cpu'))} (shared with other work: times are "
                      f"noisy); torch {torch.__version__}, scikit-learn {sklearn_version}, Python "
