@@ -89,13 +89,19 @@ def discriminative_loss_reference(
 
     # Segment sums over the flattened (image, slot) index.
     seg = (torch.arange(B, device=device)[:, None] * K + slot).reshape(-1)
-    w = valid.reshape(-1).to(dtype)
-    xf = x.reshape(-1, E)
+    valid_f = valid.reshape(-1)
+    w = valid_f.to(dtype)
+    # Pixels that take part in no term are replaced by 0 before any
+    # arithmetic: masking by multiplication would let a NaN or inf there
+    # through (NaN * 0 = NaN), into the values and, under double backward,
+    # into the whole image's gradient. torch.where passes a zero gradient to
+    # the replaced entries.
+    xf = torch.where(valid_f[:, None], x.reshape(-1, E), 0)
     counts = torch.zeros(B * K, dtype=dtype, device=device).index_add_(0, seg, w)
-    sums = torch.zeros(B * K, E, dtype=dtype, device=device).index_add_(0, seg, xf * w[:, None])
+    sums = torch.zeros(B * K, E, dtype=dtype, device=device).index_add_(0, seg, xf)
     mu = sums / counts.clamp(min=1)[:, None]  # 0 where a slot is empty
 
-    h = torch.relu(nrm(xf - mu[seg]) - delta_v) ** 2 * w
+    h = torch.where(valid_f, torch.relu(nrm(xf - mu[seg]) - delta_v) ** 2, 0)
     hinge = torch.zeros(B * K, dtype=dtype, device=device).index_add_(0, seg, h).view(B, K)
     counts = counts.view(B, K)
     mu = mu.view(B, K, E)
@@ -126,8 +132,9 @@ def discriminative_loss_reference(
     if unlabeled_push > 0:
         # Every unlabeled pixel against every slot mean, (B, N, K): O(N K) memory.
         unl = (lab == ignore_index) if ignore_index is not None else torch.zeros_like(valid)
-        d = nrm(x[:, :, None, :] - mu[:, None, :, :])
-        q = torch.relu(delta_d - d) ** 2 * unl[:, :, None].to(dtype) * present[:, None, :].to(dtype)
+        xu = torch.where(unl[:, :, None], x, 0)  # as above: only the unlabeled pixels' values enter
+        d = nrm(xu[:, :, None, :] - mu[:, None, :, :])
+        q = torch.where(unl[:, :, None] & present[:, None, :], torch.relu(delta_d - d) ** 2, 0)
         n_u = unl.sum(1).to(dtype)
         push = q.sum((1, 2)) / (C * n_u).clamp(min=1)
         terms = terms + (unlabeled_push * push,)
