@@ -1,6 +1,7 @@
 // Argument parsing, input checks and pixel layouts shared by the CPU and CUDA ops.
 #include <c10/util/SmallVector.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "discloss.h"
@@ -106,7 +107,11 @@ void check_slot_memory(const LossConfig& c, int64_t batch, int64_t embed_dim, in
                        double device_bytes, const char* device) {
   // means, hinge sums, partials and (push) push sums: about 4 tensors of
   // B x K x E accumulators; the check is for a K that cannot work at all.
-  const double need = 4.0 * double(batch) * double(c.num_slots) * double(embed_dim + 1) * double(acc_size);
+  // An empty batch counts as one image, so that a K too large for any image
+  // is refused there too: the shapes (B, K + 1) and the products of K and E
+  // that size the partials then stay far from int64 overflow.
+  const double need = 4.0 * double(std::max<int64_t>(batch, 1)) * double(c.num_slots) * double(embed_dim + 1) *
+                      double(acc_size);
   TORCH_CHECK(device_bytes <= 0 || need <= device_bytes, "max_instances: ", c.num_slots, " slots need about ",
               need / double(1 << 30), " GiB of per-slot tensors (4 x B x K x (E+1) accumulators with B=", batch,
               ", E=", embed_dim, "), more than the ", device_bytes / double(1 << 30), " GiB of ", device,
