@@ -28,7 +28,19 @@ def _norm(x: torch.Tensor, norm: int, dim: int = -1, second_order: bool = False)
     # vector's norm is taken of a stand-in and replaced by 0: first and second
     # derivatives 0 there.
     zero = (x == 0).all(dim=dim, keepdim=True)
-    n = torch.linalg.vector_norm(torch.where(zero, torch.ones_like(x), x), ord=norm, dim=dim, keepdim=True)
+    safe = torch.where(zero, torch.ones_like(x), x)
+    if norm == 2:
+        # vector_norm sums squares, which under- or overflow for tiny or huge
+        # vectors (float32: below ~1e-19, above ~1e19): a zero norm, a zero
+        # gradient where the unit vector belongs, NaN second derivatives. So
+        # the vector is scaled by its largest component, held constant for
+        # autograd: m * ||x / m|| is ||x|| for any constant m, so every
+        # derivative is the norm's own.
+        m = safe.detach().abs().amax(dim=dim, keepdim=True)
+        m = torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))
+        n = torch.linalg.vector_norm(safe / m, ord=2, dim=dim, keepdim=True) * m
+    else:
+        n = torch.linalg.vector_norm(safe, ord=norm, dim=dim, keepdim=True)
     return torch.where(zero, torch.zeros_like(n), n).squeeze(dim)
 
 
