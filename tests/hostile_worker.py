@@ -229,6 +229,8 @@ def build_cases():
     add("forward/embeddings/no-pixels", lambda: fwd(embeddings=x[:, :, :0], labels=lab[:, :0],
                                                     num_ids=torch.full((2,), -1)), zero_terms)
     add("forward/embeddings/reference", lambda: fwd(), terms_match())
+    add("forward/labels/expanded", lambda: fwd(labels=lab[:, :1].expand(2, 7), slot_ids=None, num_ids=None,
+                                               max_instances=8), _check_expanded_labels)
     add("forward/labels/float", lambda: fwd(labels=lab.double()), "labels: ")
     add("forward/labels/bool", lambda: fwd(labels=lab > 0), "labels: ")
     add("forward/labels/wrong-shape", lambda: fwd(labels=lab[:, :6]), "labels: ")
@@ -324,6 +326,8 @@ def build_cases():
     add("backward/grad_dist/zero-others-one", lambda: bwd(grad_var=torch.zeros((), dtype=torch.float64),
                                                           grad_reg=torch.zeros((), dtype=torch.float64)),
         grad_matches(alpha=0.0, gamma=0.0))
+    xe = x[:, :1].expand(2, 3, 7)  # stride 0 over E
+    add("backward/embeddings/expanded", lambda: bwd(embeddings=xe, **_saved_of(xe)), _check_expanded_grad)
     add("backward/embeddings/float32", lambda: bwd(embeddings=x.float()), "means: ")
     add("backward/embeddings/more-pixels", lambda: bwd(embeddings=torch.cat([x, x], 2)), "labels: ")
     add("backward/embeddings/meta", lambda: bwd(embeddings=meta(x)), "grad_var: expected the device of embeddings")
@@ -334,8 +338,9 @@ def build_cases():
         r"labels: image 0 holds label 5; expected")
     add("backward/labels/float", lambda: bwd(labels=lab.float()), "labels: ")
     add("backward/labels/meta", lambda: bwd(labels=meta(lab)), "labels: expected the device of embeddings")
-    add("backward/labels/other-clusters", lambda: bwd(labels=torch.tensor([[5, 9, 9, 9, 9, 0, 0], [0, 7, 5, 7, 5, 7, 0]])),
-        finite_and_zero_on_background_of([[5, 9, 9, 9, 9, 0, 0], [0, 7, 5, 7, 5, 7, 0]]))
+    other = [[5, 9, 9, 9, 9, 0, 0], [0, 7, 5, 7, 5, 7, 0]]  # other pixels in the same clusters
+    add("backward/labels/other-clusters", lambda: bwd(labels=torch.tensor(other)),
+        finite_and_zero_on_background_of(other))
     add("backward/slot_ids/unsorted", lambda: bwd(slot_ids=unsorted(sid)), "slot_ids: ")
     add("backward/slot_ids/duplicate", lambda: bwd(slot_ids=duplicated(sid)), "slot_ids: ")
     add("backward/slot_ids/missing", lambda: bwd(slot_ids=None), "slot_ids, num_ids: ")
@@ -432,6 +437,19 @@ def _check_expanded(out):
     ref, _ = loop_reference64(xe, labels())
     for name, t, r in zip(("var", "dist", "reg", "push"), out[:4], ref):
         close(t, r, name)
+
+
+def _check_expanded_labels(out):
+    # stride 0 over the pixels: every pixel of image b holds labels()[b, 0] (5 and 7 < K = 8: no map needed)
+    ref, _ = loop_reference64(embeddings(), labels()[:, :1].expand(2, 7).contiguous())
+    for name, t, r in zip(("var", "dist", "reg", "push"), out[:4], ref):
+        close(t, r, name)
+
+
+def _check_expanded_grad(grad):
+    xe = embeddings()[:, :1].expand(2, 3, 7).contiguous()
+    _, ref = loop_reference64(xe, labels())
+    close(grad, ref, "grad")
 
 
 def _issue_example():

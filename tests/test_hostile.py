@@ -11,7 +11,8 @@ in both runs, and its returned tensors are bitwise the same in both: a
 result that changes with the perturbation byte was read from memory the op
 never wrote. MALLOC_CHECK_=3 makes glibc abort on heap corruption it
 detects (glibc >= 2.34 reads it only with libc_malloc_debug.so preloaded,
-which is done where the library exists).
+which is done where the library exists), and the thread cache is off so
+that every free checks its neighbours' headers.
 """
 
 import glob
@@ -33,8 +34,8 @@ PERTURB_BYTES = (0x5A, 0xC3)
 
 
 def _malloc_debug_library():
-    for pattern in ("/lib/*/libc_malloc_debug.so.0", "/usr/lib/*/libc_malloc_debug.so.0", "/lib64/libc_malloc_debug.so.0",
-                    "/usr/lib64/libc_malloc_debug.so.0"):
+    for pattern in ("/lib/*/libc_malloc_debug.so.0", "/usr/lib/*/libc_malloc_debug.so.0",
+                    "/lib64/libc_malloc_debug.so.0", "/usr/lib64/libc_malloc_debug.so.0"):
         found = sorted(glob.glob(pattern))
         if found:
             return found[0]
@@ -43,6 +44,10 @@ def _malloc_debug_library():
 
 def _env(perturb):
     env = dict(os.environ, MALLOC_CHECK_="3", MALLOC_PERTURB_=str(perturb), OMP_NUM_THREADS="2")
+    # Without the per-thread cache every free goes through the chunk-header checks: a write past a block
+    # then aborts at its free ("free(): invalid next size"); with the cache it may pass unnoticed.
+    tunables = "glibc.malloc.tcache_count=0"
+    env["GLIBC_TUNABLES"] = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES", ""), tunables) if t)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH", "")) if p)
     library = _malloc_debug_library()
     if library is not None:
@@ -106,7 +111,8 @@ def test_every_raw_op_argument_has_a_case():
     for op in ("slot_map", "forward", "backward"):
         schema = getattr(torch.ops.discloss, op).default._schema
         for argument in schema.arguments:
-            assert any(n.startswith(f"{op}/{argument.name}/") for n in names), f"no hostile case for {op}'s {argument.name}"
+            assert any(n.startswith(f"{op}/{argument.name}/") for n in names), (
+                f"no hostile case for {op}'s {argument.name}")
 
 
 def test_a_crash_is_reported_with_its_signal(tmp_path):
@@ -124,3 +130,14 @@ def test_a_crash_is_reported_with_its_signal(tmp_path):
     got = run_cases(["a", "b-crash", "c"], PERTURB_BYTES[0], worker=str(worker))
     assert got["a"]["ok"] and got["c"]["ok"]
     assert not got["b-crash"]["ok"] and "SIGSEGV" in got["b-crash"]["detail"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap checks")
+def test_the_heap_checks_catch_a_write_past_a_block():
+    # The environment the cases run in: 16 bytes written past a 24-byte block (over the next block's header)
+    # abort the process at the free, as the writes of issue 20 did ("free(): invalid next size").
+    code = ("import ctypes; c = ctypes.CDLL(None); c.malloc.restype = ctypes.c_void_p; "
+            "c.free.argtypes = [ctypes.c_void_p]; p = c.malloc(24); q = c.malloc(24); "
+            "ctypes.memset(p, 0x41, 40); c.free(p); print('survived')")
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(PERTURB_BYTES[0]))
+    assert process.returncode == -signal.SIGABRT, (process.returncode, process.stdout, process.stderr)
