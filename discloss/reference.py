@@ -18,6 +18,38 @@ import torch
 __all__ = ["discriminative_loss_reference", "discriminative_loss_loop"]
 
 
+def _scaled(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x divided by its largest component along dim (a constant for autograd; 1 where that is 0 or not finite)."""
+    m = x.detach().abs().amax(dim=dim, keepdim=True)
+    return x / torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))
+
+
+class _L2Norm(torch.autograd.Function):
+    """||x||_2 along dim, for the double-backward path: tiny and huge vectors too.
+
+    vector_norm sums squares, which under- or overflow (float32: below ~1e-19,
+    above ~1e19): a zero norm, a zero gradient where the unit vector belongs,
+    NaN second derivatives. Here the value is m ||x / m|| and the gradient the
+    unit vector (x / m) / ||x / m||, m the largest component, both written
+    with differentiable ops: the second derivative is that of the unit vector,
+    exact where it is representable (it grows like 1 / ||x||).
+    """
+
+    @staticmethod
+    def forward(ctx, x, dim):
+        ctx.dim = dim
+        ctx.save_for_backward(x)
+        m = x.abs().amax(dim=dim, keepdim=True)
+        m = torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))
+        return torch.linalg.vector_norm(x / m, ord=2, dim=dim, keepdim=True) * m
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        xs = _scaled(x, ctx.dim)
+        return grad * (xs / torch.linalg.vector_norm(xs, ord=2, dim=ctx.dim, keepdim=True)), None
+
+
 def _norm(x: torch.Tensor, norm: int, dim: int = -1, second_order: bool = False) -> torch.Tensor:
     # vector_norm's gradient at a zero vector is 0 for ord 1 and 2, which is
     # the subgradient the fused kernels use.
@@ -30,15 +62,7 @@ def _norm(x: torch.Tensor, norm: int, dim: int = -1, second_order: bool = False)
     zero = (x == 0).all(dim=dim, keepdim=True)
     safe = torch.where(zero, torch.ones_like(x), x)
     if norm == 2:
-        # vector_norm sums squares, which under- or overflow for tiny or huge
-        # vectors (float32: below ~1e-19, above ~1e19): a zero norm, a zero
-        # gradient where the unit vector belongs, NaN second derivatives. So
-        # the vector is scaled by its largest component, held constant for
-        # autograd: m * ||x / m|| is ||x|| for any constant m, so every
-        # derivative is the norm's own.
-        m = safe.detach().abs().amax(dim=dim, keepdim=True)
-        m = torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))
-        n = torch.linalg.vector_norm(safe / m, ord=2, dim=dim, keepdim=True) * m
+        n = _L2Norm.apply(safe, dim if dim >= 0 else x.dim() + dim)
     else:
         n = torch.linalg.vector_norm(safe, ord=norm, dim=dim, keepdim=True)
     return torch.where(zero, torch.zeros_like(n), n).squeeze(dim)

@@ -157,3 +157,29 @@ def test_unlabeled_pixel_on_a_mean_takes_the_subgradient(device, dtype):
                                                                 gamma=0.0)), x)
     _, ref = loop_reference64(x.double().cpu(), lab.cpu(), unlabeled_push=1.0, gamma=0.0)
     torch.testing.assert_close(grad.double().cpu(), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-20, 1e-30])
+def test_double_backward_near_a_mean_against_the_loop(scale):
+    # The double-backward path at tiny distances (float32 sums of squares underflow below ~1e-19): the gradient
+    # and the Hessian-vector product, which grows like 1 / distance, against the float64 loop on the same values.
+    # (Much closer, ~1e-39, the push's second derivatives themselves pass float32's largest value.)
+    g = torch.Generator().manual_seed(12)
+    lab = torch.tensor([[1, 1, 1, 2, 2, 0, 0, 0]])
+    x = torch.randn(1, 3, 8, dtype=torch.float64, generator=g)
+    v = torch.randn(1, 3, 8, dtype=torch.float64, generator=g)
+    x[0, :, 5] = x[0, :, :3].mean(1) + 0.1 * torch.randn(3, dtype=torch.float64, generator=g)
+    x = (x * scale).float()
+    kw = dict(unlabeled_push=0.8, gamma=0.01, delta_v=0.0)
+
+    def ours(x):
+        return sum(discloss.discriminative_loss(x, lab, max_instances=3, **kw))
+
+    def ref(x):
+        return sum(loop_terms(x, lab, twice_differentiable=True, **kw))
+
+    grad, h = gradient_and_hvp(ours, x, v.float())
+    grad_ref, h_ref = gradient_and_hvp(ref, x.double(), v)
+    assert bool(torch.isfinite(grad).all() and torch.isfinite(h).all())
+    torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-3, atol=1e-4 * float(grad_ref.abs().max()))
+    torch.testing.assert_close(h.double(), h_ref, rtol=1e-3, atol=1e-4 * float(h_ref.abs().max()))
