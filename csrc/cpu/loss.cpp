@@ -632,7 +632,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_var, const at::Tensor& grad_dist,
   const at::Tensor ids = slot_ids.has_value() ? slot_ids->contiguous() : at::Tensor();
   const at::Tensor nids = num_ids.has_value() ? num_ids->contiguous() : at::Tensor();
   // backward trusts its saved tensors only as far as memory safety needs
-  // (schema comment in discloss.cpp): the slot map and the counts are
+  // (schema comment in schemas.h): the slot map and the counts are
   // checked as forward would have made them; labels outside the map are
   // reported by pass 3.
   if (ids.defined()) check_slot_map_values(ids, nids, K);
