@@ -1,6 +1,7 @@
 // Argument parsing, input checks and pixel layouts shared by the CPU and CUDA ops.
 #include <c10/util/SmallVector.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "discloss.h"
@@ -95,8 +96,10 @@ void check_forward_inputs(const at::Tensor& embeddings, const at::Tensor& labels
                 slot_ids->sizes());
     TORCH_CHECK(num_ids->scalar_type() == at::kLong && num_ids->sizes() == at::IntArrayRef({B}),
                 "num_ids: expected int64 of shape (", B, "), got ", num_ids->scalar_type(), " ", num_ids->sizes());
-    TORCH_CHECK(slot_ids->device() == embeddings.device() && num_ids->device() == embeddings.device(),
-                "slot_ids, num_ids: expected the device of embeddings (", embeddings.device(), ")");
+    TORCH_CHECK(slot_ids->device() == embeddings.device(), "slot_ids: expected the device of embeddings (",
+                embeddings.device(), "), got ", slot_ids->device());
+    TORCH_CHECK(num_ids->device() == embeddings.device(), "num_ids: expected the device of embeddings (",
+                embeddings.device(), "), got ", num_ids->device());
   }
 }
 
@@ -104,7 +107,11 @@ void check_slot_memory(const LossConfig& c, int64_t batch, int64_t embed_dim, in
                        double device_bytes, const char* device) {
   // means, hinge sums, partials and (push) push sums: about 4 tensors of
   // B x K x E accumulators; the check is for a K that cannot work at all.
-  const double need = 4.0 * double(batch) * double(c.num_slots) * double(embed_dim + 1) * double(acc_size);
+  // An empty batch counts as one image, so that a K too large for any image
+  // is refused there too: the shapes (B, K + 1) and the products of K and E
+  // that size the partials then stay far from int64 overflow.
+  const double need = 4.0 * double(std::max<int64_t>(batch, 1)) * double(c.num_slots) * double(embed_dim + 1) *
+                      double(acc_size);
   TORCH_CHECK(device_bytes <= 0 || need <= device_bytes, "max_instances: ", c.num_slots, " slots need about ",
               need / double(1 << 30), " GiB of per-slot tensors (4 x B x K x (E+1) accumulators with B=", batch,
               ", E=", embed_dim, "), more than the ", device_bytes / double(1 << 30), " GiB of ", device,
@@ -141,10 +148,45 @@ void check_backward_inputs(const at::Tensor& grad_var, const at::Tensor& grad_di
     TORCH_CHECK(g.second->is_floating_point(), g.first, ": expected a floating point tensor, got ",
                 g.second->scalar_type());
   }
-  for (const at::Tensor* t :
-       {&means, &counts, &hinge_grad_sums, &push_grad_sums, &grad_var, &grad_dist, &grad_reg, &grad_push}) {
-    TORCH_CHECK(t->device() == embeddings.device(), "backward: every tensor must be on ", embeddings.device(),
-                ", got one on ", t->device());
+  const std::pair<const char*, const at::Tensor*> saved[] = {
+      {"means", &means},         {"counts", &counts},       {"hinge_grad_sums", &hinge_grad_sums},
+      {"push_grad_sums", &push_grad_sums}, {"grad_var", &grad_var}, {"grad_dist", &grad_dist},
+      {"grad_reg", &grad_reg},   {"grad_push", &grad_push}};
+  for (const auto& t : saved) {
+    TORCH_CHECK(t.second->device() == embeddings.device(), t.first, ": expected the device of embeddings (",
+                embeddings.device(), "), got ", t.second->device());
+  }
+}
+
+void check_slot_map_values(const at::Tensor& slot_ids, const at::Tensor& num_ids, int64_t K) {
+  const int64_t B = num_ids.size(0);
+  const int64_t* ids = slot_ids.data_ptr<int64_t>();
+  const int64_t* n = num_ids.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(n[b] >= -1 && n[b] <= K, "num_ids: expected -1 (the identity map) or a count in [0, max_instances=",
+                K, "] per image, got num_ids[", b, "] = ", n[b], " (slot_ids and num_ids come from slot_map)");
+    const int64_t* row = ids + b * K;
+    for (int64_t i = 1; i < n[b]; ++i) {
+      TORCH_CHECK(row[i - 1] < row[i], "slot_ids: expected each row's first num_ids[b] ids sorted and distinct, got ",
+                  "slot_ids[", b, ", ", i - 1, "] = ", row[i - 1], " and slot_ids[", b, ", ", i, "] = ", row[i],
+                  " (slot_ids and num_ids come from slot_map)");
+    }
+  }
+}
+
+void check_counts_values(const at::Tensor& counts, int64_t num_pixels) {
+  const int64_t B = counts.size(0), cols = counts.size(1);
+  const int64_t* p = counts.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t total = 0;
+    for (int64_t k = 0; k < cols; ++k) {
+      const int64_t v = p[b * cols + k];
+      // total <= num_pixels before the addition and v <= num_pixels: no overflow.
+      TORCH_CHECK(v >= 0 && v <= num_pixels - total, "counts: expected the pixel counts of forward (each >= 0, ",
+                  "at most ", num_pixels, " pixels per image in all), got counts[", b, ", ", k, "] = ", v,
+                  " after ", total, " counted in that image");
+      total += v;
+    }
   }
 }
 

@@ -31,6 +31,21 @@ void check_backward_inputs(const at::Tensor& grad_var, const at::Tensor& grad_di
                            const at::Tensor& means, const at::Tensor& counts, const at::Tensor& hinge_grad_sums,
                            const at::Tensor& push_grad_sums, const LossConfig& c);
 
+// The values of a slot map on the host (CPU ops; the CUDA kernels clamp
+// instead, without a synchronisation): each num_ids[b] is -1 (the identity)
+// or a count in [0, K], and slot_ids[b, 0 .. num_ids[b]) strictly increases,
+// which is what the binary search of math.h mapped_slot needs to stay in its
+// row and to find each id once. O(B K), before any pass over the pixels;
+// that every label is in its row is checked by the passes themselves.
+// slot_ids (B, K) and num_ids (B,) int64, contiguous, on the CPU.
+void check_slot_map_values(const at::Tensor& slot_ids, const at::Tensor& num_ids, int64_t K);
+
+// The counts given to backward, on the host (CPU op): every count in
+// [0, num_pixels] and each image's row summing to at most num_pixels, as
+// forward's do, so that no sum of counts can overflow. counts (B, K + 1)
+// int64, contiguous, on the CPU.
+void check_counts_values(const at::Tensor& counts, int64_t num_pixels);
+
 // Refuses (naming max_instances) per-slot tensors larger than the memory of
 // the device (device_bytes; <= 0: unknown), before anything is allocated.
 void check_slot_memory(const LossConfig& c, int64_t batch, int64_t embed_dim, int64_t acc_size,

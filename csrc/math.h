@@ -127,6 +127,25 @@ DISCLOSS_HD PullHinge<acc_t> unlabeled_hinge(acc_t r, acc_t delta_d, int norm) {
   return {q, coef};
 }
 
+// Under L2 both pixel hinges have d(h^2)/dx = coef * d with coef = +-2h / r
+// (dh/dr = +-1). The push's h does not vanish with r, so for a pixel within
+// about 1e-38 of a mean (float32; 1e-308 in float64) but not on it, -2q/r
+// overflows although the gradient, of magnitude 2q, is finite. The kernels
+// test each coefficient (a vectorized OR) and compute such a pixel's
+// gradient component by component as overflowed_grad: the unit vector d / r
+// first, then the factor. A NaN coefficient from a NaN r is left alone.
+template <typename acc_t>
+DISCLOSS_HD bool coef_overflowed(acc_t coef, acc_t r) {
+  return !(coef - coef == acc_t(0)) && r - r == acc_t(0);
+}
+
+// Component of d(h^2)/dx for a pixel whose coef (the hinge's, before any
+// weight) overflowed: +-2h (d / r), the sign that of coef.
+template <typename acc_t>
+DISCLOSS_HD acc_t overflowed_grad(acc_t coef, acc_t h, acc_t d, acc_t r) {
+  return (coef < acc_t(0) ? -2 * h : 2 * h) * (d / r);
+}
+
 // Push hinge of a pair of means: p = [2 delta_d - ||m||]+, term p^2, and
 // d(p^2)/dm = push_coef * norm_grad(m).
 template <typename acc_t>

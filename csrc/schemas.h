@@ -25,14 +25,31 @@ inline void define_ops(torch::Library& m) {
   // (B, 0, E) when unlabeled_push is 0; means and sums in float32 (float64
   // for double embeddings). Those four are not differentiable. slot_ids and
   // num_ids come from slot_map (paper normalisation); without them the
-  // labels are the slots and must lie in [0, max_instances).
+  // labels are the slots and must lie in [0, max_instances). Like the labels
+  // they are untrusted input (DESIGN §7): num_ids[b] in [-1, K], the first
+  // num_ids[b] ids of each row sorted and distinct, every label other than
+  // ignore_index among them; on CPU anything else is an error naming the
+  // argument, on CUDA the kernels clamp without a host synchronisation.
+  // Every tensor argument must be on the device of embeddings (a meta tensor
+  // beside CPU ones included: the fake kernel refuses it).
   m.def(
       "forward(Tensor embeddings, Tensor labels, Tensor? slot_ids, Tensor? num_ids, int max_instances, "
       "float delta_v, float delta_d, int norm, float alpha, float beta, float gamma, float unlabeled_push, "
       "int? ignore_index, str normalization, str reduction) "
       "-> (Tensor var, Tensor dist, Tensor reg, Tensor push, Tensor means, Tensor counts, Tensor hinge_grad_sums, "
       "Tensor push_grad_sums)");
-  // The gradient with respect to embeddings, from the gradients of the four terms.
+  // The gradient with respect to embeddings, from the gradients of the four
+  // terms. What it trusts: that means, counts, hinge_grad_sums and
+  // push_grad_sums are what forward returned for these embeddings, labels,
+  // slot map and options. It cannot tell (checking would cost forward's two
+  // passes again) and checks instead what memory safety needs: every shape,
+  // dtype and device (each error names the argument; K is counts' second dim
+  // minus 1), the labels and the slot map as forward does (CPU: an error
+  // for num_ids[b] outside [-1, K], an unsorted row, a label outside the
+  // map; CUDA: clamped in the kernels), and on CPU that the counts are
+  // non-negative and sum to at most the pixels of their image. Saved
+  // tensors of another call that pass these checks give a gradient that is
+  // meaningless but computed within bounds, never uninitialised memory.
   m.def(
       "backward(Tensor grad_var, Tensor grad_dist, Tensor grad_reg, Tensor grad_push, Tensor embeddings, "
       "Tensor labels, Tensor? slot_ids, Tensor? num_ids, Tensor means, Tensor counts, Tensor hinge_grad_sums, "

@@ -23,6 +23,19 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_devices(embeddings, **tensors):
+    """Every tensor argument on the device of embeddings, each named when not.
+
+    The fake kernels are also the Meta kernels: the dispatcher picks them when
+    any argument is a meta tensor, CPU embeddings included, and their empty
+    outputs on the embeddings' device would come back as the result
+    (uninitialised memory). The real kernels check devices themselves.
+    """
+    for name, t in tensors.items():
+        if t is not None and t.device != embeddings.device:
+            raise RuntimeError(f"{name}: expected the device of embeddings ({embeddings.device}), got {t.device}")
+
+
 @torch.library.register_fake("discloss::slot_map")
 def _slot_map_fake(labels, max_instances, ignore_index):
     B = labels.shape[0]
@@ -32,6 +45,7 @@ def _slot_map_fake(labels, max_instances, ignore_index):
 @torch.library.register_fake("discloss::forward")
 def _forward_fake(embeddings, labels, slot_ids, num_ids, max_instances, delta_v, delta_d, norm, alpha, beta, gamma,
                   unlabeled_push, ignore_index, normalization, reduction):
+    _check_devices(embeddings, labels=labels, slot_ids=slot_ids, num_ids=num_ids)
     B, E = embeddings.shape[0], embeddings.shape[1]
     K = max_instances
     shape = (B,) if reduction == "none" else ()
@@ -52,6 +66,9 @@ def _forward_fake(embeddings, labels, slot_ids, num_ids, max_instances, delta_v,
 def _backward_fake(grad_var, grad_dist, grad_reg, grad_push, embeddings, labels, slot_ids, num_ids, means, counts,
                    hinge_grad_sums, push_grad_sums, delta_v, delta_d, norm, alpha, beta, gamma, unlabeled_push,
                    ignore_index, normalization, reduction):
+    _check_devices(embeddings, grad_var=grad_var, grad_dist=grad_dist, grad_reg=grad_reg, grad_push=grad_push,
+                   labels=labels, slot_ids=slot_ids, num_ids=num_ids, means=means, counts=counts,
+                   hinge_grad_sums=hinge_grad_sums, push_grad_sums=push_grad_sums)
     return torch.empty_like(embeddings)
 
 

@@ -38,6 +38,9 @@ def _check_args(embeddings, labels, norm, reduction, max_instances, unlabeled_pu
         raise TypeError(f"embeddings: expected a torch.Tensor, got {type(embeddings).__name__}")
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
+    if labels.device != embeddings.device:
+        # Before anything reads the labels (a meta tensor has no values).
+        raise RuntimeError(f"labels: expected the device of embeddings ({embeddings.device}), got {labels.device}")
     if norm not in (1, 2):
         raise ValueError(f"norm: expected 1 or 2, got {norm!r}")
     if reduction not in _REDUCTIONS:

@@ -18,6 +18,38 @@ import torch
 __all__ = ["discriminative_loss_reference", "discriminative_loss_loop"]
 
 
+def _scaled(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x divided by its largest component along dim (a constant for autograd; 1 where that is 0 or not finite)."""
+    m = x.detach().abs().amax(dim=dim, keepdim=True)
+    return x / torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))
+
+
+class _L2Norm(torch.autograd.Function):
+    """||x||_2 along dim, for the double-backward path: tiny and huge vectors too.
+
+    vector_norm sums squares, which under- or overflow (float32: below ~1e-19,
+    above ~1e19): a zero norm, a zero gradient where the unit vector belongs,
+    NaN second derivatives. Here the value is m ||x / m|| and the gradient the
+    unit vector (x / m) / ||x / m||, m the largest component, both written
+    with differentiable ops: the second derivative is that of the unit vector,
+    exact where it is representable (it grows like 1 / ||x||).
+    """
+
+    @staticmethod
+    def forward(ctx, x, dim):
+        ctx.dim = dim
+        ctx.save_for_backward(x)
+        m = x.abs().amax(dim=dim, keepdim=True)
+        m = torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))
+        return torch.linalg.vector_norm(x / m, ord=2, dim=dim, keepdim=True) * m
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        xs = _scaled(x, ctx.dim)
+        return grad * (xs / torch.linalg.vector_norm(xs, ord=2, dim=ctx.dim, keepdim=True)), None
+
+
 def _norm(x: torch.Tensor, norm: int, dim: int = -1, second_order: bool = False) -> torch.Tensor:
     # vector_norm's gradient at a zero vector is 0 for ord 1 and 2, which is
     # the subgradient the fused kernels use.
@@ -28,7 +60,11 @@ def _norm(x: torch.Tensor, norm: int, dim: int = -1, second_order: bool = False)
     # vector's norm is taken of a stand-in and replaced by 0: first and second
     # derivatives 0 there.
     zero = (x == 0).all(dim=dim, keepdim=True)
-    n = torch.linalg.vector_norm(torch.where(zero, torch.ones_like(x), x), ord=norm, dim=dim, keepdim=True)
+    safe = torch.where(zero, torch.ones_like(x), x)
+    if norm == 2:
+        n = _L2Norm.apply(safe, dim if dim >= 0 else x.dim() + dim)
+    else:
+        n = torch.linalg.vector_norm(safe, ord=norm, dim=dim, keepdim=True)
     return torch.where(zero, torch.zeros_like(n), n).squeeze(dim)
 
 
@@ -89,13 +125,19 @@ def discriminative_loss_reference(
 
     # Segment sums over the flattened (image, slot) index.
     seg = (torch.arange(B, device=device)[:, None] * K + slot).reshape(-1)
-    w = valid.reshape(-1).to(dtype)
-    xf = x.reshape(-1, E)
+    valid_f = valid.reshape(-1)
+    w = valid_f.to(dtype)
+    # Pixels that take part in no term are replaced by 0 before any
+    # arithmetic: masking by multiplication would let a NaN or inf there
+    # through (NaN * 0 = NaN), into the values and, under double backward,
+    # into the whole image's gradient. torch.where passes a zero gradient to
+    # the replaced entries.
+    xf = torch.where(valid_f[:, None], x.reshape(-1, E), 0)
     counts = torch.zeros(B * K, dtype=dtype, device=device).index_add_(0, seg, w)
-    sums = torch.zeros(B * K, E, dtype=dtype, device=device).index_add_(0, seg, xf * w[:, None])
+    sums = torch.zeros(B * K, E, dtype=dtype, device=device).index_add_(0, seg, xf)
     mu = sums / counts.clamp(min=1)[:, None]  # 0 where a slot is empty
 
-    h = torch.relu(nrm(xf - mu[seg]) - delta_v) ** 2 * w
+    h = torch.where(valid_f, torch.relu(nrm(xf - mu[seg]) - delta_v) ** 2, 0)
     hinge = torch.zeros(B * K, dtype=dtype, device=device).index_add_(0, seg, h).view(B, K)
     counts = counts.view(B, K)
     mu = mu.view(B, K, E)
@@ -126,8 +168,9 @@ def discriminative_loss_reference(
     if unlabeled_push > 0:
         # Every unlabeled pixel against every slot mean, (B, N, K): O(N K) memory.
         unl = (lab == ignore_index) if ignore_index is not None else torch.zeros_like(valid)
-        d = nrm(x[:, :, None, :] - mu[:, None, :, :])
-        q = torch.relu(delta_d - d) ** 2 * unl[:, :, None].to(dtype) * present[:, None, :].to(dtype)
+        xu = torch.where(unl[:, :, None], x, 0)  # as above: only the unlabeled pixels' values enter
+        d = nrm(xu[:, :, None, :] - mu[:, None, :, :])
+        q = torch.where(unl[:, :, None] & present[:, None, :], torch.relu(delta_d - d) ** 2, 0)
         n_u = unl.sum(1).to(dtype)
         push = q.sum((1, 2)) / (C * n_u).clamp(min=1)
         terms = terms + (unlabeled_push * push,)

@@ -76,15 +76,23 @@ def assert_grad_close(actual, expected, dtype, what="grad"):
 
 
 def loop_terms(x, labels, delta_v=0.5, delta_d=1.5, *, norm=2, alpha=1.0, beta=1.0, gamma=0.001, ignore_index=0,
-               unlabeled_push=0.0, hinge_pull=True, reduction="mean"):
+               unlabeled_push=0.0, hinge_pull=True, reduction="mean", twice_differentiable=False):
     """DESIGN §1 written as a per-image, per-instance loop in the dtype of x:
     the (var, dist, reg, push) terms, weighted and reduced. Clusters are the
-    distinct label values (any ids) other than ignore_index."""
+    distinct label values (any ids) other than ignore_index.
+
+    twice_differentiable: the norm of an exactly zero vector (a one-pixel
+    cluster minus its mean) gets first and second derivatives 0 (autograd's
+    second derivative of vector_norm there is NaN), for Hessian products."""
     B, E = x.shape[:2]
     zero = torch.zeros((), dtype=x.dtype, device=x.device)  # not x.sum() * 0: NaN for an inf in x
 
     def nrm(v, dim=-1):
-        return torch.linalg.vector_norm(v, ord=norm, dim=dim)
+        if not twice_differentiable:
+            return torch.linalg.vector_norm(v, ord=norm, dim=dim)
+        is_zero = (v == 0).all(dim=dim)
+        stand_in = torch.where(is_zero.unsqueeze(dim), torch.ones_like(v), v)
+        return torch.where(is_zero, 0.0, torch.linalg.vector_norm(stand_in, ord=norm, dim=dim))
 
     per_image = []
     for b in range(B):

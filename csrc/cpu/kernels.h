@@ -111,9 +111,11 @@ static inline void for_each_segment(const PixelLayout& L, int64_t p0, int64_t p1
 
 // Slots of a segment's labels (math.h's slot_of, written without branches so
 // that it vectorizes: it runs once per pixel per pass). Invalid labels become
-// kIgnored; the first one is reported through *bad when bad is not null.
-// With a slot table (ids, n >= 0: sparse ids), each label is looked up once
-// per run of equal labels (labels are spatially coherent).
+// kInvalid (no cluster); the first one is reported through *bad when bad is
+// not null. With a slot table (ids, n >= 0: sparse ids), each label is looked
+// up once per run of equal labels (labels are spatially coherent), and a
+// label missing from the table is reported the same way: the check costs
+// nothing more than the lookup.
 template <typename label_t>
 static inline void fill_slots(const label_t* lab, int64_t stride, int64_t len, const LossConfig& c, const int64_t* ids,
                               int64_t n_ids, int64_t* slots, BadLabel* bad) {
@@ -133,6 +135,7 @@ static inline void fill_slots(const label_t* lab, int64_t stride, int64_t len, c
       if (j == 0 || v != prev) {
         prev = v;
         slot = mapped_slot(v, c, ids, n_ids);
+        if (slot == kInvalid && bad && !bad->found) *bad = {true, v};
       }
       slots[j] = slot;
     }
@@ -260,6 +263,30 @@ static inline void run_norms(const scalar_t* x, const PixelLayout& L, PixelOffse
   finish_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r);
 }
 
+// The pixels j in [s, t) whose L2 coefficient scale * hinge_of(r_j).coef
+// overflowed (math.h coef_overflowed; scale = 1, or the push weight of pass
+// 3, which can overflow a finite coefficient or be 0 against an infinite
+// one): add(j, e, v) receives their gradient components, computed as
+// scale * overflowed_grad, and their coef becomes 0 so that the vector loop
+// that follows adds nothing for them. Only the rare pixel takes this path.
+template <typename scalar_t, bool kUnit, typename HingeOf, typename Add>
+static inline void fix_overflowed_coefs(const scalar_t* x, const PixelLayout& L, PixelOffsets o,
+                                        InnerStride<kUnit> in, const typename AccOf<scalar_t>::type* mu, int64_t s,
+                                        int64_t t, const typename AccOf<scalar_t>::type* r,
+                                        typename AccOf<scalar_t>::type* coef, HingeOf hinge_of,
+                                        typename AccOf<scalar_t>::type scale, Add add) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  for (int64_t j = s; j < t; ++j) {
+    if (!coef_overflowed(coef[j], r[j])) continue;
+    const PullHinge<acc_t> ph = hinge_of(r[j]);
+    for (int64_t e = 0; e < L.embed_dim; ++e) {
+      const acc_t d = to_acc(x[o.x + e * L.x_embed_stride + j * in.xs()]) - mu[e];
+      add(j, e, scale * overflowed_grad(ph.coef, ph.h, d, r[j]));
+    }
+    coef[j] = 0;
+  }
+}
+
 // For a run against the mean mu: (h_j, coef_j) = hinge_of(||x_j - mu||),
 // grad[e] += sum_j coef_j u_je (u = x - mu for L2, its sign for L1), and the
 // sum of h_j^2 returned. The pull (pass 2) and the unlabeled push share it.
@@ -273,11 +300,17 @@ static inline typename AccOf<scalar_t>::type run_hinge_sums(const scalar_t* x, c
   using acc_t = typename AccOf<scalar_t>::type;
   run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r);
   acc_t h2 = 0;
-#pragma omp simd reduction(+ : h2)
+  int overflow = 0;
+#pragma omp simd reduction(+ : h2) reduction(| : overflow)
   for (int64_t j = s; j < t; ++j) {
     const PullHinge<acc_t> ph = hinge_of(r[j]);
     h2 += ph.h * ph.h;
     coef[j] = ph.coef;
+    overflow |= coef_overflowed(ph.coef, r[j]) ? 1 : 0;
+  }
+  if (kNorm == 2 && overflow) {
+    fix_overflowed_coefs<scalar_t, kUnit>(x, L, o, in, mu, s, t, r, coef, hinge_of, acc_t(1),
+                                          [&](int64_t, int64_t e, acc_t v) { grad[e] += v; });
   }
   for (int64_t e = 0; e < L.embed_dim; ++e) {
     const scalar_t* xe = x + o.x + e * L.x_embed_stride;
@@ -403,8 +436,17 @@ static void write_push_grad(const ChunkArgs& a, PixelOffsets o, int64_t s, int64
     for (int64_t pi = 0; pi < a.num_present; ++pi) {
       const acc_t* mu = means + a.present[pi] * E;
       run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s0, t0, r);
-#pragma omp simd
-      for (int64_t j = s0; j < t0; ++j) coef[j] = w * unlabeled_hinge(r[j], delta_d, kNorm).coef;
+      int overflow = 0;
+#pragma omp simd reduction(| : overflow)
+      for (int64_t j = s0; j < t0; ++j) {
+        coef[j] = w * unlabeled_hinge(r[j], delta_d, kNorm).coef;
+        overflow |= coef_overflowed(coef[j], r[j]) ? 1 : 0;
+      }
+      if (kNorm == 2 && overflow) {
+        fix_overflowed_coefs<scalar_t, kUnit>(
+            x, L, o, in, mu, s0, t0, r, coef, [&](acc_t rj) { return unlabeled_hinge(rj, delta_d, kNorm); }, w,
+            [&](int64_t j, int64_t e, acc_t v) { buf[e * n + j - s0] += v; });
+      }
       for (int64_t e = 0; e < E; ++e) {
         const scalar_t* xe = x + o.x + e * L.x_embed_stride;
         acc_t* be = buf + e * n - s0;
@@ -445,7 +487,7 @@ static void write_grad_impl(const ChunkArgs& a) {
   acc_t coef[kTile];
   acc_t* push_buf = static_cast<acc_t*>(a.push_scratch);
   for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
-    segment_slots(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, slots, nullptr);
+    segment_slots(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, slots, a.bad);
     int64_t s = 0;
     while (s < len) {
       int64_t t = s + 1;

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <mutex>
+#include <string>
 #include <unordered_set>
 #include <vector>
 
@@ -368,6 +369,27 @@ void finalize_backward(const LossConfig& c, int64_t B, int64_t K, int64_t E, con
   });
 }
 
+// Raises for the first label a pass reported (bad[t] of task t = image *
+// per_image + chunk): outside [0, K) and not ignore_index without a slot map
+// or under the identity map, or missing from its image's slot_ids row.
+void check_bad_labels(const std::vector<BadLabel>& bad, int64_t per_image, const LossConfig& c,
+                      const int64_t* nids) {
+  for (size_t t = 0; t < bad.size(); ++t) {
+    if (!bad[t].found) continue;
+    const int64_t b = static_cast<int64_t>(t) / per_image, v = bad[t].value;
+    const std::string ignore = c.has_ignore ? "ignore_index=" + std::to_string(c.ignore_index) : std::string();
+    if (nids != nullptr && nids[b] >= 0) {
+      TORCH_CHECK(false, "labels: image ", b, " holds label ", v, ", which is not among its ids slot_ids[", b,
+                  ", :num_ids[", b, "]=", nids[b], "]", ignore.empty() ? "" : " nor ", ignore,
+                  " (slot_ids and num_ids come from slot_map of these labels)");
+    }
+    TORCH_CHECK(false, "labels: image ", b, " holds label ", v, "; expected values in [0, max_instances=",
+                c.num_slots, ")", ignore.empty() ? "" : " or ", ignore,
+                nids == nullptr ? " (the wrapper discriminative_loss maps arbitrary ids to slots)"
+                                : " (num_ids[" + std::to_string(b) + "] = -1 is the identity map)");
+  }
+}
+
 // ---- the slot map ------------------------------------------------------------------
 
 // Physical memory, for check_slot_memory (0 when unknown).
@@ -473,6 +495,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor hinge = at::empty({B, K}, acc_opts);
   const at::Tensor ids = slot_ids.has_value() ? slot_ids->contiguous() : at::Tensor();
   const at::Tensor nids = num_ids.has_value() ? num_ids->contiguous() : at::Tensor();
+  if (ids.defined()) check_slot_map_values(ids, nids, K);
 
   const ChunkKernels& kern = chunk_kernels_for(x.scalar_type());
   const ChunkPlan plan = plan_chunks(L, K * (E + 1) * (with_push ? 2 : 1));
@@ -510,11 +533,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       a.bad = &bad[t];
       kern.cluster_sums(a);
     });
-    for (const BadLabel& bl : bad) {
-      TORCH_CHECK(!bl.found, "labels: found label ", bl.value, "; expected values in [0, max_instances=", K, ")",
-                  c.has_ignore ? " or ignore_index=" + std::to_string(c.ignore_index) : std::string(),
-                  " (the wrapper discriminative_loss maps arbitrary ids to slots)");
-    }
+    check_bad_labels(bad, plan.per_image, c, nids_p);
     add_partials(part_counts_p, B, plan.per_image, K + 1, counts.data_ptr<int64_t>());
     acc_t* means_p = means.data_ptr<acc_t>();
     const int64_t* counts_p = counts.data_ptr<int64_t>();
@@ -612,6 +631,12 @@ at::Tensor backward_cpu(const at::Tensor& grad_var, const at::Tensor& grad_dist,
              pg = push_grad_sums.contiguous();
   const at::Tensor ids = slot_ids.has_value() ? slot_ids->contiguous() : at::Tensor();
   const at::Tensor nids = num_ids.has_value() ? num_ids->contiguous() : at::Tensor();
+  // backward trusts its saved tensors only as far as memory safety needs
+  // (schema comment in schemas.h): the slot map and the counts are
+  // checked as forward would have made them; labels outside the map are
+  // reported by pass 3.
+  if (ids.defined()) check_slot_map_values(ids, nids, K);
+  check_counts_values(counts_c, L.num_pixels);
   const int64_t* ids_p = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
   const int64_t* nids_p = nids.defined() ? nids.data_ptr<int64_t>() : nullptr;
   const auto present = paper ? present_slots(counts_c.data_ptr<int64_t>(), B, K)
@@ -636,7 +661,10 @@ at::Tensor backward_cpu(const at::Tensor& grad_var, const at::Tensor& grad_dist,
     const acc_t* means_p = means_c.data_ptr<acc_t>();
     const acc_t* var_coef_p = var_coef.data_ptr<acc_t>();
     const acc_t* mean_coef_p = mean_coef.data_ptr<acc_t>();
-    for_each_chunk(L, plan_chunks(L, 0), base, [&](int64_t, ChunkArgs& a) {
+    const ChunkPlan plan = plan_chunks(L, 0);
+    std::vector<BadLabel> bad(B * plan.per_image, BadLabel{false, 0});
+    for_each_chunk(L, plan, base, [&](int64_t t, ChunkArgs& a) {
+      a.bad = &bad[t];
       a.slot_ids = ids_p ? ids_p + a.image * K : nullptr;
       a.num_ids = nids_p ? nids_p[a.image] : -1;
       a.means = means_p + a.image * K * E;
@@ -652,6 +680,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_var, const at::Tensor& grad_dist,
       }
       kern.write_grad(a);
     });
+    check_bad_labels(bad, plan.per_image, c, nids_p);
   });
   return grad;
 }
