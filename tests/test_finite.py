@@ -9,7 +9,7 @@ import torch
 
 import discloss
 from discloss.chainer import discriminative_margin_based_clustering_loss as chainer_loss
-from helpers import DEVICES, SimulatedCuda, blob_labels, loop_reference64, loop_terms
+from helpers import DEVICES, blob_labels, loop_reference64, loop_terms
 
 
 def gradient(f, x):
@@ -100,17 +100,6 @@ def test_nonfinite_unlabeled_pixel_with_the_push_is_not_hidden():
 
 # ---- item 5: the push gradient of a pixel almost on a mean ------------------------------------------------------
 
-# The CUDA kernels (csrc/cuda, on a GPU or the simulator) still take the push's coefficient as -2q/r; strict, so
-# that the fix shows as an unexpected pass and the marker goes.
-CUDA_PUSH_OVERFLOW = pytest.mark.xfail(
-    strict=True, reason="CUDA kernels: the push coefficient -2q/r overflows near a mean (issue 20; math.h "
-    "coef_overflowed / overflowed_grad, as the CPU kernels use them)")
-
-
-def on_cuda(device):
-    return device == "cuda" or isinstance(device, SimulatedCuda)
-
-
 def push_case(scale, dtype, device):
     # issue 20's case: cluster {1, 3} x scale (mean 2 x scale), unlabeled pixels at 2.5 and 9 x scale
     x = (torch.tensor([1.0, 3.0, 2.5, 9.0], dtype=torch.float64) * scale).to(dtype).reshape(1, 1, 4).to(device)
@@ -121,13 +110,10 @@ def push_case(scale, dtype, device):
 @pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e-40), (torch.float32, 1e-39), (torch.float32, 4e-38),
                                          (torch.float64, 1e-310), (torch.float64, 1e-300)])
 @pytest.mark.parametrize("path", ["fused", "double-backward"])
-def test_push_gradient_near_a_mean_by_hand(request, device, dtype, scale, path):
+def test_push_gradient_near_a_mean_by_hand(device, dtype, scale, path):
     # r = 0.5 and 7 x scale, q = 1.5 - r = 1.5 to rounding; push = (q1^2 + q2^2) / (C N_U) = (q1^2 + q2^2) / 2:
     # unlabeled pixels -q (they move away from the mean), the cluster's pixels +(q1 + q2) / 2 through the mean,
     # plus reg's gamma * sign(mu) / (C n) = 0.0005; var (r < delta_v) and dist (C = 1) add nothing.
-    coef_overflows = 2 * 1.5 / (0.5 * scale) > torch.finfo(dtype).max  # 2q / r for the nearer pixel
-    if on_cuda(device) and path == "fused" and coef_overflows:
-        request.applymarker(CUDA_PUSH_OVERFLOW)
     x, lab = push_case(scale, dtype, device)
 
     def f(x):
@@ -142,11 +128,9 @@ def test_push_gradient_near_a_mean_by_hand(request, device, dtype, scale, path):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scale", [1e-39, 3e-40])
 @pytest.mark.parametrize("norm", [1, 2])
-def test_push_near_means_against_the_loop(request, device, scale, norm):
+def test_push_near_means_against_the_loop(device, scale, norm):
     # E = 3, several clusters and unlabeled pixels within ~scale / 100 of a mean (float32, subnormal: -2q/r
     # overflows), against the float64 loop on the same float32 values.
-    if on_cuda(device) and norm == 2:
-        request.applymarker(CUDA_PUSH_OVERFLOW)
     g = torch.Generator().manual_seed(11)
     lab = torch.tensor([[1, 1, 1, 2, 2, 0, 0, 0, 0, 3, 3, 0]])
     x = torch.randn(1, 3, 12, dtype=torch.float64, generator=g)

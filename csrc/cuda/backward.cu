@@ -195,12 +195,19 @@ __global__ void __launch_bounds__(kGradThreads)
             for (int64_t e = 0; e < E; ++e) {
               r += norm_term<acc_t>(load_elem(xp, e * L.x_embed_stride) - __ldg(mu + e), norm);
             }
-            const acc_t coef =
-                w * unlabeled_hinge(pixel_norm(r, norm, xp, L.x_embed_stride, mu, E), delta_d, norm).coef;
+            const acc_t rr = pixel_norm(r, norm, xp, L.x_embed_stride, mu, E);
+            const PullHinge<acc_t> uq = unlabeled_hinge(rr, delta_d, norm);
+            // -2q/r overflows within ~1e-38 of the mean (float32): then
+            // w * 2q (d / r) component by component (math.h coef_overflowed).
+            const bool overflowed = norm == 2 && coef_overflowed(uq.coef, rr);
+            const acc_t coef = w * uq.coef;
 #pragma unroll
             for (int j = 0; j < kPushGradWidth; ++j) {
               const int64_t e = e0 + j;
-              if (e < E) g[j] += coef * hinge_direction(load_elem(xp, e * L.x_embed_stride) - __ldg(mu + e), norm);
+              if (e < E) {
+                const acc_t d = hinge_direction(load_elem(xp, e * L.x_embed_stride) - __ldg(mu + e), norm);
+                g[j] += overflowed ? w * overflowed_grad(uq.coef, uq.h, d, rr) : coef * d;
+              }
             }
           }
 #pragma unroll

@@ -31,6 +31,7 @@ __global__ void __launch_bounds__(kPushThreads)
                           typename Elem<scalar_t>::acc* __restrict__ push_grad_out) {
   using acc_t = typename Elem<scalar_t>::acc;
   DISCLOSS_SHARED_ARRAY(acc_t, sh_coef, kPushThreads);
+  DISCLOSS_SHARED_ARRAY(acc_t, sh_div, kPushThreads);  // 1, or r where the coefficient overflowed
   DISCLOSS_SHARED_ARRAY(int64_t, sh_xoff, kPushThreads);  // -1: not an unlabeled pixel
   DISCLOSS_SHARED_ARRAY(acc_t, sh_cells, kPushThreads);
   DISCLOSS_SHARED_ARRAY(acc_t, scratch, 32);
@@ -64,19 +65,27 @@ __global__ void __launch_bounds__(kPushThreads)
       for (int64_t i = 0; i < C; ++i) {
         const int64_t k = P[i];
         const acc_t* mu = means + (b * K + k) * E;
-        acc_t q2 = acc_t(0), coef = acc_t(0);
+        acc_t q2 = acc_t(0), coef = acc_t(0), div = acc_t(1);
         if (xoff >= 0) {
           acc_t r = acc_t(0);
           for (int64_t e = 0; e < E; ++e) {
             r += norm_term<acc_t>(load_elem(x_img, xoff + e * L.x_embed_stride) - mu[e], norm);
           }
-          const PullHinge<acc_t> uq = unlabeled_hinge(pixel_norm(r, norm, x_img + xoff, L.x_embed_stride, mu, E),
-                                                      delta_d, norm);
+          r = pixel_norm(r, norm, x_img + xoff, L.x_embed_stride, mu, E);
+          const PullHinge<acc_t> uq = unlabeled_hinge(r, delta_d, norm);
           q2 = uq.h * uq.h;
           coef = uq.coef;
+          // A pixel within ~1e-38 of the mean (float32) but not on it: -2q/r
+          // overflows while the gradient 2q (d / r) does not (math.h
+          // coef_overflowed); its terms become (-2q) * (d / r).
+          if (norm == 2 && coef_overflowed(coef, r)) {
+            coef = overflowed_grad(coef, uq.h, acc_t(1), acc_t(1));
+            div = r;
+          }
         }
         sh_coef[tid] = coef;
-        q2 = block_sum(q2, scratch);  // also makes sh_coef visible to the block
+        sh_div[tid] = div;
+        q2 = block_sum(q2, scratch);  // also makes sh_coef and sh_div visible to the block
         if (tid == 0) q_out[k] += q2;
         for (int64_t cell = tid; cell < parts * E; cell += threads) {
           const int64_t part = cell / E, e = cell - part * E;
@@ -84,7 +93,10 @@ __global__ void __launch_bounds__(kPushThreads)
           acc_t sum = acc_t(0);
           for (int64_t j = part; j < count; j += parts) {
             const int64_t xo = sh_xoff[j];
-            if (xo >= 0) sum += sh_coef[j] * hinge_direction(load_elem(x_img, xo + e * L.x_embed_stride) - me, norm);
+            if (xo >= 0) {
+              const acc_t d = hinge_direction(load_elem(x_img, xo + e * L.x_embed_stride) - me, norm);
+              sum += sh_div[j] == acc_t(1) ? sh_coef[j] * d : sh_coef[j] * (d / sh_div[j]);
+            }
           }
           if (parts == 1) {
             g_out[k * E + e] += sum;  // cell e is this thread's alone
@@ -100,7 +112,7 @@ __global__ void __launch_bounds__(kPushThreads)
             g_out[k * E + e] += sum;
           }
         }
-        __syncthreads();  // sh_coef and sh_cells are rewritten for the next cluster
+        __syncthreads();  // sh_coef, sh_div and sh_cells are rewritten for the next cluster
       }
     }
   }
