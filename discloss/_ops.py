@@ -1,4 +1,4 @@
-"""Fake (meta) kernels and autograd for the ops defined in csrc/discloss.cpp.
+"""Fake (meta) kernels and autograd for the ops defined in csrc/schemas.h.
 
 With these, ``torch.ops.discloss.forward`` is differentiable, traceable by
 ``torch.compile(fullgraph=True)`` and passes ``torch.library.opcheck``.
