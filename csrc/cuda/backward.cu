@@ -44,6 +44,7 @@ __global__ void __launch_bounds__(kCoefThreads)
                              acc_t* __restrict__ push_coef) {
   DISCLOSS_SHARED_ARRAY(acc_t, sh_pair_coef, kCoefThreads);
   DISCLOSS_SHARED_ARRAY(int, sh_pair_slot, kCoefThreads);
+  DISCLOSS_SHARED_ARRAY(acc_t, sh_pair_dist, kCoefThreads);
   DISCLOSS_SHARED_ARRAY(acc_t, sh_push, kCoefThreads);
   DISCLOSS_SHARED(acc_t, sh_a);
   DISCLOSS_SHARED(acc_t, sh_wd);
@@ -102,22 +103,24 @@ __global__ void __launch_bounds__(kCoefThreads)
     if (wd != acc_t(0)) {
       for (int64_t base = 0; base < C; base += threads) {
         const int64_t i = base + threadIdx.x;
-        acc_t coef = acc_t(0);
+        acc_t coef = acc_t(0), dist = acc_t(0);
         int l = -1;
         if (i < C) {
           l = P ? P[i] : static_cast<int>(i);
           if (l != k) {
-            const acc_t dist = mean_distance(mu, mu_b + int64_t(l) * E, E, norm);
+            dist = mean_distance(mu, mu_b + int64_t(l) * E, E, norm);
             const acc_t p = push_hinge(dist, delta_d);
-            if (p != acc_t(0)) {  // a NaN p goes on and reaches the gradient (CPU: add_push_grad)
-              // d(p^2)/d mu_k = -2 p wd * d||mu_k - mu_l|| / d mu_k; the 1/r of
-              // the L2 norm is folded in here (0 at r = 0; a NaN r gives NaN).
-              coef = norm == 2 ? (dist != acc_t(0) ? -2 * p * wd / dist : acc_t(0)) : -2 * p * wd;
-            }
+            // d(p^2)/d mu_k = -2 p wd * d||mu_k - mu_l|| / d mu_k, the norm's
+            // gradient taken as (mu_k - mu_l) / r per component as on CPU
+            // (math.h add_push_grad): folding 1/r into the coefficient
+            // overflows for means within ~1e-38 (float32) of each other. A
+            // NaN p goes on and reaches the gradient.
+            if (p != acc_t(0)) coef = -2 * p * wd;
           }
         }
         sh_pair_coef[threadIdx.x] = coef;
         sh_pair_slot[threadIdx.x] = l;
+        sh_pair_dist[threadIdx.x] = dist;
         __syncthreads();
         const int64_t count = min(threads, C - base);
         for (int64_t cell = threadIdx.x; cell < parts * E; cell += threads) {
@@ -126,7 +129,9 @@ __global__ void __launch_bounds__(kCoefThreads)
           acc_t s = push[cell];
           for (int64_t jj = part; jj < count; jj += parts) {
             const acc_t cf = sh_pair_coef[jj];
-            if (cf != acc_t(0)) s += cf * hinge_direction(me - mu_b[int64_t(sh_pair_slot[jj]) * E + e], norm);
+            if (cf != acc_t(0)) {
+              s += cf * norm_grad(me - mu_b[int64_t(sh_pair_slot[jj]) * E + e], sh_pair_dist[jj], norm);
+            }
           }
           push[cell] = s;
         }
