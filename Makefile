@@ -69,8 +69,10 @@ build-cudasim: venv
 test-py: build build-cudasim
 	DISCLOSS_CUDASIM_REBUILD=0 $(PY) -m pytest $(PYTEST_ARGS)
 
-# AddressSanitizer needs its runtime first in the process: preloaded.
-ASAN_RUNTIME = $(shell $${CXX:-c++} -print-file-name=libasan.so)
+# AddressSanitizer needs its runtime first in the process: preloaded, with
+# libstdc++ (python itself does not link it, and ASan's __cxa_throw
+# interceptor must find it when it starts, or the first C++ exception aborts).
+ASAN_RUNTIME = $(shell $${CXX:-c++} -print-file-name=libasan.so):$(shell $${CXX:-c++} -print-file-name=libstdc++.so.6)
 ASAN_ENV = LD_PRELOAD=$(ASAN_RUNTIME) ASAN_OPTIONS=detect_leaks=0:detect_odr_violation=0
 CUDASIM_ASAN_TESTS ?= tests/test_cudasim.py tests/test_cuda.py
 test-cudasim-asan: build
