@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
-# GPU check (DESIGN §5): on a machine with an NVIDIA GPU, torch and a CUDA
-# toolkit, and no network, build discloss for this GPU's architecture only,
-# run the CUDA tests and the whole suite, compute-sanitizer (memcheck,
-# racecheck, synccheck) on a small case, and the benchmark when
-# benchmarks/bench.py exists. Logs and results go to OUTDIR; the exit status
-# is non-zero when a step failed.
+# GPU check (DESIGN §5, issue 17): on a machine with an NVIDIA GPU and torch,
+# and no network, within one short lease:
+#   1. the extension: a prebuilt one (PREBUILT=dir) if it loads, else built
+#      here for this GPU's architecture only;
+#   2. correctness, in parallel: the CUDA tests and the whole suite on the GPU
+#      (CUDA graphs, torch.compile, bitwise determinism and the fuzz suite's
+#      CUDA cases included), and compute-sanitizer memcheck, racecheck,
+#      synccheck and initcheck on one small case each;
+#   3. the benchmark, alone on the GPU (BENCH_ARGS, then BENCH2_ARGS if set).
+# Every step has a time limit; logs and results go to OUTDIR as they come;
+# the exit status is non-zero when a step failed.
 #
 #   scripts/gpu_check.sh OUTDIR
 #
 # Environment:
 #   PYTHON          interpreter with torch (default python3)
-#   SKIP            comma-separated steps to skip: build,cuda-tests,suite,sanitizer,bench
-#   BENCH_ARGS      extra arguments for benchmarks/bench.py
+#   PREBUILT        folder with a prebuilt discloss/_C*.so and its _build_info.py
+#   SKIP            comma-separated steps to skip: build,tests,sanitizer,bench
+#   TEST_JOBS       pytest-xdist workers for the suite (default 8 where xdist is installed)
+#   TEST_TIMEOUT    seconds for the tests (default 240), SANITIZER_TIMEOUT per tool (default 200)
 #   PYTEST_ARGS     extra arguments for pytest (e.g. "-x")
+#   BENCH_ARGS      arguments for benchmarks/bench.py (default: the headline case,
+#                   2d_k64 float32 + bfloat16, discloss vs eager and compiled reference)
+#   BENCH2_ARGS     a second benchmark run after the first (default: none)
+#   BENCH_TIMEOUT   seconds for each benchmark run (default 240)
+#   BENCH_CACHE     the benchmark's cache (label maps, raw output; default OUTDIR/bench_raw,
+#                   its label maps deleted at the end): pre-generated label maps save time
 #   MAX_JOBS        parallel compile jobs (default: number of CPUs)
 set -u -o pipefail
 
@@ -25,13 +38,16 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 SKIP=",${SKIP:-},"
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 FAILED=0
+T0=$(date +%s)
 
-say() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
+say() { echo "[gpu_check +$(($(date +%s) - T0))s] $*"; }
 record() {  # record STEP STATUS [DETAIL]
   printf '%-12s %-5s %s\n' "$1" "$2" "${3:-}" | tee -a "$SUMMARY"
   if [ "$2" = FAIL ]; then FAILED=1; fi
@@ -47,7 +63,7 @@ if ! command -v nvcc >/dev/null 2>&1; then
 fi
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "host: $(hostname)"
+  echo "host: $(hostname), $(nproc) CPUs"
   echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) changed files"
   if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi 2>&1; else echo "nvidia-smi: not available"; fi
   echo "nvcc: $(command -v nvcc || echo 'not found')"
@@ -64,12 +80,28 @@ if [ -z "$ARCH" ]; then
 fi
 record env ok "GPU compute capability $ARCH"
 
-# ---- build, this GPU's architecture only ------------------------------------------------
-if ! skipped build; then
+# ---- 1. the extension: prebuilt, else built for this GPU's architecture only -------------
+has_cuda_kernel() {
+  "$PY" -c "import torch, discloss; assert torch._C._dispatch_has_kernel_for_dispatch_key('discloss::forward', 'CUDA'), 'no CUDA kernel'" \
+    >"$OUT/import.log" 2>&1
+}
+loaded=0
+if [ -n "${PREBUILT:-}" ]; then
+  cp "$PREBUILT"/_C*.so "$PREBUILT"/_build_info.py discloss/ 2>"$OUT/import.log"
+  if has_cuda_kernel; then
+    loaded=1
+    record prebuilt ok "$(cd "$PREBUILT" && ls _C*.so) loads, discloss::forward has a CUDA kernel"
+  else
+    tail -5 "$OUT/import.log"
+    record prebuilt FAIL "the prebuilt extension does not load here (import.log); building"
+    rm -f discloss/_C*.so discloss/_build_info.py
+  fi
+fi
+if [ "$loaded" = 0 ] && ! skipped build; then
   say "building for TORCH_CUDA_ARCH_LIST=$ARCH -> $OUT/build.log"
   rm -f discloss/_C*.so
   if TORCH_CUDA_ARCH_LIST="$ARCH" FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-    "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+    timeout -k 10 "${BUILD_TIMEOUT:-420}" "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
     # Warnings in our own sources (not in torch's headers).
     grep -E "csrc/.*(warning|Warning)" "$OUT/build.log" >"$OUT/build_warnings.txt" || true
     record build ok "$(wc -l <"$OUT/build_warnings.txt") warning lines from csrc (build_warnings.txt)"
@@ -77,167 +109,129 @@ if ! skipped build; then
     tail -40 "$OUT/build.log"
     record build FAIL "see build.log"
   fi
-fi
-if "$PY" -c "import torch, discloss; assert torch._C._dispatch_has_kernel_for_dispatch_key('discloss::forward', 'CUDA')" \
-  >"$OUT/import.log" 2>&1; then
-  record import ok "discloss::forward has a CUDA kernel"
-else
-  cat "$OUT/import.log"
-  record import FAIL "the extension has no CUDA kernel (see import.log)"
+  if has_cuda_kernel; then
+    record import ok "discloss::forward has a CUDA kernel"
+  else
+    cat "$OUT/import.log"
+    record import FAIL "the extension has no CUDA kernel (see import.log)"
+    exit 1
+  fi
 fi
 
+# ---- 2. correctness: tests and sanitizers side by side ----------------------------------------
 # Fails when every test of a JUnit file was skipped (a CUDA test that cannot
 # run must not count as passed on a GPU machine).
-not_all_skipped() {
+junit_counts() {
   "$PY" - "$1" <<'EOF'
 import sys, xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()
 suites = [root] if root.tag == "testsuite" else list(root)
-tests = sum(int(s.get("tests", 0)) for s in suites)
-skipped = sum(int(s.get("skipped", 0)) for s in suites)
-print(f"{tests} tests, {skipped} skipped")
+get = lambda k: sum(int(s.get(k, 0)) for s in suites)
+tests, skipped, failed = get("tests"), get("skipped"), get("failures") + get("errors")
+print(f"{tests} tests, {failed} failed, {skipped} skipped")
 sys.exit(1 if tests == 0 or skipped == tests else 0)
 EOF
 }
 
-# ---- tests --------------------------------------------------------------------------------
-if ! "$PY" -c "import pytest" >/dev/null 2>&1; then
-  say "pytest is not installed for $PY (and there is no network to install it): the test steps fail"
-fi
-if ! skipped cuda-tests; then
-  say "pytest tests/test_cuda.py -> $OUT/test_cuda.log"
-  "$PY" -m pytest tests/test_cuda.py -v -rs --junitxml="$OUT/test_cuda.xml" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/test_cuda.log" | tail -30
-  status=${PIPESTATUS[0]}
-  counts=$(not_all_skipped "$OUT/test_cuda.xml" 2>&1)
-  all_skipped=$?
+run_tests() {
+  local jobs=""
+  if "$PY" -c "import xdist" >/dev/null 2>&1; then jobs="-n ${TEST_JOBS:-8}"; fi
+  # test_cudasim.py tests the simulator (not needed where a GPU runs the CUDA
+  # tests); test_install.py installs from an sdist (pip, no network here).
+  say "pytest tests $jobs (CUDA on the GPU through helpers.DEVICES) -> $OUT/tests.log"
+  timeout -k 10 "${TEST_TIMEOUT:-240}" "$PY" -m pytest tests $jobs -p no:cacheprovider -rfEs --durations=20 \
+    --ignore=tests/test_cudasim.py --ignore=tests/test_install.py \
+    --junitxml="$OUT/tests.xml" ${PYTEST_ARGS:-} >"$OUT/tests.log" 2>&1
+  local status=$?
+  local counts
+  counts=$(junit_counts "$OUT/tests.xml" 2>&1)
+  local all_skipped=$?
   if [ "$status" -eq 0 ] && [ "$all_skipped" -eq 0 ]; then
-    record cuda-tests ok "$counts"
+    record tests ok "$counts"
   else
-    record cuda-tests FAIL "pytest exit $status; $counts"
+    local why=""
+    if [ "$status" -eq 124 ]; then why=" (timed out)"; fi
+    record tests FAIL "pytest exit $status$why; $counts"
+  fi
+}
+
+find_sanitizer() {
+  local c
+  c=$(command -v compute-sanitizer || true)
+  if [ -n "$c" ]; then echo "$c"; return; fi
+  for c in "$(dirname "$(command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)")/compute-sanitizer" \
+    /usr/local/cuda/compute-sanitizer/compute-sanitizer /usr/local/cuda/bin/compute-sanitizer; do
+    if [ -x "$c" ]; then echo "$c"; return; fi
+  done
+}
+
+run_sanitizer() {  # run_sanitizer TOOL [DTYPE ...]
+  local tool=$1
+  shift
+  local extra=""
+  if [ "$tool" = memcheck ]; then extra="--leak-check no"; fi
+  if [ "$tool" = racecheck ]; then extra="--racecheck-report analysis"; fi
+  say "compute-sanitizer --tool $tool ($*) -> $OUT/sanitizer_$tool.log"
+  # No caching allocator: every tensor is its own allocation, so an
+  # out-of-bounds access cannot land in a neighbouring tensor unnoticed.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "${SANITIZER_TIMEOUT:-200}" "$SAN" --tool "$tool" $extra \
+    --error-exitcode 99 "$PY" scripts/gpu_sanitizer_case.py "$@" >"$OUT/sanitizer_$tool.log" 2>&1
+  local status=$?
+  if [ "$status" -eq 0 ]; then
+    record "$tool" ok "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
+  else
+    tail -30 "$OUT/sanitizer_$tool.log"
+    record "$tool" FAIL "exit $status (99: errors found, 124: timed out); see sanitizer_$tool.log"
+  fi
+}
+
+pids=()
+if ! skipped tests; then
+  if ! "$PY" -c "import pytest" >/dev/null 2>&1; then
+    record tests FAIL "pytest is not installed for $PY (and there is no network to install it)"
+  else
+    run_tests &
+    pids+=($!)
   fi
 fi
-
-if ! skipped suite; then
-  # test_cuda.py already ran above unless that step was skipped.
-  ignore=""
-  case "$SKIP" in *",cuda-tests,"*) ;; *) ignore="--ignore=tests/test_cuda.py" ;; esac
-  say "pytest tests $ignore (the whole suite; CUDA included through helpers.DEVICES) -> $OUT/test_suite.log"
-  "$PY" -m pytest tests $ignore -rs --junitxml="$OUT/test_suite.xml" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/test_suite.log" | tail -15
-  status=${PIPESTATUS[0]}
-  if [ "$status" -eq 0 ]; then record suite ok "$(tail -1 "$OUT/test_suite.log")"; else record suite FAIL "pytest exit $status"; fi
-fi
-
-# ---- compute-sanitizer on a small case ------------------------------------------------------
 if ! skipped sanitizer; then
-  SAN=$(command -v compute-sanitizer || true)
-  if [ -z "$SAN" ]; then
-    for c in "$(dirname "$(command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)")/compute-sanitizer" \
-      /usr/local/cuda/compute-sanitizer/compute-sanitizer /usr/local/cuda/bin/compute-sanitizer; do
-      if [ -x "$c" ]; then SAN=$c; break; fi
-    done
-  fi
-  CASE="$OUT/sanitizer_case.py"
-  # Every kernel path on small inputs, forward and backward: shared/direct,
-  # shared/partial, global atomics, slot ranges (deterministic), chainer,
-  # strided and misaligned inputs, float16/float64, sparse ids (the slot
-  # map), the unlabeled push, and, with validation off, more than K distinct
-  # ids and labels outside [0, K) for the raw op (the kernels must stay in
-  # bounds).
-  cat >"$CASE" <<'EOF'
-import torch
-import discloss
-
-dev = "cuda"
-g = torch.Generator().manual_seed(0)
-
-
-def labels(batch, spatial, n, scale=1):
-    lab = torch.randint(0, n + 1, (batch, *[(s + 3) // 4 for s in spatial]), generator=g)
-    for d, s in enumerate(spatial):  # blocky, spatially coherent maps
-        lab = lab.repeat_interleave(4, dim=d + 1).narrow(d + 1, 0, s)
-    return (lab * scale).to(dev)
-
-
-def step(x, lab, det=False, **kw):
-    torch.use_deterministic_algorithms(det)
-    x = x.detach().clone().requires_grad_(True)
-    terms = discloss.discriminative_loss(x, lab, validate=False, **kw)
-    sum(t.sum() for t in terms).backward()
-    torch.cuda.synchronize()
-    assert all(torch.isfinite(t).all() for t in terms) and torch.isfinite(x.grad).all()
-
-
-for dtype in [torch.float32, torch.float16, torch.float64]:
-    x = torch.randn(2, 5, 12, 20, device=dev).to(dtype)
-    step(x, labels(2, (12, 20), 4), max_instances=6)                      # shared, direct
-    x = torch.randn(2, 6, 40, 44, device=dev).to(dtype)
-    lab = labels(2, (40, 44), 6)
-    step(x, lab, max_instances=8, norm=1)                                # shared, partial
-    step(x, lab * 50, max_instances=1024, reduction="none")              # global atomics
-    step(x, lab * 50, det=True, max_instances=1024)                      # slot ranges
-    step(x[..., ::2], lab[..., ::2], max_instances=8)                    # strided
-    step(x.contiguous(memory_format=torch.channels_last), lab, max_instances=8)
-    flat = torch.zeros(x.numel() + 1, device=dev, dtype=dtype)
-    flat[1:] = x.reshape(-1)
-    step(flat[1:].view(x.shape), lab, max_instances=8)                   # misaligned
-    bad = lab.clone()
-    bad[:, :4] = 5000
-    bad[:, -3:] = -7
-    step(x, bad, max_instances=8)                                        # invalid labels
-    step(x, bad, det=True, max_instances=1024)
-    step(x, lab, max_instances=8, unlabeled_push=0.5)                    # unlabeled push, shared paths
-    step(x, lab * 50, max_instances=1024, unlabeled_push=0.5, hinge_pull=False)  # push, global atomics
-    step(x, lab * 50, det=True, max_instances=1024, unlabeled_push=0.5)  # push, slot ranges
-    step(x, lab * 2**40 - 3, max_instances=8, unlabeled_push=0.5)        # sparse ids (slot map)
-    many = torch.randint(1, 10**6, tuple(lab.shape), generator=g).to(dev)
-    step(x, many, max_instances=8)                                       # > 2K distinct ids, no validation
-    # The raw op without a slot map: labels outside [0, K) get no slot.
-    cfg = (0.5, 1.5, 2, 1.0, 1.0, 0.001, 0.5, 0, "paper", "mean")
-    out = torch.ops.discloss.forward(x, bad, None, None, 8, *cfg)
-    torch.ops.discloss.backward(*[torch.ones_like(t) for t in out[:4]], x, bad, None, None, *out[4:], *cfg)
-    torch.cuda.synchronize()
-vol = torch.randn(1, 3, 9, 10, 11, device=dev)
-step(vol, labels(1, (9, 10, 11), 5), max_instances=65536)               # 3D, K = 65536
-x = torch.randn(2, 4, 24, 28, device=dev, requires_grad=True)
-terms = discloss.chainer.discriminative_margin_based_clustering_loss(x, labels(2, (24, 28), 5), 0.5, 1.5, 6)
-sum(terms).backward()
-torch.cuda.synchronize()
-print("sanitizer case: ok")
-EOF
+  SAN=$(find_sanitizer)
   if [ -z "$SAN" ]; then
     record sanitizer FAIL "compute-sanitizer not found"
   else
-    for tool in memcheck racecheck synccheck; do
-      say "compute-sanitizer --tool $tool -> $OUT/sanitizer_$tool.log"
-      extra=""
-      if [ "$tool" = memcheck ]; then extra="--leak-check no"; fi
-      # No caching allocator: every tensor is its own allocation, so an
-      # out-of-bounds access cannot land in a neighbouring tensor unnoticed.
-      if PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" $extra --error-exitcode 99 \
-        "$PY" "$CASE" >"$OUT/sanitizer_$tool.log" 2>&1; then
-        record "$tool" ok "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
-      else
-        tail -30 "$OUT/sanitizer_$tool.log"
-        record "$tool" FAIL "see sanitizer_$tool.log"
-      fi
+    # memcheck over every dtype; the slower tools over float32.
+    run_sanitizer memcheck float32 float16 float64 &
+    pids+=($!)
+    for tool in racecheck synccheck initcheck; do
+      run_sanitizer "$tool" float32 &
+      pids+=($!)
     done
   fi
 fi
+for p in "${pids[@]}"; do wait "$p"; done
+if grep -q FAIL "$SUMMARY"; then FAILED=1; fi
+if [ -f "$OUT/tests.log" ]; then tail -40 "$OUT/tests.log"; fi
 
-# ---- benchmark ------------------------------------------------------------------------------
+# ---- 3. benchmark, alone on the GPU ------------------------------------------------------------
 if ! skipped bench; then
-  if [ -f benchmarks/bench.py ]; then
-    say "python benchmarks/bench.py --device cuda --out $OUT/bench ${BENCH_ARGS:-} -> $OUT/bench.log"
-    if "$PY" benchmarks/bench.py --device cuda --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40; then
-      record bench ok "results in bench/"
+  n=1
+  for args in "${BENCH_ARGS:---config 2d_k64 --dtype float32,bfloat16 --impl discloss,ref_eager,ref_compiled --no-scaling --max-minutes 2.5}" \
+    "${BENCH2_ARGS:-}"; do
+    [ -n "$args" ] || continue
+    say "python benchmarks/bench.py --device cuda --out $OUT/bench$n $args -> $OUT/bench$n.log"
+    if timeout -k 10 "${BENCH_TIMEOUT:-240}" "$PY" benchmarks/bench.py --device cuda --no-plots --out "$OUT/bench$n" --cache "${BENCH_CACHE:-$OUT/bench_raw}" $args \
+      >"$OUT/bench$n.log" 2>&1; then
+      record "bench$n" ok "results in bench$n/"
     else
-      record bench FAIL "see bench.log"
+      tail -20 "$OUT/bench$n.log"
+      record "bench$n" FAIL "see bench$n.log"
     fi
-  else
-    record bench SKIP "benchmarks/bench.py not found"
-  fi
+    n=$((n + 1))
+  done
+  rm -rf "$OUT/bench_raw/labels"
 fi
 
 say "summary ($SUMMARY):"
 cat "$SUMMARY"
+for f in "$OUT"/bench*/results.md; do [ -f "$f" ] && sed -n '/^|/p' "$f" | head -30; done
 exit $FAILED
