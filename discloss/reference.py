@@ -107,7 +107,9 @@ def discriminative_loss_reference(
     ``max_instances`` as ``max_embedding_dim`` (labels 1..K are clusters) and
     always returns scalars. ``hinge_pull=False`` pulls with ||x - mu||^2.
     ``second_order=True`` makes the norm of a zero vector twice
-    differentiable (derivatives 0; slower): the double-backward path.
+    differentiable (derivatives 0; slower) and, on CUDA, sums in float64
+    (float32 atomic adds there flush subnormal numbers to zero): the
+    double-backward path.
     """
     def nrm(v, dim=-1):
         return _norm(v, norm, dim, second_order)
@@ -133,12 +135,21 @@ def discriminative_loss_reference(
     # into the whole image's gradient. torch.where passes a zero gradient to
     # the replaced entries.
     xf = torch.where(valid_f[:, None], x.reshape(-1, E), 0)
-    counts = torch.zeros(B * K, dtype=dtype, device=device).index_add_(0, seg, w)
-    sums = torch.zeros(B * K, E, dtype=dtype, device=device).index_add_(0, seg, xf)
+    # CUDA adds float32 atomically (index_add_) in flush-to-zero mode: sums
+    # of subnormal embeddings would be lost. The double-backward path is
+    # discloss's own gradient there, so it sums in float64.
+    exact = second_order and device.type == "cuda" and dtype != torch.float64
+
+    def segment_sum(values, shape):
+        acc = torch.float64 if exact else dtype
+        return torch.zeros(shape, dtype=acc, device=device).index_add_(0, seg, values.to(acc)).to(dtype)
+
+    counts = segment_sum(w, B * K)
+    sums = segment_sum(xf, (B * K, E))
     mu = sums / counts.clamp(min=1)[:, None]  # 0 where a slot is empty
 
     h = torch.where(valid_f, torch.relu(nrm(xf - mu[seg]) - delta_v) ** 2, 0)
-    hinge = torch.zeros(B * K, dtype=dtype, device=device).index_add_(0, seg, h).view(B, K)
+    hinge = segment_sum(h, B * K).view(B, K)
     counts = counts.view(B, K)
     mu = mu.view(B, K, E)
     present = counts > 0

@@ -17,7 +17,8 @@
 #   PYTHON          interpreter with torch (default python3)
 #   PREBUILT        folder with a prebuilt discloss/_C*.so and its _build_info.py
 #   SKIP            comma-separated steps to skip: build,tests,sanitizer,bench
-#   TEST_JOBS       pytest-xdist workers for the suite (default 8 where xdist is installed)
+#   TEST_JOBS       pytest-xdist workers for the suite (default 12 where xdist is installed)
+#   TEST_CASE_TIMEOUT  seconds one test may take (default 100, where pytest-timeout is installed)
 #   TEST_TIMEOUT    seconds for the tests (default 240), SANITIZER_TIMEOUT per tool (default 200)
 #   PYTEST_ARGS     extra arguments for pytest (e.g. "-x")
 #   BENCH_ARGS      arguments for benchmarks/bench.py (default: the headline case,
@@ -134,12 +135,17 @@ EOF
 }
 
 run_tests() {
-  local jobs=""
-  if "$PY" -c "import xdist" >/dev/null 2>&1; then jobs="-n ${TEST_JOBS:-8}"; fi
+  local jobs="" per_test=""
+  if "$PY" -c "import xdist" >/dev/null 2>&1; then jobs="-n ${TEST_JOBS:-12}"; fi
+  # A hanging test fails alone (with its stack) instead of stopping the run's report.
+  if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then per_test="--timeout ${TEST_CASE_TIMEOUT:-100} --timeout-method thread"; fi
   # test_cudasim.py tests the simulator (not needed where a GPU runs the CUDA
   # tests); test_install.py installs from an sdist (pip, no network here).
   say "pytest tests $jobs (CUDA on the GPU through helpers.DEVICES) -> $OUT/tests.log"
-  timeout -k 10 "${TEST_TIMEOUT:-240}" "$PY" -m pytest tests $jobs -p no:cacheprovider -rfEs --durations=20 \
+  # -v: each result on its own line as it comes (the log says which tests ran
+  # even when the time limit stops the run); two threads per worker.
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} timeout -k 10 "${TEST_TIMEOUT:-240}" \
+    "$PY" -m pytest tests $jobs $per_test -v -p no:cacheprovider -rfEs --durations=20 \
     --ignore=tests/test_cudasim.py --ignore=tests/test_install.py \
     --junitxml="$OUT/tests.xml" ${PYTEST_ARGS:-} >"$OUT/tests.log" 2>&1
   local status=$?

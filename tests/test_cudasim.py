@@ -1,7 +1,8 @@
 """The CUDA simulator checked against what a GPU does: the warp intrinsics'
 results computed here by hand, and each check it claims (divergent barriers
 and collectives, exited lanes, the launch limits, misaligned vector loads, a
-missing barrier as an order-dependent result) failing where it should.
+missing barrier as an order-dependent result) failing where it should, and
+the flush of subnormals by float atomics in global memory.
 Kernels: tests/cudasim/selftest.cpp."""
 
 import re
@@ -42,6 +43,19 @@ def test_warp_collectives_give_what_a_gpu_gives():
             assert r[7] == sum(1 << i for i in range(0, 32, 2) if i % 8 == lane % 8), lane
         else:
             assert r[7] == -1, lane
+
+
+def test_float_atomics_in_global_memory_flush_subnormals_as_a_gpu_does():
+    # A GPU's float32 atomic add in global memory runs in flush-to-zero mode
+    # (seen on an H200: sums of 1e-38 embeddings lost on the global path);
+    # shared memory keeps subnormals, and so does discloss's
+    # atomic_add_keep_subnormals (csrc/cuda/reduce.cuh).
+    bits = selftest("float_atomics")[:3]
+    got = bits.to(torch.int32).view(torch.float32).tolist()
+    tiny = torch.tensor(1e-40, dtype=torch.float32)
+    kept = float(tiny + tiny)
+    assert kept > 0
+    assert got == [0.0, kept, kept]
 
 
 @pytest.mark.parametrize(

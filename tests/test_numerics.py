@@ -64,7 +64,7 @@ def test_float32_norms_keep_their_range(device, scale):
     x = (base * scale).float().to(device)
     kw = dict(delta_v=0.0, delta_d=0.0, gamma=1.0, max_instances=4)
     (var, dist, reg), grad = run(x, lab, **kw)
-    ref, ref_grad = loop_reference64(x.double(), lab.cpu(), **{k: v for k, v in kw.items() if k != "max_instances"})
+    ref, ref_grad = loop_reference64(x.double().cpu(), lab.cpu(), **{k: v for k, v in kw.items() if k != "max_instances"})
     assert float(reg) > 0 and torch.isfinite(reg)
     torch.testing.assert_close(reg.double().cpu(), ref[2], rtol=1e-5, atol=0)
     if scale < 1:  # var ~ scale^2 is itself out of float32's range for the huge ones

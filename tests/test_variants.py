@@ -284,7 +284,7 @@ def test_inf_and_unlabeled_nan(device):
     t = discloss.discriminative_loss(x, lab, 0.5, 1.5)
     # as plain PyTorch: mean (inf, 0), var NaN (inf - inf), reg inf, and
     # dist 0 (the hinge of an infinite distance)
-    ref = loop_reference64(x, lab.cpu())[0]
+    ref = loop_reference64(x.cpu(), lab.cpu())[0]
     assert torch.isnan(t.var) and t.reg == float("inf") and float(t.dist) == 0.0
     torch.testing.assert_close(torch.stack(list(t)).cpu(), torch.stack(ref[:3]), equal_nan=True)
     # a NaN among the unlabeled pixels reaches the push only

@@ -119,6 +119,32 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* scratch, int* to
   return exclusive;
 }
 
+// A float atomic add into global memory that keeps subnormal numbers.
+// NVIDIA GPUs add float32 atomically in global memory in flush-to-zero mode,
+// whatever -ftz says (shared-memory float atomics, the CPU path and every
+// other addition here keep subnormals): embeddings around 1e-38 would lose
+// their sums. Where a flush could show at float32's precision, |v| < 2^-102
+// (2^24 times the smallest normal number), the add is a compare-and-swap
+// loop of IEEE additions instead; above it, a flushed operand or result is
+// smaller than half an ulp of v. Embeddings of ordinary size never loop.
+// Seen on an H200, 2026-11-29: test_float32_norm_range_on_every_path at
+// 1e-38, global path, reg 0.4% off before this. float64 atomics do not flush.
+__device__ __forceinline__ void atomic_add_keep_subnormals(float* p, float v) {
+  if (!(fabsf(v) < 0x1p-102f)) {  // NaN and inf too
+    atomicAdd(p, v);
+    return;
+  }
+  if (v == 0.0f) return;
+  unsigned* bits = reinterpret_cast<unsigned*>(p);
+  unsigned seen = *bits;
+  unsigned expected;
+  do {
+    expected = seen;
+    seen = atomicCAS(bits, expected, __float_as_uint(__uint_as_float(expected) + v));
+  } while (seen != expected);
+}
+__device__ __forceinline__ void atomic_add_keep_subnormals(double* p, double v) { atomicAdd(p, v); }
+
 // Per-slot accumulators of one warp: rows of E sums and one extra value (a
 // pixel count, or a sum of h^2) per slot.
 //
@@ -127,7 +153,8 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* scratch, int* to
 // puts __syncwarp() between steps, so plain read-modify-writes suffice and the
 // order of additions is fixed (deterministic).
 // Global mode: float/integer atomics straight into the image's global rows
-// (zeroed by the caller). Not deterministic for floats.
+// (zeroed by the caller; floats through atomic_add_keep_subnormals). Not
+// deterministic for floats.
 template <typename acc_t, typename shared_extra_t, typename global_extra_t>
 struct SlotAccumulator {
   acc_t* sums;                 // shared: this warp's rows; global: the image's rows
@@ -139,7 +166,7 @@ struct SlotAccumulator {
   __device__ __forceinline__ void add(int slot, int64_t e, acc_t v) const {
     acc_t* p = sums + static_cast<int64_t>(slot) * embed_dim + e;
     if (global) {
-      atomicAdd(p, v);
+      atomic_add_keep_subnormals(p, v);
     } else {
       *p += v;
     }
@@ -158,7 +185,7 @@ struct SlotAccumulator {
   __device__ __forceinline__ static void atomic_add_extra(int64_t* p, unsigned v) {
     atomicAdd(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
   }
-  __device__ __forceinline__ static void atomic_add_extra(float* p, float v) { atomicAdd(p, v); }
+  __device__ __forceinline__ static void atomic_add_extra(float* p, float v) { atomic_add_keep_subnormals(p, v); }
   __device__ __forceinline__ static void atomic_add_extra(double* p, double v) { atomicAdd(p, v); }
 };
 

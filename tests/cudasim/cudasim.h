@@ -100,6 +100,8 @@ const dim3& grid_dim();
 // gets the block's n-th allocation (made by the first thread to get there).
 void* shared_alloc(size_t bytes, size_t align, const char* name);
 void* dynamic_shared(size_t align);
+// Whether p points into the current block's shared memory.
+bool in_shared(const void* p);
 
 // Kinds of rendezvous.
 enum class Op : int {
@@ -230,6 +232,7 @@ inline int __ffs(int v) { return __builtin_ffs(v); }
 inline __half __ushort_as_half(unsigned short v) { return __half{v}; }
 inline float __half2float(__half h) { return c10::detail::fp16_ieee_to_fp32_value(h.bits); }
 inline float __uint_as_float(unsigned v) { return cudasim::from_bits<float>(v); }
+inline unsigned __float_as_uint(float v) { return static_cast<unsigned>(cudasim::to_bits(v)); }
 
 template <typename A, typename B>
 constexpr std::common_type_t<A, B> min(A a, B b) {
@@ -245,6 +248,17 @@ template <typename T>
 T atomicAdd(T* p, T v) {
   const T old = *p;
   *p = old + v;
+  return old;
+}
+// A GPU adds float32 atomically in global memory in flush-to-zero mode
+// (subnormal operands and result become zero), whatever -ftz says; in shared
+// memory it keeps subnormals. Modelled here, so that code which relies on
+// subnormal sums fails on the simulator as it does on a GPU (found on an
+// H200, 2026-11-29).
+inline float atomicAdd(float* p, float v) {
+  const auto flush = [](float f) { return std::fpclassify(f) == FP_SUBNORMAL ? std::copysign(0.0f, f) : f; };
+  const float old = *p;
+  *p = cudasim::in_shared(p) ? old + v : flush(flush(old) + flush(v));
   return old;
 }
 template <typename T>

@@ -465,6 +465,19 @@ void* dynamic_shared(size_t align) {
   return L.shared.dynamic;
 }
 
+bool in_shared(const void* p) {
+  if (g_launch == nullptr) return false;
+  const Launch& L = *g_launch;
+  const auto inside = [p](const void* begin, size_t bytes) {
+    const auto a = reinterpret_cast<uintptr_t>(p), b = reinterpret_cast<uintptr_t>(begin);
+    return a >= b && a < b + bytes;
+  };
+  for (const auto& v : L.shared.vars) {
+    if (inside(v.first, v.second)) return true;
+  }
+  return L.shared.dynamic != nullptr && inside(L.shared.dynamic, L.info->dynamic_shared);
+}
+
 uint64_t rendezvous(Op op, unsigned mask, uint64_t bits, int arg, int width, const char* file, int line) {
   Launch& L = *g_launch;
   Fiber& f = *L.current;

@@ -2,10 +2,12 @@
 // each intrinsic gives what a GPU gives, and that each check it claims fails
 // where it should (a divergent barrier or collective, an exited lane, the
 // launch limits, a misaligned vector load, a missing barrier as an
-// order-dependent result). Registered as discloss_cudasim::selftest.
+// order-dependent result), and the flush of subnormals by float atomics in
+// global memory. Registered as discloss_cudasim::selftest.
 #include "cudasim.h"
 // (cudasim.h first: it defines the CUDA language for what follows)
 #include "../../csrc/cuda/runtime.cuh"
+#include "../../csrc/cuda/reduce.cuh"
 
 namespace discloss {
 namespace cuda {
@@ -73,6 +75,33 @@ __global__ void __launch_bounds__(kThreads) block_sum_kernel(int64_t* out) {
   }
 }
 
+// Float atomics and subnormal numbers: two adds of 1e-40 into global memory
+// (a GPU flushes them: 0), into shared memory (kept: 2e-40) and into global
+// memory through discloss's atomic_add_keep_subnormals (kept: 2e-40). out[k]:
+// the bits of each result.
+__global__ void __launch_bounds__(kThreads) float_atomics_kernel(int64_t* out) {
+  DISCLOSS_SHARED(float, sh);
+  float* global_plain = reinterpret_cast<float*>(out + 8);
+  float* global_kept = reinterpret_cast<float*>(out + 9);
+  if (threadIdx.x == 0) {
+    sh = 0.0f;
+    *global_plain = 0.0f;
+    *global_kept = 0.0f;
+  }
+  __syncthreads();
+  if (threadIdx.x < 2) {
+    atomicAdd(global_plain, 1e-40f);
+    atomicAdd(&sh, 1e-40f);
+    atomic_add_keep_subnormals(global_kept, 1e-40f);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    out[0] = __float_as_uint(*global_plain);
+    out[1] = __float_as_uint(sh);
+    out[2] = __float_as_uint(*global_kept);
+  }
+}
+
 at::Tensor selftest(c10::string_view name) {
   at::Tensor out = at::zeros({kThreads * 8}, at::kLong);
   int64_t* p = out.data_ptr<int64_t>();
@@ -93,6 +122,8 @@ at::Tensor selftest(c10::string_view name) {
     DISCLOSS_LAUNCH(collectives_kernel, kThreads, dim3(1, 70000), kThreads, 0, s)(p);
   } else if (name == "misaligned_vector_load") {
     DISCLOSS_LAUNCH(misaligned_kernel, kThreads, 1, kThreads, 0, s)(p);
+  } else if (name == "float_atomics") {
+    DISCLOSS_LAUNCH(float_atomics_kernel, kThreads, 1, kThreads, 0, s)(p);
   } else if (name == "block_sum") {
     DISCLOSS_LAUNCH(block_sum_kernel<true>, kThreads, 4, kThreads, 0, s)(p);
   } else if (name == "block_sum_missing_barrier") {
