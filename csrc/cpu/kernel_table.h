@@ -69,10 +69,31 @@ struct ChunkArgs {
 // Unlabeled pixels per block of the push gradient (pass 3).
 constexpr int64_t kPushBlock = 512;
 
+// The pair step of dist under L2 (paper mode) for one image: its present
+// clusters' means, also transposed (E x C, for vector lanes across
+// clusters), all in the accumulation type.
+struct PairArgs {
+  const void* means;         // the image's K x E means
+  const int64_t* present;    // its C present slots, ascending
+  int64_t num_present;       // C
+  const void* transposed;    // E x C: transposed[e * C + i] = means[present[i] * E + e]
+  int64_t embed_dim;
+  double delta_d;
+};
+
+// Rows of the pair step per call (kernels.h).
+constexpr int64_t kPairRows = 16;
+
 struct ChunkKernels {
   void (*cluster_sums)(const ChunkArgs&);  // pass 1
   void (*hinge_sums)(const ChunkArgs&);    // pass 2
   void (*write_grad)(const ChunkArgs&);    // pass 3
+  // Rows [i0, i1) of the present clusters, i1 - i0 <= kPairRows, i0 a
+  // multiple of it. pair_rows: out[i - i0] = sum over j > i of p_ij^2;
+  // pair_grads: grads[(i - i0) * E + e] += scale * d(sum over l != i of
+  // p_il^2)/dmu_i[e]. Accumulation type throughout.
+  void (*pair_rows)(const PairArgs&, int64_t i0, int64_t i1, void* out);
+  void (*pair_grads)(const PairArgs&, int64_t i0, int64_t i1, double scale, void* grads);
 };
 
 namespace generic {

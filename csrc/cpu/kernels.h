@@ -11,6 +11,7 @@
 // over contiguous pixels with one mean held in a register and vectorize.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -554,9 +555,144 @@ static void write_grad(const ChunkArgs& a) {
   return unit ? write_grad_impl<scalar_t, 2, true>(a) : write_grad_impl<scalar_t, 2, false>(a);
 }
 
+// ---- the pair step of dist under L2 (paper mode) ------------------------------
+// With many clusters the O(C^2 E) pair work dominates (one 64^3 volume, E =
+// 16, C = 10648 blocks: over a second at 2 threads, the pixel passes a few
+// ms). One mean meets kPairBlock others at a time, one per vector lane: the
+// lanes' squared distances accumulate over the components, unscaled and in
+// the order mean_distance sums them first, then the hinge.
+// A pair whose distance leaves the range where that sum is exact to
+// rounding (l2_out_of_range; the pair of a mean with itself too), or whose
+// gradient weight is not finite, is redone by mean_distance /
+// add_push_grad. A row's result depends on the means alone: the same bits
+// at any thread count.
+constexpr int64_t kPairBlock = 256;
+
+// d2[u] = ||m - mean u||^2 for the n means of tj (columns of the transposed
+// means, row stride C), component by component: 16 lanes at a time held in
+// registers over the components, the tail lane by lane.
+template <typename acc_t>
+static inline void squared_distances(const acc_t* m, const acc_t* tj, int64_t C, int64_t E, int64_t n, acc_t* d2) {
+  constexpr int64_t kLanes = 16;
+  int64_t u0 = 0;
+  for (; u0 + kLanes <= n; u0 += kLanes) {
+    acc_t acc[kLanes] = {};
+    for (int64_t e = 0; e < E; ++e) {
+      const acc_t me = m[e];
+      const acc_t* col = tj + e * C + u0;
+#pragma omp simd
+      for (int64_t v = 0; v < kLanes; ++v) {
+        const acc_t d = me - col[v];
+        acc[v] += d * d;
+      }
+    }
+    for (int64_t v = 0; v < kLanes; ++v) d2[u0 + v] = acc[v];
+  }
+  for (int64_t u = u0; u < n; ++u) {
+    acc_t acc = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      const acc_t d = m[e] - tj[e * C + u];
+      acc += d * d;
+    }
+    d2[u] = acc;
+  }
+}
+
+// Rows [i0, i1) (at most kPairRows, i0 a multiple of it) meet each block of
+// kPairBlock columns in turn, so that the block stays in L1 while the rows
+// use it: the transposed means (E C values, 2 MiB at C = 32768) are read
+// once per tile of rows, not once per row.
+template <typename acc_t>
+static void pair_rows(const PairArgs& a, int64_t i0, int64_t i1, void* out) {
+  const int64_t C = a.num_present, E = a.embed_dim;
+  const acc_t* mu = static_cast<const acc_t*>(a.means);
+  const acc_t* t = static_cast<const acc_t*>(a.transposed);
+  const acc_t delta_d = acc_t(a.delta_d);
+  acc_t* row_sum = static_cast<acc_t*>(out);
+  unsigned char redo_pair[kPairBlock];
+  acc_t d2[kPairBlock];
+  for (int64_t i = i0; i < i1; ++i) row_sum[i - i0] = 0;
+  for (int64_t j0 = i0 + 1; j0 < C; j0 += kPairBlock) {
+    const int64_t n = std::min(kPairBlock, C - j0);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t lo = std::max<int64_t>(0, i + 1 - j0);  // columns j > i only
+      if (lo >= n) continue;
+      const acc_t* m = mu + a.present[i] * E;
+      squared_distances(m, t + j0 + lo, C, E, n - lo, d2);
+      acc_t s = 0;
+      int redo = 0;
+#pragma omp simd reduction(+ : s) reduction(| : redo)
+      for (int64_t u = 0; u < n - lo; ++u) {
+        const acc_t r = std::sqrt(d2[u]);
+        const bool out_of_range = l2_out_of_range(r);
+        const acc_t p = out_of_range ? acc_t(0) : push_hinge(r, delta_d);
+        redo_pair[u] = out_of_range;
+        redo |= int(out_of_range);
+        s += p * p;
+      }
+      if (redo) {
+        for (int64_t u = 0; u < n - lo; ++u) {
+          if (!redo_pair[u]) continue;
+          const acc_t p = push_hinge(mean_distance(m, mu + a.present[j0 + lo + u] * E, E, 2), delta_d);
+          s += p * p;
+        }
+      }
+      row_sum[i - i0] += s;
+    }
+  }
+}
+
+// grads ((i1 - i0) x E) += scale * d(sum over l != i of p_il^2)/dmu_i, rows
+// [i0, i1) as for pair_rows.
+template <typename acc_t>
+static void pair_grads(const PairArgs& a, int64_t i0, int64_t i1, double scale_d, void* grads) {
+  const int64_t C = a.num_present, E = a.embed_dim;
+  const acc_t* mu = static_cast<const acc_t*>(a.means);
+  const acc_t* t = static_cast<const acc_t*>(a.transposed);
+  const acc_t delta_d = acc_t(a.delta_d), scale = acc_t(scale_d);
+  acc_t w[kPairBlock], d2[kPairBlock];
+  unsigned char redo_pair[kPairBlock];
+  for (int64_t j0 = 0; j0 < C; j0 += kPairBlock) {
+    const int64_t n = std::min(kPairBlock, C - j0);
+    const acc_t* tj = t + j0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const acc_t* m = mu + a.present[i] * E;
+      acc_t* g = static_cast<acc_t*>(grads) + (i - i0) * E;
+      squared_distances(m, tj, C, E, n, d2);
+      int redo = 0;
+#pragma omp simd reduction(| : redo)
+      for (int64_t u = 0; u < n; ++u) {
+        // d(p^2)/dmu_i = -2 p (mu_i - mu_j) / r: wu, the weight of mu_i - mu_j.
+        const acc_t r = std::sqrt(d2[u]);
+        const acc_t wu = -2 * push_hinge(r, delta_d) * scale / r;
+        const bool out_of_range = l2_out_of_range(r) || !(wu - wu == acc_t(0));  // i itself (r = 0) too
+        w[u] = out_of_range ? acc_t(0) : wu;
+        redo_pair[u] = out_of_range;
+        redo |= int(out_of_range);
+      }
+      for (int64_t e = 0; e < E; ++e) {
+        const acc_t me = m[e];
+        const acc_t* col = tj + e * C;
+        acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t u = 0; u < n; ++u) s += w[u] * (me - col[u]);
+        g[e] += s;
+      }
+      if (redo) {
+        for (int64_t u = 0; u < n; ++u) {
+          if (!redo_pair[u] || j0 + u == i) continue;
+          add_push_grad(g, m, mu + a.present[j0 + u] * E, E, delta_d, 2, scale);
+        }
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
 static ChunkKernels kernels_for() {
-  return {&cluster_sums<scalar_t>, &hinge_sums<scalar_t>, &write_grad<scalar_t>};
+  using acc_t = typename AccOf<scalar_t>::type;
+  return {&cluster_sums<scalar_t>, &hinge_sums<scalar_t>, &write_grad<scalar_t>, &pair_rows<acc_t>,
+          &pair_grads<acc_t>};
 }
 
 ChunkKernels chunk_kernels(ScalarKind kind) {

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -189,11 +190,59 @@ std::vector<int64_t> all_slots(int64_t K) {
   return s;
 }
 
+// ---- the pair step of dist under L2 (paper mode): kernels.h -------------------
+
+// The means of image b's present clusters P, transposed (E x C) for the pair kernels.
+template <typename acc_t>
+std::vector<acc_t> transposed_means(const acc_t* mu, const std::vector<int64_t>& P, int64_t E) {
+  const int64_t C = static_cast<int64_t>(P.size());
+  std::vector<acc_t> t(E * C);
+  for (int64_t i = 0; i < C; ++i) {
+    for (int64_t e = 0; e < E; ++e) t[e * C + i] = mu[P[i] * E + e];
+  }
+  return t;
+}
+
+template <typename acc_t>
+PairArgs pair_args(const acc_t* mu, const std::vector<int64_t>& P, const std::vector<acc_t>& t, int64_t E,
+                   double delta_d) {
+  return PairArgs{mu, P.data(), static_cast<int64_t>(P.size()), t.data(), E, delta_d};
+}
+
+// fn(i0, i1) over the tiles of kPairRows rows of C, in parallel. Task q takes
+// tile q / 2 from the front or the back by turns, so that every thread's
+// share mixes the long rows of the triangle with the short ones.
+template <typename Fn>
+void for_pair_tiles(int64_t C, int64_t work_per_tile, Fn&& fn) {
+  const int64_t tiles = (C + kPairRows - 1) / kPairRows;
+  at::parallel_for(0, tiles, grain_for(work_per_tile), [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t tile = q % 2 == 0 ? q / 2 : tiles - 1 - q / 2;
+      const int64_t i0 = tile * kPairRows;
+      fn(i0, std::min(C, i0 + kPairRows));
+    }
+  });
+}
+
+// sum over i < j of p_ij^2 over one image's present clusters (L2): rows by
+// tiles in parallel, added in row order (the same bits at any thread count).
+template <typename acc_t>
+acc_t pair_sum_l2(const ChunkKernels& kern, const PairArgs& pairs) {
+  const int64_t C = pairs.num_present;
+  std::vector<acc_t> rows(C);
+  for_pair_tiles(C, kPairRows * C * pairs.embed_dim / 2,
+                 [&](int64_t i0, int64_t i1) { kern.pair_rows(pairs, i0, i1, rows.data() + i0); });
+  acc_t s = 0;
+  for (acc_t v : rows) s += v;
+  return s;
+}
+
 // ---- finalize (forward) ------------------------------------------------------
 // From means, counts and hinge sums, the weighted terms: per image in paper
 // mode (then reduced), batch-level in chainer mode.
 template <typename acc_t>
-void finalize_forward(const LossConfig& c, int64_t B, int64_t K, int64_t E, const acc_t* means,
+void finalize_forward(const LossConfig& c, const ChunkKernels& kern, int64_t B, int64_t K, int64_t E,
+                      const acc_t* means,
                       const int64_t* counts, const acc_t* hinge, const acc_t* push_sums,
                       const std::vector<std::vector<int64_t>>& present, at::Tensor& var, at::Tensor& dist,
                       at::Tensor& reg, at::Tensor& push) {
@@ -217,7 +266,8 @@ void finalize_forward(const LossConfig& c, int64_t B, int64_t K, int64_t E, cons
       }
       r *= reg_weight<acc_t>(c, C, B);
       const acc_t w = dist_pair_weight<acc_t>(c, C, B);
-      const acc_t d = ordered_parallel_sum<acc_t>(C, C * E, [&](int64_t i) {
+      const acc_t d = c.norm == 2 ? pair_sum_l2<acc_t>(kern, pair_args(mu, P, transposed_means(mu, P, E), E, c.delta_d))
+                                  : ordered_parallel_sum<acc_t>(C, C * E, [&](int64_t i) {
         acc_t s = 0;
         for (int64_t j = i + 1; j < C; ++j) {
           const acc_t p = push_hinge(mean_distance(mu + P[i] * E, mu + P[j] * E, E, c.norm), delta_d);
@@ -292,7 +342,8 @@ void finalize_forward(const LossConfig& c, int64_t B, int64_t K, int64_t E, cons
 // the unlabeled pixels of image b, and the push's mean path -w V^push_c
 // joins mean_coef.
 template <typename acc_t>
-void finalize_backward(const LossConfig& c, int64_t B, int64_t K, int64_t E, const acc_t* grad_var,
+void finalize_backward(const LossConfig& c, const ChunkKernels& kern, int64_t B, int64_t K, int64_t E,
+                       const acc_t* grad_var,
                        const acc_t* grad_dist, const acc_t* grad_reg, const acc_t* grad_push, bool per_image_grads,
                        const acc_t* means, const int64_t* counts, const acc_t* hinge_grad, const acc_t* push_grad,
                        const std::vector<std::vector<int64_t>>& present_paper, acc_t* var_coef, acc_t* mean_coef,
@@ -322,6 +373,24 @@ void finalize_backward(const LossConfig& c, int64_t B, int64_t K, int64_t E, con
 
   int64_t max_present = 0;
   for (const auto& P : present) max_present = std::max<int64_t>(max_present, static_cast<int64_t>(P.size()));
+  // Paper mode, L2: each image's dist gradient of its present means first
+  // (pair_grads, rows by tiles in parallel), added per slot below.
+  const bool pair_l2 = paper && c.norm == 2;
+  std::vector<std::vector<acc_t>> pair_grad(pair_l2 ? B : 0);
+  for (int64_t b = 0; b < static_cast<int64_t>(pair_grad.size()); ++b) {
+    const auto& P = present[b];
+    const int64_t C = static_cast<int64_t>(P.size());
+    const int64_t gi = per_image_grads ? b : 0;
+    const acc_t wd = grad_dist[gi] * acc_t(c.beta) * scale * dist_pair_weight<acc_t>(c, C, B);
+    if (wd == 0) continue;
+    pair_grad[b].assign(C * E, acc_t(0));
+    const acc_t* mu_b = means + b * K * E;
+    const std::vector<acc_t> t = transposed_means(mu_b, P, E);
+    const PairArgs pairs = pair_args(mu_b, P, t, E, c.delta_d);
+    for_pair_tiles(C, kPairRows * C * E, [&](int64_t i0, int64_t i1) {
+      kern.pair_grads(pairs, i0, i1, double(wd), pair_grad[b].data() + i0 * E);
+    });
+  }
   at::parallel_for(0, B * K, grain_for((max_present + 1) * E), [&](int64_t i0, int64_t i1) {
     std::vector<acc_t> g(E);
     for (int64_t i = i0; i < i1; ++i) {
@@ -347,7 +416,11 @@ void finalize_backward(const LossConfig& c, int64_t B, int64_t K, int64_t E, con
       }
 
       const acc_t wd = grad_dist[gi] * acc_t(c.beta) * scale * dist_pair_weight<acc_t>(c, C, B);
-      if (wd != 0) {
+      if (wd != 0 && pair_l2) {
+        const int64_t at = std::lower_bound(P.begin(), P.end(), k) - P.begin();  // P is sorted
+        const acc_t* pg = pair_grad[b].data() + at * E;
+        for (int64_t e = 0; e < E; ++e) g[e] += pg[e];
+      } else if (wd != 0) {
         for (int64_t l : P) {
           if (l != k) add_push_grad(g.data(), mu, mu_b + l * E, E, delta_d, c.norm, wd);
         }
@@ -593,7 +666,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
 
     // finalize
-    finalize_forward<acc_t>(c, B, K, E, means_p, counts_p, hinge.data_ptr<acc_t>(),
+    finalize_forward<acc_t>(c, kern, B, K, E, means_p, counts_p, hinge.data_ptr<acc_t>(),
                             with_push ? push_sums.data_ptr<acc_t>() : nullptr, present, var, dist, reg, push);
   });
   return {var, dist, reg, push, means, counts, hinge_grad, push_grad};
@@ -646,7 +719,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_var, const at::Tensor& grad_dist,
   AT_DISPATCH_FLOATING_TYPES(acc_type, "discloss_backward_cpu", [&] {
     using acc_t = scalar_t;
     acc_t* push_coef_p = with_push ? push_coef.data_ptr<acc_t>() : nullptr;
-    finalize_backward<acc_t>(c, B, K, E, gv.data_ptr<acc_t>(), gd.data_ptr<acc_t>(), gr.data_ptr<acc_t>(),
+    finalize_backward<acc_t>(c, kern, B, K, E, gv.data_ptr<acc_t>(), gd.data_ptr<acc_t>(), gr.data_ptr<acc_t>(),
                              gp.data_ptr<acc_t>(), c.reduction == Reduction::None, means_c.data_ptr<acc_t>(),
                              counts_c.data_ptr<int64_t>(), hg.data_ptr<acc_t>(),
                              with_push ? pg.data_ptr<acc_t>() : nullptr, present, var_coef.data_ptr<acc_t>(),

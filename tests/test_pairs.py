@@ -1,0 +1,86 @@
+"""The pair step of the dist term with many clusters (CPU, L2, paper mode):
+csrc/cpu/kernels.h compares one mean with blocks of 256 others in vector
+lanes, rows in tiles of 16 spread over threads, and redoes pairs whose
+distance leaves the unscaled sum's exact range. Checked against the float64
+reference with pairs of every kind in several blocks and tiles, and bitwise
+across thread counts."""
+
+import pytest
+import torch
+
+import discloss
+from helpers import assert_close, assert_grad_close, reference64
+
+C = 300  # two column blocks, nineteen row tiles
+
+
+def cluster_case(dtype, seed=0):
+    """Embeddings (2, 3, 2C + 40) whose clusters are two equal pixels each, so
+    that every mean is exact; among them coincident means, means a tiny and
+    a huge distance apart, in different blocks and tiles; 40 background pixels."""
+    tiny, huge = (1e-20, 1e20) if dtype == torch.float32 else (1e-140, 1e140)
+    g = torch.Generator().manual_seed(seed)
+    B, E = 2, 3
+    means = torch.randn(B, C, E, generator=g, dtype=torch.float64)
+    for b in range(B):
+        means[b, 6] = means[b, 5]               # coincident (r = 0), one tile
+        means[b, 251] = means[b, 17]            # coincident, another block and tile
+        means[b, 8] = means[b, 7]
+        means[b, 8, 0] += tiny * (1 + b)        # a tiny distance apart
+        means[b, 9] = huge                      # far from everything
+        means[b, 290] = means[b, 9] * (1 + 1e-3)  # far, near another far one
+    means = means.to(dtype)
+    ids = torch.stack([torch.randperm(C, generator=g) * 7 + 3 for _ in range(B)])  # arbitrary ids
+    x = torch.empty(B, E, 2 * C + 40, dtype=dtype)
+    labels = torch.zeros(B, 2 * C + 40, dtype=torch.int64)
+    for b in range(B):
+        x[b, :, : 2 * C] = means[b].repeat_interleave(2, 0).T
+        x[b, :, 2 * C:] = torch.randn(E, 40, generator=g, dtype=torch.float64).to(dtype)
+        labels[b, : 2 * C] = ids[b].repeat_interleave(2)
+    return x, labels
+
+
+def run(x, labels, **kw):
+    x = x.clone().requires_grad_(True)
+    terms = discloss.discriminative_loss(x, labels, max_instances=C, **kw)
+    (grad,) = torch.autograd.grad(sum(t.sum() for t in terms), x)
+    return [t.detach() for t in terms], grad
+
+
+def slots(labels):
+    """The wrapper's slot of each id: ids in ascending order per image (0 stays background)."""
+    out = torch.zeros_like(labels)
+    for b in range(labels.shape[0]):
+        ids = torch.unique(labels[b][labels[b] != 0])
+        out[b][labels[b] != 0] = torch.searchsorted(ids, labels[b][labels[b] != 0]) + 1
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_many_clusters_against_float64(dtype, reduction):
+    x, labels = cluster_case(dtype)
+    kw = dict(delta_v=0.5, delta_d=1.5, gamma=0.0, reduction=reduction)
+    terms, grad = run(x, labels, **kw)
+    ref, ref_grad = reference64(x, slots(labels), max_instances=C + 1, **kw)
+    assert float(ref[1].sum()) > 0  # pairs within the hinge
+    for name, t, r in zip(["var", "dist", "reg"], terms, ref):
+        assert_close(t, r, dtype, name)
+    assert torch.isfinite(grad).all()
+    assert_grad_close(grad, ref_grad, dtype)
+
+
+def test_many_clusters_bitwise_across_thread_counts():
+    x, labels = cluster_case(torch.float32, seed=1)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(run(x, labels, gamma=0.01))
+    finally:
+        torch.set_num_threads(before)
+    (t1, g1) = results[0]
+    for terms, grad in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(terms, t1))
+        assert torch.equal(grad, g1)
