@@ -1,5 +1,5 @@
 """The pair step of the dist term with many clusters (CPU, L2, paper mode):
-csrc/cpu/kernels.h compares one mean with blocks of 256 others in vector
+csrc/cpu/kernels.h compares one mean with blocks of 128 others in vector
 lanes, rows in tiles of 16 spread over threads, and redoes pairs whose
 distance leaves the unscaled sum's exact range. Checked against the float64
 reference with pairs of every kind in several blocks and tiles, and bitwise
@@ -11,7 +11,7 @@ import torch
 import discloss
 from helpers import assert_close, assert_grad_close, reference64
 
-C = 300  # two column blocks, nineteen row tiles
+C = 300  # three column blocks, nineteen row tiles
 
 
 def cluster_case(dtype, seed=0):
@@ -84,3 +84,40 @@ def test_many_clusters_bitwise_across_thread_counts():
     for terms, grad in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(terms, t1))
         assert torch.equal(grad, g1)
+
+
+def spread_case(dtype):
+    """Means far apart in their first component (the pair step skips pairs more
+    than 2 delta_d apart there), with pairs right at that edge and close pairs."""
+    g = torch.Generator().manual_seed(2)
+    B, E = 1, 4
+    means = torch.randn(B, C, E, generator=g, dtype=torch.float64)
+    means[..., 0] = torch.randn(B, C, generator=g, dtype=torch.float64) * 40
+    for k, gap in [(10, 3.0), (20, 3.0 * (1 + 2e-7)), (30, 3.0 * (1 - 2e-7)), (40, 2.9)]:
+        means[0, k + 1] = means[0, k]
+        means[0, k + 1, 0] += gap  # first components exactly 2 delta_d apart, or just beyond or inside
+    means = means.to(dtype)
+    x = means.repeat_interleave(2, 1).transpose(1, 2).contiguous()
+    labels = (torch.arange(2 * C) // 2 + 1).repeat(B, 1)
+    return x, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_far_apart_pairs_skipped_exactly(dtype):
+    x, labels = spread_case(dtype)
+    kw = dict(delta_v=0.5, delta_d=1.5, gamma=0.0)
+    terms, grad = run(x, labels, **kw)
+    ref, ref_grad = reference64(x, labels, max_instances=C + 1, **kw)
+    assert float(ref[1]) > 0
+    for name, t, r in zip(["var", "dist", "reg"], terms, ref):
+        assert_close(t, r, dtype, name)
+    assert_grad_close(grad, ref_grad, dtype)
+
+
+def test_a_nan_mean_reaches_dist_as_in_plain_pytorch():
+    # With a non-finite mean nothing is skipped: its pairs' NaN reaches dist.
+    x, labels = spread_case(torch.float32)
+    x[0, 1, 100] = float("nan")  # one pixel of cluster 51, component 1 (not the sorting one)
+    terms = discloss.discriminative_loss(x, labels, max_instances=C + 1, gamma=0.0)
+    ref = discloss.reference.discriminative_loss_reference(x.double(), labels, max_instances=C + 1, gamma=0.0)
+    assert torch.isnan(ref[1]) and torch.isnan(terms.dist)

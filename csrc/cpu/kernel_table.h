@@ -70,15 +70,21 @@ struct ChunkArgs {
 constexpr int64_t kPushBlock = 512;
 
 // The pair step of dist under L2 (paper mode) for one image: its present
-// clusters' means, also transposed (E x C, for vector lanes across
+// clusters' means, also transposed (E rows of C, for vector lanes across
 // clusters), all in the accumulation type.
 struct PairArgs {
   const void* means;         // the image's K x E means
-  const int64_t* present;    // its C present slots, ascending
+  const int64_t* present;    // its C present slots (ascending, or by the first component of their means)
   int64_t num_present;       // C
-  const void* transposed;    // E x C: transposed[e * C + i] = means[present[i] * E + e]
+  const void* transposed;    // E rows: transposed[e * stride + i] = means[present[i] * E + e]
+  int64_t stride;            // >= C; 16 times an odd number: the E rows fall in different L1 sets
   int64_t embed_dim;
   double delta_d;
+  // Null: every pair. Else row i meets only columns [window_lo[i],
+  // window_hi[i]): the others are farther than 2 delta_d apart in their
+  // first component (present is then sorted by it), so their hinge is 0.
+  const int64_t* window_lo;
+  const int64_t* window_hi;
 };
 
 // Rows of the pair step per call (kernels.h).

@@ -566,20 +566,21 @@ static void write_grad(const ChunkArgs& a) {
 // gradient weight is not finite, is redone by mean_distance /
 // add_push_grad. A row's result depends on the means alone: the same bits
 // at any thread count.
-constexpr int64_t kPairBlock = 256;
+constexpr int64_t kPairBlock = 128;
 
 // d2[u] = ||m - mean u||^2 for the n means of tj (columns of the transposed
-// means, row stride C), component by component: 16 lanes at a time held in
-// registers over the components, the tail lane by lane.
+// means, row stride `stride`), component by component: 16 lanes at a time
+// held in registers over the components, the tail lane by lane.
 template <typename acc_t>
-static inline void squared_distances(const acc_t* m, const acc_t* tj, int64_t C, int64_t E, int64_t n, acc_t* d2) {
+static inline void squared_distances(const acc_t* m, const acc_t* tj, int64_t stride, int64_t E, int64_t n,
+                                     acc_t* d2) {
   constexpr int64_t kLanes = 16;
   int64_t u0 = 0;
   for (; u0 + kLanes <= n; u0 += kLanes) {
     acc_t acc[kLanes] = {};
     for (int64_t e = 0; e < E; ++e) {
       const acc_t me = m[e];
-      const acc_t* col = tj + e * C + u0;
+      const acc_t* col = tj + e * stride + u0;
 #pragma omp simd
       for (int64_t v = 0; v < kLanes; ++v) {
         const acc_t d = me - col[v];
@@ -591,10 +592,21 @@ static inline void squared_distances(const acc_t* m, const acc_t* tj, int64_t C,
   for (int64_t u = u0; u < n; ++u) {
     acc_t acc = 0;
     for (int64_t e = 0; e < E; ++e) {
-      const acc_t d = m[e] - tj[e * C + u];
+      const acc_t d = m[e] - tj[e * stride + u];
       acc += d * d;
     }
     d2[u] = acc;
+  }
+}
+
+// The columns row i meets: j > i for the sum (upper), every j for the
+// gradient, within the row's window when there is one.
+static inline void pair_columns(const PairArgs& a, int64_t i, bool upper, int64_t* lo, int64_t* hi) {
+  *lo = upper ? i + 1 : 0;
+  *hi = a.num_present;
+  if (a.window_lo != nullptr) {
+    *lo = std::max(*lo, a.window_lo[i]);
+    *hi = a.window_hi[i];
   }
 }
 
@@ -604,25 +616,34 @@ static inline void squared_distances(const acc_t* m, const acc_t* tj, int64_t C,
 // once per tile of rows, not once per row.
 template <typename acc_t>
 static void pair_rows(const PairArgs& a, int64_t i0, int64_t i1, void* out) {
-  const int64_t C = a.num_present, E = a.embed_dim;
+  const int64_t E = a.embed_dim;
   const acc_t* mu = static_cast<const acc_t*>(a.means);
   const acc_t* t = static_cast<const acc_t*>(a.transposed);
   const acc_t delta_d = acc_t(a.delta_d);
   acc_t* row_sum = static_cast<acc_t*>(out);
   unsigned char redo_pair[kPairBlock];
   acc_t d2[kPairBlock];
-  for (int64_t i = i0; i < i1; ++i) row_sum[i - i0] = 0;
-  for (int64_t j0 = i0 + 1; j0 < C; j0 += kPairBlock) {
-    const int64_t n = std::min(kPairBlock, C - j0);
+  int64_t lo[kPairRows], hi[kPairRows], begin = a.num_present, end = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    row_sum[i - i0] = 0;
+    pair_columns(a, i, true, &lo[i - i0], &hi[i - i0]);
+    if (lo[i - i0] < hi[i - i0]) {
+      begin = std::min(begin, lo[i - i0]);
+      end = std::max(end, hi[i - i0]);
+    }
+  }
+  for (int64_t j0 = begin; j0 < end; j0 += kPairBlock) {
+    const int64_t n = std::min(kPairBlock, end - j0);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t lo = std::max<int64_t>(0, i + 1 - j0);  // columns j > i only
-      if (lo >= n) continue;
+      const int64_t u0 = std::max<int64_t>(0, lo[i - i0] - j0), u1 = std::min(n, hi[i - i0] - j0);
+      if (u0 >= u1) continue;
+      const int64_t m_lanes = u1 - u0;
       const acc_t* m = mu + a.present[i] * E;
-      squared_distances(m, t + j0 + lo, C, E, n - lo, d2);
+      squared_distances(m, t + j0 + u0, a.stride, E, m_lanes, d2);
       acc_t s = 0;
       int redo = 0;
 #pragma omp simd reduction(+ : s) reduction(| : redo)
-      for (int64_t u = 0; u < n - lo; ++u) {
+      for (int64_t u = 0; u < m_lanes; ++u) {
         const acc_t r = std::sqrt(d2[u]);
         const bool out_of_range = l2_out_of_range(r);
         const acc_t p = out_of_range ? acc_t(0) : push_hinge(r, delta_d);
@@ -631,9 +652,9 @@ static void pair_rows(const PairArgs& a, int64_t i0, int64_t i1, void* out) {
         s += p * p;
       }
       if (redo) {
-        for (int64_t u = 0; u < n - lo; ++u) {
+        for (int64_t u = 0; u < m_lanes; ++u) {
           if (!redo_pair[u]) continue;
-          const acc_t p = push_hinge(mean_distance(m, mu + a.present[j0 + lo + u] * E, E, 2), delta_d);
+          const acc_t p = push_hinge(mean_distance(m, mu + a.present[j0 + u0 + u] * E, E, 2), delta_d);
           s += p * p;
         }
       }
@@ -646,22 +667,33 @@ static void pair_rows(const PairArgs& a, int64_t i0, int64_t i1, void* out) {
 // [i0, i1) as for pair_rows.
 template <typename acc_t>
 static void pair_grads(const PairArgs& a, int64_t i0, int64_t i1, double scale_d, void* grads) {
-  const int64_t C = a.num_present, E = a.embed_dim;
+  const int64_t E = a.embed_dim;
   const acc_t* mu = static_cast<const acc_t*>(a.means);
   const acc_t* t = static_cast<const acc_t*>(a.transposed);
   const acc_t delta_d = acc_t(a.delta_d), scale = acc_t(scale_d);
   acc_t w[kPairBlock], d2[kPairBlock];
   unsigned char redo_pair[kPairBlock];
-  for (int64_t j0 = 0; j0 < C; j0 += kPairBlock) {
-    const int64_t n = std::min(kPairBlock, C - j0);
-    const acc_t* tj = t + j0;
+  int64_t lo[kPairRows], hi[kPairRows], begin = a.num_present, end = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    pair_columns(a, i, false, &lo[i - i0], &hi[i - i0]);
+    if (lo[i - i0] < hi[i - i0]) {
+      begin = std::min(begin, lo[i - i0]);
+      end = std::max(end, hi[i - i0]);
+    }
+  }
+  for (int64_t j0 = begin; j0 < end; j0 += kPairBlock) {
+    const int64_t n = std::min(kPairBlock, end - j0);
     for (int64_t i = i0; i < i1; ++i) {
+      const int64_t u0 = std::max<int64_t>(0, lo[i - i0] - j0), u1 = std::min(n, hi[i - i0] - j0);
+      if (u0 >= u1) continue;
+      const int64_t m_lanes = u1 - u0;
+      const acc_t* tj = t + j0 + u0;
       const acc_t* m = mu + a.present[i] * E;
       acc_t* g = static_cast<acc_t*>(grads) + (i - i0) * E;
-      squared_distances(m, tj, C, E, n, d2);
+      squared_distances(m, tj, a.stride, E, m_lanes, d2);
       int redo = 0;
 #pragma omp simd reduction(| : redo)
-      for (int64_t u = 0; u < n; ++u) {
+      for (int64_t u = 0; u < m_lanes; ++u) {
         // d(p^2)/dmu_i = -2 p (mu_i - mu_j) / r: wu, the weight of mu_i - mu_j.
         const acc_t r = std::sqrt(d2[u]);
         const acc_t wu = -2 * push_hinge(r, delta_d) * scale / r;
@@ -672,16 +704,16 @@ static void pair_grads(const PairArgs& a, int64_t i0, int64_t i1, double scale_d
       }
       for (int64_t e = 0; e < E; ++e) {
         const acc_t me = m[e];
-        const acc_t* col = tj + e * C;
+        const acc_t* col = tj + e * a.stride;
         acc_t s = 0;
 #pragma omp simd reduction(+ : s)
-        for (int64_t u = 0; u < n; ++u) s += w[u] * (me - col[u]);
+        for (int64_t u = 0; u < m_lanes; ++u) s += w[u] * (me - col[u]);
         g[e] += s;
       }
       if (redo) {
-        for (int64_t u = 0; u < n; ++u) {
-          if (!redo_pair[u] || j0 + u == i) continue;
-          add_push_grad(g, m, mu + a.present[j0 + u] * E, E, delta_d, 2, scale);
+        for (int64_t u = 0; u < m_lanes; ++u) {
+          if (!redo_pair[u] || j0 + u0 + u == i) continue;
+          add_push_grad(g, m, mu + a.present[j0 + u0 + u] * E, E, delta_d, 2, scale);
         }
       }
     }

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_set>
@@ -192,22 +193,60 @@ std::vector<int64_t> all_slots(int64_t K) {
 
 // ---- the pair step of dist under L2 (paper mode): kernels.h -------------------
 
-// The means of image b's present clusters P, transposed (E x C) for the pair kernels.
-template <typename acc_t>
-std::vector<acc_t> transposed_means(const acc_t* mu, const std::vector<int64_t>& P, int64_t E) {
-  const int64_t C = static_cast<int64_t>(P.size());
-  std::vector<acc_t> t(E * C);
-  for (int64_t i = 0; i < C; ++i) {
-    for (int64_t e = 0; e < E; ++e) t[e * C + i] = mu[P[i] * E + e];
-  }
-  return t;
+// Row stride of the transposed means: at least C, 16 times an odd number,
+// so that the E rows a block reads fall in different L1 sets (rows 2^k
+// values apart share sets; at C = 32768, E = 16 that conflict made the
+// pair step 2.5x slower than at E = 8 per component).
+int64_t pair_stride(int64_t C) {
+  int64_t k = (C + 15) / 16;
+  if (k % 2 == 0) ++k;
+  return 16 * k;
 }
 
+// One image's pair step: its present clusters (sorted by the first
+// component of their means when every mean is finite, with windows: a pair
+// whose first components differ by more than 2 delta_d (1 + 2^-20) has
+// r >= 2 delta_d after rounding, so p = 0, and is skipped; trained means
+// lie far apart and most pairs go), their means transposed, the PairArgs.
+// With a non-finite mean nothing is skipped (a NaN must reach the loss).
 template <typename acc_t>
-PairArgs pair_args(const acc_t* mu, const std::vector<int64_t>& P, const std::vector<acc_t>& t, int64_t E,
-                   double delta_d) {
-  return PairArgs{mu, P.data(), static_cast<int64_t>(P.size()), t.data(), E, delta_d};
-}
+struct PairPlan {
+  std::vector<int64_t> order;  // present slots in row order
+  std::vector<int64_t> row_of;  // slot -> row (K; -1 absent)
+  std::vector<acc_t> transposed;
+  std::vector<int64_t> window_lo, window_hi;
+  PairArgs args;
+
+  PairPlan(const acc_t* mu, const std::vector<int64_t>& P, int64_t K, int64_t E, double delta_d) : order(P) {
+    const int64_t C = static_cast<int64_t>(P.size()), stride = pair_stride(C);
+    bool finite = E > 0;
+    for (int64_t k : P) {
+      for (int64_t e = 0; e < E; ++e) finite &= std::isfinite(mu[k * E + e]);
+    }
+    if (finite) {
+      std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return mu[x * E] < mu[y * E]; });
+    }
+    row_of.assign(K, -1);
+    for (int64_t i = 0; i < C; ++i) row_of[order[i]] = i;
+    transposed.resize(E * stride);
+    for (int64_t i = 0; i < C; ++i) {
+      for (int64_t e = 0; e < E; ++e) transposed[e * stride + i] = mu[order[i] * E + e];
+    }
+    if (finite) {
+      const acc_t bound = acc_t(2 * delta_d * (1 + 0x1p-20));
+      const acc_t* first = transposed.data();  // ascending
+      window_lo.resize(C);
+      window_hi.resize(C);
+      for (int64_t i = 0; i < C; ++i) {
+        const acc_t v = first[i];
+        window_lo[i] = std::partition_point(first, first + i, [&](acc_t f) { return v - f > bound; }) - first;
+        window_hi[i] = std::partition_point(first + i, first + C, [&](acc_t f) { return !(f - v > bound); }) - first;
+      }
+    }
+    args = PairArgs{mu, order.data(), C, transposed.data(), stride, E, delta_d,
+                    finite ? window_lo.data() : nullptr, finite ? window_hi.data() : nullptr};
+  }
+};
 
 // fn(i0, i1) over the tiles of kPairRows rows of C, in parallel. Task q takes
 // tile q / 2 from the front or the back by turns, so that every thread's
@@ -266,7 +305,7 @@ void finalize_forward(const LossConfig& c, const ChunkKernels& kern, int64_t B, 
       }
       r *= reg_weight<acc_t>(c, C, B);
       const acc_t w = dist_pair_weight<acc_t>(c, C, B);
-      const acc_t d = c.norm == 2 ? pair_sum_l2<acc_t>(kern, pair_args(mu, P, transposed_means(mu, P, E), E, c.delta_d))
+      const acc_t d = c.norm == 2 ? pair_sum_l2<acc_t>(kern, PairPlan<acc_t>(mu, P, K, E, c.delta_d).args)
                                   : ordered_parallel_sum<acc_t>(C, C * E, [&](int64_t i) {
         acc_t s = 0;
         for (int64_t j = i + 1; j < C; ++j) {
@@ -376,7 +415,8 @@ void finalize_backward(const LossConfig& c, const ChunkKernels& kern, int64_t B,
   // Paper mode, L2: each image's dist gradient of its present means first
   // (pair_grads, rows by tiles in parallel), added per slot below.
   const bool pair_l2 = paper && c.norm == 2;
-  std::vector<std::vector<acc_t>> pair_grad(pair_l2 ? B : 0);
+  std::vector<std::vector<acc_t>> pair_grad(pair_l2 ? B : 0);  // rows in its plan's order
+  std::vector<std::unique_ptr<PairPlan<acc_t>>> pair_plans(pair_l2 ? B : 0);
   for (int64_t b = 0; b < static_cast<int64_t>(pair_grad.size()); ++b) {
     const auto& P = present[b];
     const int64_t C = static_cast<int64_t>(P.size());
@@ -384,9 +424,8 @@ void finalize_backward(const LossConfig& c, const ChunkKernels& kern, int64_t B,
     const acc_t wd = grad_dist[gi] * acc_t(c.beta) * scale * dist_pair_weight<acc_t>(c, C, B);
     if (wd == 0) continue;
     pair_grad[b].assign(C * E, acc_t(0));
-    const acc_t* mu_b = means + b * K * E;
-    const std::vector<acc_t> t = transposed_means(mu_b, P, E);
-    const PairArgs pairs = pair_args(mu_b, P, t, E, c.delta_d);
+    pair_plans[b] = std::make_unique<PairPlan<acc_t>>(means + b * K * E, P, K, E, c.delta_d);
+    const PairArgs& pairs = pair_plans[b]->args;
     for_pair_tiles(C, kPairRows * C * E, [&](int64_t i0, int64_t i1) {
       kern.pair_grads(pairs, i0, i1, double(wd), pair_grad[b].data() + i0 * E);
     });
@@ -417,8 +456,7 @@ void finalize_backward(const LossConfig& c, const ChunkKernels& kern, int64_t B,
 
       const acc_t wd = grad_dist[gi] * acc_t(c.beta) * scale * dist_pair_weight<acc_t>(c, C, B);
       if (wd != 0 && pair_l2) {
-        const int64_t at = std::lower_bound(P.begin(), P.end(), k) - P.begin();  // P is sorted
-        const acc_t* pg = pair_grad[b].data() + at * E;
+        const acc_t* pg = pair_grad[b].data() + pair_plans[b]->row_of[k] * E;
         for (int64_t e = 0; e < E; ++e) g[e] += pg[e];
       } else if (wd != 0) {
         for (int64_t l : P) {
