@@ -123,6 +123,10 @@ fi
 # Fails when every test of a JUnit file was skipped (a CUDA test that cannot
 # run must not count as passed on a GPU machine).
 junit_counts() {
+  if [ ! -f "$1" ]; then
+    echo "no JUnit report (pytest was stopped before it wrote one; see the log)"
+    return 1
+  fi
   "$PY" - "$1" <<'EOF'
 import sys, xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()
