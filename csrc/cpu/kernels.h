@@ -599,21 +599,40 @@ static inline void squared_distances(const acc_t* m, const acc_t* tj, int64_t st
   }
 }
 
-// The columns row i meets: j > i for the sum (upper), every j for the
-// gradient, within the row's window when there is one.
-static inline void pair_columns(const PairArgs& a, int64_t i, bool upper, int64_t* lo, int64_t* hi) {
-  *lo = upper ? i + 1 : 0;
-  *hi = a.num_present;
-  if (a.window_lo != nullptr) {
-    *lo = std::max(*lo, a.window_lo[i]);
-    *hi = a.window_hi[i];
-  }
-}
-
 // Rows [i0, i1) (at most kPairRows, i0 a multiple of it) meet each block of
 // kPairBlock columns in turn, so that the block stays in L1 while the rows
 // use it: the transposed means (E C values, 2 MiB at C = 32768) are read
-// once per tile of rows, not once per row.
+// once per tile of rows, not once per row. Row i meets the columns j > i
+// (upper: the sum) or every j (the gradient), within its window when there
+// is one; fn(i, j, n) gets each row's columns [j, j + n) of each block, in
+// block order.
+template <typename Fn>
+static void for_each_pair_block(const PairArgs& a, int64_t i0, int64_t i1, bool upper, Fn&& fn) {
+  int64_t lo[kPairRows], hi[kPairRows], begin = a.num_present, end = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    int64_t& l = lo[i - i0];
+    int64_t& h = hi[i - i0];
+    l = upper ? i + 1 : 0;
+    h = a.num_present;
+    if (a.window_lo != nullptr) {
+      l = std::max(l, a.window_lo[i]);
+      h = a.window_hi[i];
+    }
+    if (l < h) {
+      begin = std::min(begin, l);
+      end = std::max(end, h);
+    }
+  }
+  for (int64_t j0 = begin; j0 < end; j0 += kPairBlock) {
+    const int64_t j1 = std::min(j0 + kPairBlock, end);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t j = std::max(j0, lo[i - i0]), n = std::min(j1, hi[i - i0]) - j;
+      if (n > 0) fn(i, j, n);
+    }
+  }
+}
+
+// out[i - i0] = sum over j > i of p_ij^2, rows [i0, i1).
 template <typename acc_t>
 static void pair_rows(const PairArgs& a, int64_t i0, int64_t i1, void* out) {
   const int64_t E = a.embed_dim;
@@ -623,48 +642,33 @@ static void pair_rows(const PairArgs& a, int64_t i0, int64_t i1, void* out) {
   acc_t* row_sum = static_cast<acc_t*>(out);
   unsigned char redo_pair[kPairBlock];
   acc_t d2[kPairBlock];
-  int64_t lo[kPairRows], hi[kPairRows], begin = a.num_present, end = 0;
-  for (int64_t i = i0; i < i1; ++i) {
-    row_sum[i - i0] = 0;
-    pair_columns(a, i, true, &lo[i - i0], &hi[i - i0]);
-    if (lo[i - i0] < hi[i - i0]) {
-      begin = std::min(begin, lo[i - i0]);
-      end = std::max(end, hi[i - i0]);
-    }
-  }
-  for (int64_t j0 = begin; j0 < end; j0 += kPairBlock) {
-    const int64_t n = std::min(kPairBlock, end - j0);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t u0 = std::max<int64_t>(0, lo[i - i0] - j0), u1 = std::min(n, hi[i - i0] - j0);
-      if (u0 >= u1) continue;
-      const int64_t m_lanes = u1 - u0;
-      const acc_t* m = mu + a.present[i] * E;
-      squared_distances(m, t + j0 + u0, a.stride, E, m_lanes, d2);
-      acc_t s = 0;
-      int redo = 0;
+  for (int64_t i = i0; i < i1; ++i) row_sum[i - i0] = 0;
+  for_each_pair_block(a, i0, i1, true, [&](int64_t i, int64_t j, int64_t n) {
+    const acc_t* m = mu + a.present[i] * E;
+    squared_distances(m, t + j, a.stride, E, n, d2);
+    acc_t s = 0;
+    int redo = 0;
 #pragma omp simd reduction(+ : s) reduction(| : redo)
-      for (int64_t u = 0; u < m_lanes; ++u) {
-        const acc_t r = std::sqrt(d2[u]);
-        const bool out_of_range = l2_out_of_range(r);
-        const acc_t p = out_of_range ? acc_t(0) : push_hinge(r, delta_d);
-        redo_pair[u] = out_of_range;
-        redo |= int(out_of_range);
+    for (int64_t u = 0; u < n; ++u) {
+      const acc_t r = std::sqrt(d2[u]);
+      const bool out_of_range = l2_out_of_range(r);
+      const acc_t p = out_of_range ? acc_t(0) : push_hinge(r, delta_d);
+      redo_pair[u] = out_of_range;
+      redo |= int(out_of_range);
+      s += p * p;
+    }
+    if (redo) {
+      for (int64_t u = 0; u < n; ++u) {
+        if (!redo_pair[u]) continue;
+        const acc_t p = push_hinge(mean_distance(m, mu + a.present[j + u] * E, E, 2), delta_d);
         s += p * p;
       }
-      if (redo) {
-        for (int64_t u = 0; u < m_lanes; ++u) {
-          if (!redo_pair[u]) continue;
-          const acc_t p = push_hinge(mean_distance(m, mu + a.present[j0 + u0 + u] * E, E, 2), delta_d);
-          s += p * p;
-        }
-      }
-      row_sum[i - i0] += s;
     }
-  }
+    row_sum[i - i0] += s;
+  });
 }
 
-// grads ((i1 - i0) x E) += scale * d(sum over l != i of p_il^2)/dmu_i, rows
-// [i0, i1) as for pair_rows.
+// grads ((i1 - i0) x E) += scale * d(sum over l != i of p_il^2)/dmu_i, rows [i0, i1).
 template <typename acc_t>
 static void pair_grads(const PairArgs& a, int64_t i0, int64_t i1, double scale_d, void* grads) {
   const int64_t E = a.embed_dim;
@@ -673,51 +677,37 @@ static void pair_grads(const PairArgs& a, int64_t i0, int64_t i1, double scale_d
   const acc_t delta_d = acc_t(a.delta_d), scale = acc_t(scale_d);
   acc_t w[kPairBlock], d2[kPairBlock];
   unsigned char redo_pair[kPairBlock];
-  int64_t lo[kPairRows], hi[kPairRows], begin = a.num_present, end = 0;
-  for (int64_t i = i0; i < i1; ++i) {
-    pair_columns(a, i, false, &lo[i - i0], &hi[i - i0]);
-    if (lo[i - i0] < hi[i - i0]) {
-      begin = std::min(begin, lo[i - i0]);
-      end = std::max(end, hi[i - i0]);
-    }
-  }
-  for (int64_t j0 = begin; j0 < end; j0 += kPairBlock) {
-    const int64_t n = std::min(kPairBlock, end - j0);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t u0 = std::max<int64_t>(0, lo[i - i0] - j0), u1 = std::min(n, hi[i - i0] - j0);
-      if (u0 >= u1) continue;
-      const int64_t m_lanes = u1 - u0;
-      const acc_t* tj = t + j0 + u0;
-      const acc_t* m = mu + a.present[i] * E;
-      acc_t* g = static_cast<acc_t*>(grads) + (i - i0) * E;
-      squared_distances(m, tj, a.stride, E, m_lanes, d2);
-      int redo = 0;
+  for_each_pair_block(a, i0, i1, false, [&](int64_t i, int64_t j, int64_t n) {
+    const acc_t* tj = t + j;
+    const acc_t* m = mu + a.present[i] * E;
+    acc_t* g = static_cast<acc_t*>(grads) + (i - i0) * E;
+    squared_distances(m, tj, a.stride, E, n, d2);
+    int redo = 0;
 #pragma omp simd reduction(| : redo)
-      for (int64_t u = 0; u < m_lanes; ++u) {
-        // d(p^2)/dmu_i = -2 p (mu_i - mu_j) / r: wu, the weight of mu_i - mu_j.
-        const acc_t r = std::sqrt(d2[u]);
-        const acc_t wu = -2 * push_hinge(r, delta_d) * scale / r;
-        const bool out_of_range = l2_out_of_range(r) || !(wu - wu == acc_t(0));  // i itself (r = 0) too
-        w[u] = out_of_range ? acc_t(0) : wu;
-        redo_pair[u] = out_of_range;
-        redo |= int(out_of_range);
-      }
-      for (int64_t e = 0; e < E; ++e) {
-        const acc_t me = m[e];
-        const acc_t* col = tj + e * a.stride;
-        acc_t s = 0;
+    for (int64_t u = 0; u < n; ++u) {
+      // d(p^2)/dmu_i = -2 p (mu_i - mu_j) / r: wu, the weight of mu_i - mu_j.
+      const acc_t r = std::sqrt(d2[u]);
+      const acc_t wu = -2 * push_hinge(r, delta_d) * scale / r;
+      const bool out_of_range = l2_out_of_range(r) || !(wu - wu == acc_t(0));  // i itself (r = 0) too
+      w[u] = out_of_range ? acc_t(0) : wu;
+      redo_pair[u] = out_of_range;
+      redo |= int(out_of_range);
+    }
+    for (int64_t e = 0; e < E; ++e) {
+      const acc_t me = m[e];
+      const acc_t* col = tj + e * a.stride;
+      acc_t s = 0;
 #pragma omp simd reduction(+ : s)
-        for (int64_t u = 0; u < m_lanes; ++u) s += w[u] * (me - col[u]);
-        g[e] += s;
-      }
-      if (redo) {
-        for (int64_t u = 0; u < m_lanes; ++u) {
-          if (!redo_pair[u] || j0 + u0 + u == i) continue;
-          add_push_grad(g, m, mu + a.present[j0 + u0 + u] * E, E, delta_d, 2, scale);
-        }
+      for (int64_t u = 0; u < n; ++u) s += w[u] * (me - col[u]);
+      g[e] += s;
+    }
+    if (redo) {
+      for (int64_t u = 0; u < n; ++u) {
+        if (!redo_pair[u] || j + u == i) continue;
+        add_push_grad(g, m, mu + a.present[j + u] * E, E, delta_d, 2, scale);
       }
     }
-  }
+  });
 }
 
 template <typename scalar_t>
