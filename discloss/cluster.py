@@ -416,6 +416,145 @@ def _find_modes(points, image, points_per_image, priority, score, *, bandwidth_s
     return centres, num_found, point_label
 
 
+def _density_peaks(points, image, points_per_image, priority, image_size, bandwidth_sq, samples, min_density,
+                   most_seeds):
+    """Seeds of the parallel search: the density peaks of each image's sample of points.
+
+    The sample is each image's first ``samples`` points in the hashed order,
+    those that _estimated_density compares every point with; a sampled
+    point's density is estimated as there (the fraction of the sample within
+    the window, times ``image_size`` (B,), the image's foreground pixels),
+    from the (B, samples, samples) distances among the sample alone. A
+    sampled point with density >= ``min_density`` is a peak when no other
+    such point within the window is denser (ties: higher priority). Inside
+    an instance's core the densest sampled point beats the rest, so an
+    instance yields one or a few peaks; a crowd of boundary points yields a
+    peak only where it is denser than everything around it, and a stray
+    point none. At most ``most_seeds`` peaks per image, densest first.
+    Returns (seeds (B, S, E), valid (B, S) bool); two host synchronisations
+    size them.
+    """
+    batch, dim = points_per_image.shape[0], points.shape[1]
+    sampled = _rank_in_image(image, points_per_image, priority) < samples
+    chosen = sampled.nonzero(as_tuple=True)[0]
+    chosen_image = image[chosen]
+    chosen_count = torch.bincount(chosen_image, minlength=batch)
+    most = int(chosen_count.max())  # one synchronisation
+    rows = _padded(points[chosen], chosen_image, chosen_count, most)
+    key_priority = _padded(priority[chosen] + 1, chosen_image, chosen_count, most) - 1  # -1: padding
+    valid = key_priority >= 0
+    # bandwidth^2 - |x - s|^2 = [x, |x|^2, 1] . [2s, -1, bandwidth^2 - |s|^2]: one batched product.
+    squared = (rows * rows).sum(dim=2, keepdim=True)
+    left = torch.cat([rows, squared, torch.ones_like(squared)], dim=2)
+    right = torch.cat([2.0 * rows, -torch.ones_like(squared), bandwidth_sq - squared], dim=2)
+    within = (torch.bmm(left, right.transpose(1, 2)) >= 0) & valid.unsqueeze(1)
+    scale = image_size.to(points.dtype) / chosen_count.clamp(min=1).to(points.dtype)
+    density = within.sum(dim=2).to(points.dtype) * scale.unsqueeze(1)
+    candidate = valid & (density >= min_density)
+    # Rank the sample by (density, priority), densest first; j beats i when its rank is lower.
+    key = torch.where(candidate, density, torch.full_like(density, -1.0))
+    by_priority = key_priority.argsort(dim=1, descending=True, stable=True)
+    order = torch.gather(key, 1, by_priority).argsort(dim=1, descending=True, stable=True)
+    order = torch.gather(by_priority, 1, order)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(most, device=points.device).expand(batch, -1))
+    beaten = (within & candidate.unsqueeze(1) & (rank.unsqueeze(1) < rank.unsqueeze(2))).any(dim=2)
+    peak = candidate & ~beaten
+    count = min(max(int(peak.sum(dim=1).max()), 1), most_seeds)  # one synchronisation
+    # Peaks in rank order: the densest first.
+    peak_order = torch.gather(peak, 1, order).to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :count]
+    pick = torch.gather(order, 1, peak_order)
+    return torch.gather(rows, 1, pick.unsqueeze(2).expand(-1, -1, dim)), torch.gather(peak, 1, pick)
+
+
+def _mean_shift_many(points, image, points_per_image, centres, valid, bandwidth_sq, steps, stop_when_converged):
+    """Flat-kernel mean shift of many centres per image at once, (B, S, E).
+
+    Each step is two batched products over the padded points: distances
+    |x|^2 - 2 x.c + |c|^2 (padding at +inf), then the window sums and
+    counts. Returns the centres and the number of points in each final
+    window, (B, S) (0 where not ``valid``). On CPU the search stops once no
+    centre moves (one host synchronisation per step).
+    """
+    dim = points.shape[1]
+    most = int(points_per_image.max())  # one synchronisation
+    rows = _padded(torch.cat([points, torch.ones_like(points[:, :1])], dim=1), image, points_per_image, most)
+    # bandwidth^2 - |x - c|^2 = [x, |x|^2, 1] . [2c, -1, bandwidth^2 - |c|^2]; padding's |x|^2 is +inf.
+    squared = _padded((points * points).sum(dim=1), image, points_per_image, most)
+    padding = torch.arange(most, device=points.device).unsqueeze(0) >= points_per_image.unsqueeze(1)
+    left = torch.cat([rows[..., :dim], squared.masked_fill(padding, torch.inf).unsqueeze(2), rows[..., dim:]], dim=2)
+    left = left.transpose(1, 2)
+    weight = valid.to(points.dtype).unsqueeze(2)
+    for step in range(steps + 1):
+        centre_sq = (centres * centres).sum(dim=2, keepdim=True)
+        right = torch.cat([2.0 * centres, -torch.ones_like(centre_sq), bandwidth_sq - centre_sq], dim=2)
+        sums = torch.bmm((torch.bmm(right, left) >= 0).to(points.dtype), rows) * weight
+        counts = sums[..., dim]
+        if step == steps:
+            break
+        shifted = torch.where(counts.unsqueeze(2) > 0, sums[..., :dim] / counts.clamp(min=1.0).unsqueeze(2), centres)
+        if stop_when_converged and torch.equal(shifted, centres):
+            break
+        centres = shifted
+    return centres, counts
+
+
+def _file_modes(modes, counts, valid, merge_sq, bandwidth_sq, join_density, capacity):
+    """Which modes are instances, filed densest first: the rule of _add_or_join_mode without a loop.
+
+    A mode joins (is no new instance) when an earlier new mode lies within
+    delta_d (sqrt(merge_sq)) of it; with ``join_density`` also when an
+    earlier new mode within 2*delta_d is _SATELLITE_RATIO times denser, or
+    when it lies within the window of the segment between two earlier new
+    modes each _BRIDGE_RATIO times denser (_beside_a_denser_mode,
+    _on_a_bridge). Whether a mode is new depends only on the modes before
+    it, so iterating the rule from "all new" fixes one more mode each round
+    at least: at most S rounds, usually two or three (one host
+    synchronisation each). The first ``capacity`` new modes are kept.
+    Returns (centres (B, capacity, E), num_found (B,)).
+    """
+    batch, count, dim = modes.shape
+    key = torch.where(valid, counts, torch.full_like(counts, -1.0))
+    order = key.argsort(dim=1, descending=True, stable=True)
+    modes = torch.gather(modes, 1, order.unsqueeze(2).expand(-1, -1, dim))
+    counts, valid = torch.gather(counts, 1, order), torch.gather(valid, 1, order)
+    index = torch.arange(count, device=modes.device)
+    earlier = (index.unsqueeze(1) < index.unsqueeze(0)) & valid.unsqueeze(2)  # [b, i, j]: i before j
+    gram = torch.bmm(modes, modes.transpose(1, 2))
+    squared = gram.diagonal(dim1=1, dim2=2)
+    distance_sq = squared.unsqueeze(2) + squared.unsqueeze(1) - 2.0 * gram
+    joins = earlier & (distance_sq <= merge_sq)
+    bridge = None
+    if join_density:
+        joins = joins | earlier & (distance_sq <= 4.0 * merge_sq) & (
+            counts.unsqueeze(2) >= _SATELLITE_RATIO * counts.unsqueeze(1))
+        # bridge[b, i, k, j]: j within the window of the segment from mode i to mode k.
+        # (m_j - m_i).(m_k - m_i) = G_jk - G_ji - G_ik + G_ii; off^2 = |m_j - m_i|^2 - dot^2 / |m_k - m_i|^2.
+        dot = (gram.unsqueeze(1) - gram.unsqueeze(2) - gram.unsqueeze(3)
+               + squared.unsqueeze(2).unsqueeze(3))  # [b, i, k, j]
+        length_sq = distance_sq.unsqueeze(3)
+        along = dot / length_sq.clamp(min=torch.finfo(modes.dtype).tiny)
+        off_sq = distance_sq.unsqueeze(2) - along * dot
+        denser = earlier & (counts.unsqueeze(2) >= _BRIDGE_RATIO * counts.unsqueeze(1))  # [b, i, j]
+        bridge = (along > 0) & (along < 1) & (off_sq <= bandwidth_sq) & denser.unsqueeze(2) & denser.unsqueeze(1)
+    new = valid
+    for _ in range(count + 1):
+        blocked = (joins & new.unsqueeze(2)).any(dim=1)
+        if bridge is not None:
+            pair = new.unsqueeze(2) & new.unsqueeze(1)
+            blocked = blocked | (bridge & pair.unsqueeze(3)).flatten(1, 2).any(dim=1)
+        updated = valid & ~blocked
+        if torch.equal(updated, new):
+            break
+        new = updated
+    new = new & (torch.cumsum(new.long(), dim=1) <= capacity)
+    slot = torch.cumsum(new.long(), dim=1) - 1
+    centres = modes.new_zeros(batch, capacity + 1, dim)
+    # Modes that are not new go to the spare last slot, which is cut off.
+    target = torch.where(new, slot, torch.full_like(slot, capacity))
+    centres.scatter_(1, target.unsqueeze(2).expand(-1, -1, dim), modes)
+    return centres[:, :capacity], new.sum(dim=1)
+
+
 def _slot_sizes(slot_of_point, image, capacity, batch):
     """Points per (image, slot), (B, capacity); points with slot -1 are not counted."""
     has_slot = slot_of_point >= 0
@@ -620,6 +759,7 @@ def cluster_embeddings(
     assign: str = "claim",
     mode_points: Optional[int] = None,
     neighbour_vote: int = 0,
+    search: str = "sequential",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cluster pixel embeddings into instances, batched, on any device.
 
@@ -763,6 +903,11 @@ def cluster_embeddings(
         raise ValueError(f"neighbour_vote: expected an int >= 0, got {neighbour_vote!r}")
     if neighbour_vote > 0 and assign != "nearest":
         raise ValueError("neighbour_vote: needs assign='nearest'")
+    if search not in ("sequential", "parallel"):
+        raise ValueError(f"search: expected 'sequential' or 'parallel', got {search!r}")
+    if search == "parallel" and not (density_seeds and assign == "nearest"):
+        raise ValueError("search: 'parallel' needs density_seeds=True and assign='nearest' "
+                         "(its seeds are density peaks, and it claims no pixels)")
     batch, dim = embeddings.shape[:2]
     spatial = tuple(embeddings.shape[2:])
     device = embeddings.device
@@ -797,7 +942,7 @@ def cluster_embeddings(
         largest = int(points_per_image.max())  # one synchronisation
         search_min_size = max(1, min_size * min(mode_points, largest) // largest)
     density = None
-    if density_seeds:
+    if density_seeds and search == "sequential":
         density = _estimated_density(search_points, search_image, search_count, priority, bandwidth_sq,
                                      _DENSITY_SAMPLES)
         # In pixels of the whole image, whatever the sample.
@@ -805,11 +950,19 @@ def cluster_embeddings(
                                      search_image)
         priority = torch.where(score >= max(min_size, 1), priority, torch.full_like(priority, -1))
 
-    centres, num_found, point_label = _find_modes(
-        search_points, search_image, search_count, priority, score, bandwidth_sq=bandwidth_sq,
-        threshold_sq=float(threshold) ** 2, merge_sq=float(delta_d) ** 2, mean_shift_steps=mean_shift_steps,
-        max_iterations=max_iterations, min_size=search_min_size, join_density=join == "density",
-        density=density)
+    if search == "parallel":
+        seeds, valid = _density_peaks(search_points, search_image, search_count, priority, points_per_image,
+                                      bandwidth_sq, _DENSITY_SAMPLES, max(min_size, 1), 2 * max_iterations)
+        modes, counts = _mean_shift_many(search_points, search_image, search_count, seeds, valid, bandwidth_sq,
+                                         mean_shift_steps, stop_when_converged=device.type == "cpu")
+        centres, num_found = _file_modes(modes, counts, valid, float(delta_d) ** 2, bandwidth_sq, join == "density",
+                                         max_iterations)
+    else:
+        centres, num_found, point_label = _find_modes(
+            search_points, search_image, search_count, priority, score, bandwidth_sq=bandwidth_sq,
+            threshold_sq=float(threshold) ** 2, merge_sq=float(delta_d) ** 2, mean_shift_steps=mean_shift_steps,
+            max_iterations=max_iterations, min_size=search_min_size, join_density=join == "density",
+            density=density)
     centres = centres[:, :max(int(num_found.max()), 1)]  # one synchronisation
     if assign == "claim":
         slot_of_point, kept, centres = _assign_by_claim(points, image, centres, num_found, point_label, min_size)
