@@ -416,7 +416,7 @@ def _find_modes(points, image, points_per_image, priority, score, *, bandwidth_s
     return centres, num_found, point_label
 
 
-def _density_peaks(points, image, points_per_image, priority, image_size, bandwidth_sq, samples, min_density,
+def _density_peaks(points, image, points_per_image, priority, rank, image_size, bandwidth_sq, samples, min_density,
                    most_seeds):
     """Seeds of the parallel search: the density peaks of each image's sample of points.
 
@@ -431,11 +431,12 @@ def _density_peaks(points, image, points_per_image, priority, image_size, bandwi
     instance yields one or a few peaks; a crowd of boundary points yields a
     peak only where it is denser than everything around it, and a stray
     point none. At most ``most_seeds`` peaks per image, densest first.
-    Returns (seeds (B, S, E), valid (B, S) bool); two host synchronisations
-    size them.
+    ``rank`` (M,) is each point's rank in its image by descending
+    ``priority`` (_rank_in_image). Returns (seeds (B, S, E), valid (B, S)
+    bool); two host synchronisations size them.
     """
     batch, dim = points_per_image.shape[0], points.shape[1]
-    sampled = _rank_in_image(image, points_per_image, priority) < samples
+    sampled = rank < samples
     chosen = sampled.nonzero(as_tuple=True)[0]
     chosen_image = image[chosen]
     chosen_count = torch.bincount(chosen_image, minlength=batch)
@@ -443,26 +444,33 @@ def _density_peaks(points, image, points_per_image, priority, image_size, bandwi
     rows = _padded(points[chosen], chosen_image, chosen_count, most)
     key_priority = _padded(priority[chosen] + 1, chosen_image, chosen_count, most) - 1  # -1: padding
     valid = key_priority >= 0
-    # bandwidth^2 - |x - s|^2 = [x, |x|^2, 1] . [2s, -1, bandwidth^2 - |s|^2]: one batched product.
+    # bandwidth^2 - |x - s|^2 = [x, |x|^2, 1] . [2s, -1, bandwidth^2 - |s|^2]: one batched product;
+    # a padding column is [0, 0, -1], negative for every row.
     squared = (rows * rows).sum(dim=2, keepdim=True)
     left = torch.cat([rows, squared, torch.ones_like(squared)], dim=2)
     right = torch.cat([2.0 * rows, -torch.ones_like(squared), bandwidth_sq - squared], dim=2)
-    within = (torch.bmm(left, right.transpose(1, 2)) >= 0) & valid.unsqueeze(1)
+    right = right.masked_fill(~valid.unsqueeze(2), 0.0)
+    right[..., -1].masked_fill_(~valid, -1.0)
+    product = torch.bmm(left, right.transpose(1, 2))  # (B, samples, samples)
+    # 1.0 within the window, else 0.0: written as floats at once, 4x faster on CPU than a bool
+    # tensor converted or summed.
+    within = torch.ge(product, 0, out=torch.empty_like(product))
     scale = image_size.to(points.dtype) / chosen_count.clamp(min=1).to(points.dtype)
-    density = within.sum(dim=2).to(points.dtype) * scale.unsqueeze(1)
+    density = within.sum(dim=2) * scale.unsqueeze(1)
     candidate = valid & (density >= min_density)
-    # Rank the sample by (density, priority), densest first; j beats i when its rank is lower.
+    # Rank the candidates by (density, priority): value most - rank for the densest, ..., 0
+    # for the rest; i is beaten when a point within its window has a higher value.
     key = torch.where(candidate, density, torch.full_like(density, -1.0))
     by_priority = key_priority.argsort(dim=1, descending=True, stable=True)
-    order = torch.gather(key, 1, by_priority).argsort(dim=1, descending=True, stable=True)
-    order = torch.gather(by_priority, 1, order)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(most, device=points.device).expand(batch, -1))
-    beaten = (within & candidate.unsqueeze(1) & (rank.unsqueeze(1) < rank.unsqueeze(2))).any(dim=2)
+    order = torch.gather(by_priority, 1, torch.gather(key, 1, by_priority).argsort(dim=1, descending=True,
+                                                                                  stable=True))
+    value = torch.arange(most, 0, -1, device=points.device, dtype=points.dtype).expand(batch, -1)
+    value = torch.zeros_like(density).scatter_(1, order, value) * candidate
+    beaten = (within * value.unsqueeze(1)).amax(dim=2) > value
     peak = candidate & ~beaten
     count = min(max(int(peak.sum(dim=1).max()), 1), most_seeds)  # one synchronisation
-    # Peaks in rank order: the densest first.
-    peak_order = torch.gather(peak, 1, order).to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :count]
-    pick = torch.gather(order, 1, peak_order)
+    # Peaks densest first.
+    pick = torch.where(peak, value, torch.zeros_like(value)).argsort(dim=1, descending=True)[:, :count]
     return torch.gather(rows, 1, pick.unsqueeze(2).expand(-1, -1, dim)), torch.gather(peak, 1, pick)
 
 
@@ -586,31 +594,37 @@ def _padded(values, image, points_per_image, most):
     return out
 
 
-def _closeness(points, image, points_per_image, centres, found):
+def _closeness(points, image, points_per_image, centres, found, layout=None):
     """(M, K): |x|^2 - |x - c|^2 = 2 x.c - |c|^2 for each point and its image's centres, -inf where not found.
 
     One padded (B, points, K) batched product, where a (points, K, E)
-    difference tensor would be E times larger; one host synchronisation
-    sizes it.
+    difference tensor would be E times larger. ``layout``: the points'
+    padded rows and positions (_padded_layout), made here when None (one
+    host synchronisation sizes them).
     """
-    most = int(points_per_image.max())  # one synchronisation
-    rows = _padded(torch.cat([points, torch.ones_like(points[:, :1])], dim=1), image, points_per_image, most)
+    rows, position = layout if layout is not None else _padded_layout(points, image, points_per_image)
     columns = torch.cat([2.0 * centres, -(centres * centres).sum(dim=2, keepdim=True)], dim=2)
-    closeness = torch.bmm(rows, columns.transpose(1, 2))[image, _position_in_image(image, points_per_image)]
+    closeness = torch.bmm(rows, columns.transpose(1, 2))[image, position]
     return closeness.masked_fill(~found[image], -torch.inf)
 
 
-def _nearest_found_mode(points, image, points_per_image, centres, found, window_sq):
-    """Index of each point's nearest found centre (-1 if its image has none), and per centre the
-    number of its image's points within sqrt(window_sq), (B, K) float."""
-    closeness = _closeness(points, image, points_per_image, centres, found)
-    squared = (points * points).sum(dim=1, keepdim=True)
-    in_window = _segment_sum((closeness >= squared - window_sq).to(points.dtype), image, points_per_image.shape[0])
+def _padded_layout(points, image, points_per_image):
+    """The rows [x, 1] of each image's points, (B, most, E + 1), and each point's position there."""
+    most = int(points_per_image.max())  # one synchronisation
+    position = _position_in_image(image, points_per_image)
+    rows = points.new_zeros(points_per_image.shape[0], most, points.shape[1] + 1)
+    rows[image, position] = torch.cat([points, torch.ones_like(points[:, :1])], dim=1)
+    return rows, position
+
+
+def _nearest_of(closeness):
+    """Index of the largest closeness per row (the nearest centre), -1 where every entry is -inf."""
     best, nearest = closeness.max(dim=1)
-    return torch.where(torch.isfinite(best), nearest, torch.full_like(nearest, -1)), in_window
+    return torch.where(torch.isfinite(best), nearest, torch.full_like(nearest, -1))
 
 
-def _neighbour_vote(points, image, points_per_image, slot_of_point, centres, kept, reference, neighbours):
+def _neighbour_vote(points, image, points_per_image, slot_of_point, centres, kept, reference, neighbours,
+                    closeness=None):
     """Ambiguous points take the most common instance among their nearest reference points, twice.
 
     A point is ambiguous when its nearest kept centre is not clearly nearer
@@ -622,11 +636,15 @@ def _neighbour_vote(points, image, points_per_image, slot_of_point, centres, kep
     points voted among (the searched sample); each ambiguous point compares
     itself with every reference point of its image: one padded batched
     product per chunk of ambiguous points. The second round sees the first
-    round's votes. Returns (slot_of_point, kept), kept without the centres
-    left with no point.
+    round's votes. ``closeness``: _closeness of the points to ``centres``
+    when known (only the kept centres are read). Returns (slot_of_point,
+    kept), kept without the centres left with no point.
     """
     batch, capacity = kept.shape
-    closeness = _closeness(points, image, points_per_image, centres, kept)
+    if closeness is None:
+        closeness = _closeness(points, image, points_per_image, centres, kept)
+    else:
+        closeness = closeness.masked_fill(~kept[image], -torch.inf)
     two = closeness.topk(min(2, capacity), dim=1).values
     squared = (points * points).sum(dim=1)
     nearest_sq = squared - two[:, 0]
@@ -682,27 +700,34 @@ def _assign_to_nearest(points, image, points_per_image, centres, num_found, min_
     the mean of its points and every point goes to the nearest moved centre
     (a mode is biased towards the side where more boundary points crowd its
     window; the mean of all its points balances the sides). Returns
-    (slot_of_point (M,), kept (B, capacity) bool, centres (B, capacity, E)).
+    (slot_of_point (M,), kept (B, capacity) bool, centres (B, capacity, E),
+    closeness (M, capacity) to the final centres, as _closeness, -inf where
+    a centre was dropped before the step)).
     """
     batch, capacity = centres.shape[:2]
     slot_ids = torch.arange(capacity, device=points.device)
     found = slot_ids.unsqueeze(0) < num_found.unsqueeze(1)
-    slot_of_point, in_window = _nearest_found_mode(points, image, points_per_image, centres, found, bandwidth_sq)
+    layout = _padded_layout(points, image, points_per_image)
+    closeness = _closeness(points, image, points_per_image, centres, found, layout)
+    squared = (points * points).sum(dim=1, keepdim=True)
+    in_window = _segment_sum((closeness >= squared - bandwidth_sq).to(points.dtype), image, batch)
+    slot_of_point = _nearest_of(closeness)
     kept = found & (in_window >= max(min_size, 1))
     kept = kept & (_slot_sizes(torch.where(kept[image, slot_of_point.clamp(min=0)], slot_of_point, -1), image,
                                capacity, batch) >= max(min_size, 1))
-    in_kept = (slot_of_point >= 0) & kept[image, slot_of_point.clamp(min=0)]
-    slot_of_point = _join_nearest(points, image, centres, kept, torch.where(in_kept, slot_of_point, -1))
+    # Points whose nearest mode was dropped join the nearest kept one.
+    slot_of_point = _nearest_of(closeness.masked_fill(~kept[image], -torch.inf))
 
     segment = image * capacity + slot_of_point.clamp(min=0)
     sums = _segment_sum(points * (slot_of_point >= 0).unsqueeze(1).to(points.dtype), segment, batch * capacity)
     sizes = _slot_sizes(slot_of_point, image, capacity, batch)
     means = sums.reshape(batch, capacity, -1) / sizes.clamp(min=1).unsqueeze(2).to(points.dtype)
     centres = torch.where((sizes > 0).unsqueeze(2), means, centres)
-    slot_of_point, _ = _nearest_found_mode(points, image, points_per_image, centres, kept, bandwidth_sq)
+    closeness = _closeness(points, image, points_per_image, centres, kept, layout)
+    slot_of_point = _nearest_of(closeness)
     # A centre that the step left without points is no instance.
     kept = kept & (_slot_sizes(slot_of_point, image, capacity, batch) > 0)
-    return slot_of_point, kept, centres
+    return slot_of_point, kept, centres, closeness
 
 
 def _join_nearest(points, image, centres, kept, slot_of_point):
@@ -739,7 +764,6 @@ def _number_instances(slot_of_point, image, points, centres, kept, delta_v):
     return ids, scores[:, :num_instances]
 
 
-@torch.no_grad()
 def cluster_embeddings(
     embeddings: torch.Tensor,
     foreground: torch.Tensor,
@@ -908,6 +932,21 @@ def cluster_embeddings(
     if search == "parallel" and not (density_seeds and assign == "nearest"):
         raise ValueError("search: 'parallel' needs density_seeds=True and assign='nearest' "
                          "(its seeds are density peaks, and it claims no pixels)")
+    # Inference mode skips autograd's bookkeeping on every op (about 10% of a small image's
+    # time on CPU); the results are cloned outside it so that callers may modify them in place.
+    with torch.inference_mode():
+        labels, scores = _cluster(
+            embeddings, foreground, delta_v=delta_v, delta_d=delta_d, min_size=min_size, bandwidth=bandwidth,
+            threshold=threshold, mean_shift_steps=mean_shift_steps, max_iterations=max_iterations, seed=seed,
+            seed_scores=seed_scores, min_seed_score=min_seed_score, density_seeds=density_seeds, join=join,
+            assign=assign, mode_points=mode_points, neighbour_vote=neighbour_vote, search=search)
+    return labels.clone(), scores.clone()
+
+
+def _cluster(embeddings, foreground, *, delta_v, delta_d, min_size, bandwidth, threshold, mean_shift_steps,
+             max_iterations, seed, seed_scores, min_seed_score, density_seeds, join, assign, mode_points,
+             neighbour_vote, search):
+    """The body of cluster_embeddings, its arguments checked."""
     batch, dim = embeddings.shape[:2]
     spatial = tuple(embeddings.shape[2:])
     device = embeddings.device
@@ -933,8 +972,11 @@ def cluster_embeddings(
     # The modes are searched on all points, or on a sample of each image's
     # (the first mode_points in the hashed order); min_size shrinks with it.
     search_points, search_image, search_count, search_min_size = points, image, points_per_image, min_size
+    search_rank = None
     if mode_points is not None:
-        chosen = _rank_in_image(image, points_per_image, priority) < mode_points
+        rank = _rank_in_image(image, points_per_image, priority)
+        chosen = rank < mode_points
+        search_rank = rank[chosen]  # the sample holds each image's best ranks, in the same order
         search_points, search_image = points[chosen], image[chosen]
         search_count = points_per_image.clamp(max=mode_points)
         priority = priority[chosen]
@@ -951,7 +993,8 @@ def cluster_embeddings(
         priority = torch.where(score >= max(min_size, 1), priority, torch.full_like(priority, -1))
 
     if search == "parallel":
-        seeds, valid = _density_peaks(search_points, search_image, search_count, priority, points_per_image,
+        rank = search_rank if search_rank is not None else _rank_in_image(search_image, search_count, priority)
+        seeds, valid = _density_peaks(search_points, search_image, search_count, priority, rank, points_per_image,
                                       bandwidth_sq, _DENSITY_SAMPLES, max(min_size, 1), 2 * max_iterations)
         modes, counts = _mean_shift_many(search_points, search_image, search_count, seeds, valid, bandwidth_sq,
                                          mean_shift_steps, stop_when_converged=device.type == "cpu")
@@ -967,12 +1010,12 @@ def cluster_embeddings(
     if assign == "claim":
         slot_of_point, kept, centres = _assign_by_claim(points, image, centres, num_found, point_label, min_size)
     else:
-        slot_of_point, kept, centres = _assign_to_nearest(points, image, points_per_image, centres, num_found,
-                                                           min_size, bandwidth_sq)
+        slot_of_point, kept, centres, closeness = _assign_to_nearest(points, image, points_per_image, centres,
+                                                                      num_found, min_size, bandwidth_sq)
         if neighbour_vote > 0:
             reference = chosen if mode_points is not None else torch.ones_like(slot_of_point, dtype=torch.bool)
             slot_of_point, kept = _neighbour_vote(points, image, points_per_image, slot_of_point, centres, kept,
-                                                  reference, neighbour_vote)
+                                                  reference, neighbour_vote, closeness)
     ids, scores = _number_instances(slot_of_point, image, points, centres, kept, delta_v)
     labels_flat[image, pixel] = ids
     return labels_flat.reshape((batch,) + spatial), scores

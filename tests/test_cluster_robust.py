@@ -60,7 +60,7 @@ def test_assign_to_nearest_matches_a_plain_reference(trial):
     centres = torch.randn(2, capacity, dim, generator=generator, dtype=torch.float64) * 2.5
     points = centres[image, torch.randint(0, 3, (image.numel(),), generator=generator)]
     points = points + torch.randn(image.numel(), dim, generator=generator, dtype=torch.float64) * 0.6
-    slot, kept, _ = _assign_to_nearest(points, image, torch.tensor(counts), centres, torch.tensor(found), min_size,
+    slot, kept, _, _ = _assign_to_nearest(points, image, torch.tensor(counts), centres, torch.tensor(found), min_size,
                                        window_sq)
     start = 0
     for b, n in enumerate(counts):
