@@ -116,6 +116,12 @@ def _per_point(values: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     return values.index_select(0, image)
 
 
+def _at(values: torch.Tensor, image: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """``values[image, slot]`` for (B, N, ...) ``values``: one index_select of the flattened rows,
+    several times faster on CPU than advanced indexing."""
+    return values.flatten(0, 1).index_select(0, image * values.shape[1] + slot)
+
+
 def _seed_priority(pixel: torch.Tensor, seed: int) -> torch.Tensor:
     """A pseudo-random order of pixel positions: distinct values for distinct positions < 2**32.
 
@@ -438,11 +444,11 @@ def _density_peaks(points, image, points_per_image, priority, rank, image_size, 
     batch, dim = points_per_image.shape[0], points.shape[1]
     sampled = rank < samples
     chosen = sampled.nonzero(as_tuple=True)[0]
-    chosen_image = image[chosen]
+    chosen_image = image.index_select(0, chosen)
     chosen_count = torch.bincount(chosen_image, minlength=batch)
     most = int(chosen_count.max())  # one synchronisation
-    rows = _padded(points[chosen], chosen_image, chosen_count, most)
-    key_priority = _padded(priority[chosen] + 1, chosen_image, chosen_count, most) - 1  # -1: padding
+    rows = _padded(points.index_select(0, chosen), chosen_image, chosen_count, most)
+    key_priority = _padded(priority.index_select(0, chosen) + 1, chosen_image, chosen_count, most) - 1  # -1: padding
     valid = key_priority >= 0
     # bandwidth^2 - |x - s|^2 = [x, |x|^2, 1] . [2s, -1, bandwidth^2 - |s|^2]: one batched product;
     # a padding column is [0, 0, -1], negative for every row.
@@ -583,14 +589,14 @@ def _assign_by_claim(points, image, centres, num_found, point_label, min_size):
     sizes = _slot_sizes(point_label - 1, image, capacity, batch)
     kept = (sizes >= max(min_size, 1)) & (slot_ids.unsqueeze(0) < num_found.unsqueeze(1))
     slot_of_point = point_label - 1
-    in_kept = (slot_of_point >= 0) & kept[image, slot_of_point.clamp(min=0)]
+    in_kept = (slot_of_point >= 0) & _at(kept, image, slot_of_point.clamp(min=0))
     return _join_nearest(points, image, centres, kept, torch.where(in_kept, slot_of_point, -1)), kept, centres
 
 
 def _padded(values, image, points_per_image, most):
     """Rows of ``values`` (M, ...) grouped by image, as (B, most, ...) with zeros after each image's rows."""
     out = values.new_zeros((points_per_image.shape[0], most) + tuple(values.shape[1:]))
-    out[image, _position_in_image(image, points_per_image)] = values
+    out.flatten(0, 1).index_copy_(0, image * most + _position_in_image(image, points_per_image), values)
     return out
 
 
@@ -599,22 +605,23 @@ def _closeness(points, image, points_per_image, centres, found, layout=None):
 
     One padded (B, points, K) batched product, where a (points, K, E)
     difference tensor would be E times larger. ``layout``: the points'
-    padded rows and positions (_padded_layout), made here when None (one
-    host synchronisation sizes them).
+    padded rows and where each point lies among them (_padded_layout), made
+    here when None (one host synchronisation sizes them).
     """
-    rows, position = layout if layout is not None else _padded_layout(points, image, points_per_image)
+    rows, where = layout if layout is not None else _padded_layout(points, image, points_per_image)
     columns = torch.cat([2.0 * centres, -(centres * centres).sum(dim=2, keepdim=True)], dim=2)
-    closeness = torch.bmm(rows, columns.transpose(1, 2))[image, position]
-    return closeness.masked_fill(~found[image], -torch.inf)
+    closeness = torch.bmm(rows, columns.transpose(1, 2)).flatten(0, 1).index_select(0, where)
+    return closeness.masked_fill(~_per_point(found, image), -torch.inf)
 
 
 def _padded_layout(points, image, points_per_image):
-    """The rows [x, 1] of each image's points, (B, most, E + 1), and each point's position there."""
+    """The rows [x, 1] of each image's points, (B, most, E + 1), and each point's row there
+    (image * most + position in the image)."""
     most = int(points_per_image.max())  # one synchronisation
-    position = _position_in_image(image, points_per_image)
+    where = image * most + _position_in_image(image, points_per_image)
     rows = points.new_zeros(points_per_image.shape[0], most, points.shape[1] + 1)
-    rows[image, position] = torch.cat([points, torch.ones_like(points[:, :1])], dim=1)
-    return rows, position
+    rows.flatten(0, 1).index_copy_(0, where, torch.cat([points, torch.ones_like(points[:, :1])], dim=1))
+    return rows, where
 
 
 def _nearest_of(closeness):
@@ -644,7 +651,7 @@ def _neighbour_vote(points, image, points_per_image, slot_of_point, centres, kep
     if closeness is None:
         closeness = _closeness(points, image, points_per_image, centres, kept)
     else:
-        closeness = closeness.masked_fill(~kept[image], -torch.inf)
+        closeness = closeness.masked_fill(~_per_point(kept, image), -torch.inf)
     two = closeness.topk(min(2, capacity), dim=1).values
     squared = (points * points).sum(dim=1)
     nearest_sq = squared - two[:, 0]
@@ -654,17 +661,19 @@ def _neighbour_vote(points, image, points_per_image, slot_of_point, centres, kep
     if which.numel() == 0:
         return slot_of_point, kept
     reference_index = reference.nonzero(as_tuple=True)[0]
-    reference_count = torch.bincount(image[reference_index], minlength=batch)
+    reference_image, reference_points = image.index_select(0, reference_index), points.index_select(0, reference_index)
+    reference_count = torch.bincount(reference_image, minlength=batch)
     most_reference = int(reference_count.max())  # one synchronisation
     # |r|^2 - 2 x.r ranks the reference points r by distance to x; padding at +inf.
-    columns = _padded(torch.cat([-2.0 * points[reference_index], (points[reference_index] ** 2).sum(1, keepdim=True)],
-                                dim=1), image[reference_index], reference_count, most_reference)
+    columns = _padded(torch.cat([-2.0 * reference_points, (reference_points ** 2).sum(1, keepdim=True)], dim=1),
+                      reference_image, reference_count, most_reference)
     padding = torch.arange(most_reference, device=points.device).unsqueeze(0) >= reference_count.unsqueeze(1)
     columns[..., -1].masked_fill_(padding, torch.inf)
-    global_index = _padded(reference_index, image[reference_index], reference_count, most_reference)
-    asking_count = torch.bincount(image[which], minlength=batch)
+    global_index = _padded(reference_index, reference_image, reference_count, most_reference)
+    asking_image, asking_points = image.index_select(0, which), points.index_select(0, which)
+    asking_count = torch.bincount(asking_image, minlength=batch)
     most_asking = int(asking_count.max())  # one synchronisation
-    rows = _padded(torch.cat([points[which], torch.ones_like(points[which, :1])], dim=1), image[which],
+    rows = _padded(torch.cat([asking_points, torch.ones_like(asking_points[:, :1])], dim=1), asking_image,
                    asking_count, most_asking)
     k = min(neighbours, most_reference)
     nearest = torch.empty(batch, most_asking, k, dtype=torch.long, device=points.device)
@@ -676,15 +685,14 @@ def _neighbour_vote(points, image, points_per_image, slot_of_point, centres, kep
         nearest[:, first:first + chunk] = closest.indices
         # An image with fewer than k reference points also gets padding, which must not vote.
         real[:, first:first + chunk] = torch.isfinite(closest.values)
-    asking_position = _position_in_image(image[which], asking_count)
+    asking_position = _position_in_image(asking_image, asking_count)
     voters = torch.gather(global_index, 1, nearest.flatten(1)).reshape(batch, most_asking, k)
-    voters = voters[image[which], asking_position]  # (A, k) point indices
-    weight = real[image[which], asking_position].to(points.dtype)
+    voters = _at(voters, asking_image, asking_position).flatten()  # (A * k,) point indices
+    weight = _at(real, asking_image, asking_position).to(points.dtype)
     for _ in range(2):
         votes = torch.zeros(which.numel(), capacity, dtype=points.dtype, device=points.device)
-        votes.scatter_add_(1, slot_of_point[voters].clamp(min=0), weight)
-        slot_of_point = slot_of_point.clone()
-        slot_of_point[which] = votes.argmax(dim=1)
+        votes.scatter_add_(1, slot_of_point.index_select(0, voters).reshape(-1, k).clamp(min=0), weight)
+        slot_of_point = slot_of_point.index_copy(0, which, votes.argmax(dim=1))
     kept = kept & (_slot_sizes(slot_of_point, image, capacity, batch) > 0)
     return slot_of_point, kept
 
@@ -713,10 +721,10 @@ def _assign_to_nearest(points, image, points_per_image, centres, num_found, min_
     in_window = _segment_sum((closeness >= squared - bandwidth_sq).to(points.dtype), image, batch)
     slot_of_point = _nearest_of(closeness)
     kept = found & (in_window >= max(min_size, 1))
-    kept = kept & (_slot_sizes(torch.where(kept[image, slot_of_point.clamp(min=0)], slot_of_point, -1), image,
+    kept = kept & (_slot_sizes(torch.where(_at(kept, image, slot_of_point.clamp(min=0)), slot_of_point, -1), image,
                                capacity, batch) >= max(min_size, 1))
     # Points whose nearest mode was dropped join the nearest kept one.
-    slot_of_point = _nearest_of(closeness.masked_fill(~kept[image], -torch.inf))
+    slot_of_point = _nearest_of(closeness.masked_fill(~_per_point(kept, image), -torch.inf))
 
     segment = image * capacity + slot_of_point.clamp(min=0)
     sums = _segment_sum(points * (slot_of_point >= 0).unsqueeze(1).to(points.dtype), segment, batch * capacity)
@@ -749,8 +757,8 @@ def _number_instances(slot_of_point, image, points, centres, kept, delta_v):
     new_id = torch.cumsum(kept.long(), dim=1) * kept.long()  # (B, capacity), 0 for dropped
     has_slot = slot_of_point >= 0
     safe_slot = slot_of_point.clamp(min=0)
-    ids = torch.where(has_slot, new_id[image, safe_slot], torch.zeros_like(safe_slot))
-    offsets = points - centres[image, safe_slot]
+    ids = torch.where(has_slot, _at(new_id, image, safe_slot), torch.zeros_like(safe_slot))
+    offsets = points - _at(centres, image, safe_slot)
     within = ((offsets * offsets).sum(dim=1) <= float(delta_v) ** 2) & has_slot
     segment = image * capacity + safe_slot
     totals = _segment_sum(has_slot.to(points.dtype), segment, batch * capacity).reshape(batch, capacity)
@@ -964,7 +972,7 @@ def _cluster(embeddings, foreground, *, delta_v, delta_d, min_size, bandwidth, t
     score = None
     if seed_scores is not None:
         # Compared as given (no rounding to float32 that could make ties).
-        score = seed_scores.detach().reshape(batch, -1)[image, pixel]
+        score = seed_scores.detach().reshape(-1).index_select(0, image * flat.shape[2] + pixel)
         score = torch.nan_to_num(score, nan=-torch.inf)
         if min_seed_score is not None:
             # Below the threshold a pixel is never open: -inf, like a visited one.
@@ -976,11 +984,12 @@ def _cluster(embeddings, foreground, *, delta_v, delta_d, min_size, bandwidth, t
     if mode_points is not None:
         rank = _rank_in_image(image, points_per_image, priority)
         chosen = rank < mode_points
-        search_rank = rank[chosen]  # the sample holds each image's best ranks, in the same order
-        search_points, search_image = points[chosen], image[chosen]
+        index = chosen.nonzero(as_tuple=True)[0]  # one synchronisation
+        search_rank = rank.index_select(0, index)  # the sample holds each image's best ranks, in the same order
+        search_points, search_image = points.index_select(0, index), image.index_select(0, index)
         search_count = points_per_image.clamp(max=mode_points)
-        priority = priority[chosen]
-        score = None if score is None else score[chosen]
+        priority = priority.index_select(0, index)
+        score = None if score is None else score.index_select(0, index)
         largest = int(points_per_image.max())  # one synchronisation
         search_min_size = max(1, min_size * min(mode_points, largest) // largest)
     density = None
@@ -1017,5 +1026,5 @@ def _cluster(embeddings, foreground, *, delta_v, delta_d, min_size, bandwidth, t
             slot_of_point, kept = _neighbour_vote(points, image, points_per_image, slot_of_point, centres, kept,
                                                   reference, neighbour_vote, closeness)
     ids, scores = _number_instances(slot_of_point, image, points, centres, kept, delta_v)
-    labels_flat[image, pixel] = ids
+    labels_flat.view(-1).index_copy_(0, image * labels_flat.shape[1] + pixel, ids)
     return labels_flat.reshape((batch,) + spatial), scores
