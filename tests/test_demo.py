@@ -21,7 +21,8 @@ def test_demo_smoke(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "step     4/4" in printed and "seediness" in printed
     assert result["steps"] == 4
-    for suffix, mode in (("", "hashed"), ("_seediness_order", "seediness-order"), ("_seediness", "seediness")):
+    for suffix, mode in (("", "hashed"), ("_seediness_order", "seediness-order"), ("_seediness", "seediness"),
+                         ("_robust", "robust")):
         assert 0.0 <= result["sbd" + suffix] <= 1.0 and result["abs_dic" + suffix] >= 0.0
         assert f"{mode} seeds: mean SBD {result['sbd' + suffix]:.3f}" in printed
 

@@ -11,9 +11,10 @@ clustering each pixel is; see ``seediness_loss``). At test time the
 foreground mask selects the pixels that ``cluster_embeddings`` groups into
 instances, and the result is scored with Symmetric Best Dice (SBD) and
 |DiC| on 50 held-out images, once per seed mode: hashed (the clustering's
-own pixel order), seediness-order (seeds in descending seediness) and
+own pixel order), seediness-order (seeds in descending seediness),
 seediness (the same, among pixels of seediness >= ``--min-seed-score``
-only).
+only) and robust (``evaluation.ROBUST_OPTIONS``: the clustering made for
+touching instances, which needs no seediness).
 
 To fit the CPU budget the defaults train and evaluate at 128 x 128 pixels:
 ``ScatteredSticks(image_size=128)``, the 256 x 256 sticks geometry scaled by

@@ -179,7 +179,8 @@ def _run_rank(args: argparse.Namespace, context: distributed.Context) -> dict:
         "world_size": context.world_size,
     }
     # "sbd" and "abs_dic": hashed seeds, as before seediness existed.
-    for mode, suffix in (("hashed", ""), ("seediness-order", "_seediness_order"), ("seediness", "_seediness")):
+    for mode, suffix in (("hashed", ""), ("seediness-order", "_seediness_order"), ("seediness", "_seediness"),
+                         ("robust", "_robust")):
         sbd, abs_dic = scores[mode]
         result["sbd" + suffix] = float(sbd.mean())
         result["abs_dic" + suffix] = float(abs_dic.float().mean())

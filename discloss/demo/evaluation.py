@@ -11,17 +11,25 @@ from ..cluster import cluster_embeddings
 from ..data import ScatteredSticks
 from .model import StickNet
 
-__all__ = ["SEED_MODES", "Prediction", "predict", "evaluate"]
+__all__ = ["SEED_MODES", "ROBUST_OPTIONS", "Prediction", "predict", "evaluate"]
 
 # How cluster_embeddings picks its seeds: in its hashed pixel order; in
-# descending seediness (the head's probability); or in descending seediness
-# among the pixels whose seediness reaches --min-seed-score only.
-SEED_MODES = ("hashed", "seediness-order", "seediness")
+# descending seediness (the head's probability); in descending seediness
+# among the pixels whose seediness reaches --min-seed-score only; or
+# "robust": the clustering made for touching instances (density peaks as
+# seeds, searched in parallel, satellites and bridges joined, every pixel to
+# its nearest centre and one Lloyd step, ambiguous pixels by a vote of their
+# 16 nearest; see cluster_embeddings), which needs no seediness.
+SEED_MODES = ("hashed", "seediness-order", "seediness", "robust")
+ROBUST_OPTIONS = dict(density_seeds=True, join="density", assign="nearest", mode_points=4096, neighbour_vote=16,
+                      search="parallel")
 
 
 def _seed_options(mode: str, seediness: torch.Tensor, args) -> dict:
     if mode == "hashed":
         return {}
+    if mode == "robust":
+        return dict(ROBUST_OPTIONS)
     if mode == "seediness-order":
         return {"seed_scores": seediness}
     if mode == "seediness":
