@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from discloss import metrics
-from discloss.cluster import (_density_peaks, _file_modes, _mean_shift_many, _rank_in_image, _seed_priority,
-                              cluster_embeddings)
+from discloss.cluster import (_PEAK_RADIUS, _density_peaks, _file_modes, _mean_shift_many, _rank_in_image,
+                              _seed_priority, cluster_embeddings)
 from discloss.data import ScatteredSticks
 
 from test_cluster import trained_like_embeddings
@@ -31,13 +31,14 @@ def two_images(counts, dim, seed, spread=3.0, groups=4):
 # ----------------------------------------------------------------------------- seeds: density peaks
 
 def reference_peaks(points, priority, image_size, window_sq, samples, min_density, most_seeds=None):
-    """One image, in Python floats: the documented peaks, densest first (ties: higher priority)."""
+    """One image, in Python floats: the documented peaks, densest first (ties: higher priority):
+    no denser candidate within _PEAK_RADIUS of the window."""
     sample = sorted(range(len(points)), key=lambda i: -priority[i])[:samples]
     scale = image_size / len(sample)
     density = {i: scale * sum(squared(points[i], points[j]) <= window_sq for j in sample) for i in sample}
     candidates = [i for i in sample if density[i] >= min_density]
     peaks = [i for i in candidates
-             if not any(squared(points[i], points[j]) <= window_sq
+             if not any(squared(points[i], points[j]) <= _PEAK_RADIUS ** 2 * window_sq
                         and (density[j], priority[j]) > (density[i], priority[i]) for j in candidates)]
     peaks.sort(key=lambda i: (-density[i], -priority[i]))
     return [points[i] for i in peaks[:most_seeds]]
