@@ -41,6 +41,8 @@ _ASSIGN_CHUNK = 1 << 16
 # distances formed at once there.
 _DENSITY_SAMPLES = 512
 _DENSITY_CHUNK = 1 << 22
+# search="parallel": the most (sample x sample) distances formed at once.
+_PEAK_CHUNK = 1 << 18
 # join="density": how many times denser than a new mode a mode found before
 # must be for the new one to count as its satellite (within 2*delta_d) or as
 # a bridge between two of them (within the window of their segment). Real
@@ -468,12 +470,19 @@ def _density_peaks(points, image, points_per_image, priority, rank, image_size, 
     right = torch.cat([2.0 * rows, -torch.ones_like(squared), bandwidth_sq - squared], dim=2)
     right = right.masked_fill(~valid.unsqueeze(2), 0.0)
     right[..., -1].masked_fill_(~valid, -1.0)
-    product = torch.bmm(left, right.transpose(1, 2))  # (B, samples, samples)
+    right = right.transpose(1, 2)
+    # The (samples x samples) products in chunks of images that stay in cache (1 MiB: one image
+    # of 512 samples in float32), each made twice (for the densities, then for the peaks) when
+    # there is more than one chunk: 5x faster for a batch of 10 than one product of the batch.
+    step = max(1, _PEAK_CHUNK // max(most * most, 1))
+    chunks = [slice(first, first + step) for first in range(0, batch, step)]
+    products = [torch.bmm(left[chunk], right[chunk]) for chunk in chunks[:1]]  # (chunk, samples, samples)
     # 1.0 within the window, else 0.0: written as floats at once, 4x faster on CPU than a bool
     # tensor converted or summed.
-    within = torch.ge(product, 0, out=torch.empty_like(product))
+    density = torch.cat([torch.ge(product, 0, out=torch.empty_like(product)).sum(dim=2)
+                         for product in products + [torch.bmm(left[chunk], right[chunk]) for chunk in chunks[1:]]])
     scale = image_size.to(points.dtype) / chosen_count.clamp(min=1).to(points.dtype)
-    density = within.sum(dim=2) * scale.unsqueeze(1)
+    density = density * scale.unsqueeze(1)
     candidate = valid & (density >= min_density)
     # Rank the candidates by (density, priority): value most - rank for the densest, ..., 0
     # for the rest; i is beaten when a point within its window has a higher value.
@@ -484,8 +493,13 @@ def _density_peaks(points, image, points_per_image, priority, rank, image_size, 
     value = torch.arange(most, 0, -1, device=points.device, dtype=points.dtype).expand(batch, -1)
     value = torch.zeros_like(density).scatter_(1, order, value) * candidate
     # d^2 <= (_PEAK_RADIUS * bandwidth)^2  <=>  bandwidth^2 - d^2 >= (1 - _PEAK_RADIUS^2) * bandwidth^2
-    near = torch.ge(product, (1.0 - _PEAK_RADIUS ** 2) * bandwidth_sq, out=torch.empty_like(product))
-    beaten = (near * value.unsqueeze(1)).amax(dim=2) > value
+    threshold = (1.0 - _PEAK_RADIUS ** 2) * bandwidth_sq
+    beaten = []
+    for index, chunk in enumerate(chunks):
+        product = products[0] if len(chunks) == 1 else torch.bmm(left[chunk], right[chunk])
+        near = torch.ge(product, threshold, out=torch.empty_like(product))
+        beaten.append((near * value[chunk].unsqueeze(1)).amax(dim=2) > value[chunk])
+    beaten = torch.cat(beaten)
     peak = candidate & ~beaten
     count = min(max(int(peak.sum(dim=1).max()), 1), most_seeds)  # one synchronisation
     # Peaks densest first.
