@@ -10,6 +10,14 @@ torch.utils.benchmark:
   push      dense ids with unlabeled_push=1 (the background pixels are the unlabeled
             ones), on label maps with about 20% background, against the plain
             loss on the same maps (plain20)
+  push_s    the same with the unlabeled pixels scattered: label maps without
+            background (the Voronoi grid's spare cells striped with the
+            instances' ids), then 20% of the pixels, drawn at random, set to 0
+            (plain20s the plain loss on them)
+  *_near    the push cases with the embeddings scaled by 0.1: every unlabeled
+            pixel then lies within delta_d of every mean (the push active on
+            every pair, as early in training); the N(0, 1) embeddings of the
+            other rows lie about 4 from every mean, beyond delta_d = 1.5
   unhinged  dense ids with hinge_pull=False
 
 and the memory floor of DESIGN's issue: 3 reads + 1 write of the embeddings
@@ -62,19 +70,28 @@ def main() -> None:
     labels20 = torch.stack([W.voronoi_labels(cfg.spatial, cfg.instances, gen20, background_fraction=0.2)
                             for _ in range(cfg.batch)]).to(dev)
     unlabeled = float((labels20 == 0).double().mean())
+    gen_s = torch.Generator().manual_seed(3)
+    full = torch.stack([W.voronoi_labels(cfg.spatial, cfg.instances, gen_s, background_fraction=0.0)
+                        for _ in range(cfg.batch)])
+    stripes = (torch.arange(full.numel()) // 4096 % cfg.instances + 1).view(full.shape)  # the grid's spare cells
+    full = torch.where(full == 0, stripes, full)
+    scattered = torch.where(torch.rand(full.shape, generator=gen_s) < 0.2, torch.zeros_like(full), full).to(dev)
+    unlabeled_s = float((scattered == 0).double().mean())
+    x_near = (0.1 * x.detach()).requires_grad_(True)
     K = cfg.instances
 
-    def step(labels, k, **kw):
+    def step(labels, k, emb=x, **kw):
         def call():
-            terms = discloss.discriminative_loss(x, labels, max_instances=k, validate=False, **kw)
-            (g,) = torch.autograd.grad(sum(terms), x)
+            terms = discloss.discriminative_loss(emb, labels, max_instances=k, validate=False, **kw)
+            (g,) = torch.autograd.grad(sum(terms), emb)
             return g
         return call
 
     print(f"# discloss variants, {cfg.name}: B={cfg.batch} E={cfg.embed_dim} {cfg.shape_str} K={K} float32, "
           f"fwd+bwd, device={dev}, threads={torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
           f"load {os.getloadavg()[0]:.2f}, torch {torch.__version__}")
-    print(f"# push cases: unlabeled (background) pixels {100 * unlabeled:.1f}%")
+    print(f"# push cases: unlabeled pixels {100 * unlabeled:.1f}% (background regions), "
+          f"{100 * unlabeled_s:.1f}% (scattered, _s)")
     bw = M.copy_bandwidth(dev, cfg.embedding_bytes(torch.float32), min_run_time=args.min_run_time)
     floor = W.floor_bytes(cfg, torch.float32, torch.int64, "fwdbwd") / bw
     print(f"# copy bandwidth {bw / 1e9:.1f} GB/s -> floor {1e3 * floor:.1f} ms")
@@ -83,15 +100,21 @@ def main() -> None:
         ("sparse", step(sparse, K)),
         ("plain20", step(labels20, K + 1)),
         ("push20", step(labels20, K + 1, unlabeled_push=1.0)),
+        ("plain20s", step(scattered, K + 1)),
+        ("push20s", step(scattered, K + 1, unlabeled_push=1.0)),
+        ("push20_near", step(labels20, K + 1, emb=x_near, unlabeled_push=1.0)),
+        ("push20s_near", step(scattered, K + 1, emb=x_near, unlabeled_push=1.0)),
         ("unhinged", step(dense, K + 1, hinge_pull=False)),
     ]
     results = {}
-    print("| case | median ms | x floor | x dense |")
-    print("|---|---|---|---|")
+    plain_of = {"push20": "plain20", "push20s": "plain20s", "push20_near": "plain20", "push20s_near": "plain20s"}
+    print("| case | median ms | x floor | x dense | x plain, same labels |")
+    print("|---|---|---|---|---|")
     for name, call in rows:
         results[name] = median_s(call, args.min_run_time)
         t = results[name]
-        print(f"| {name} | {1e3 * t:.1f} | {t / floor:.2f} | {t / results['dense']:.2f} |", flush=True)
+        vs_plain = f"{t / results[plain_of[name]]:.2f}" if name in plain_of else ""
+        print(f"| {name} | {1e3 * t:.1f} | {t / floor:.2f} | {t / results['dense']:.2f} | {vs_plain} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -63,11 +63,23 @@ struct ChunkArgs {
   void* push;
   void* push_grad;
   const void* push_coef;
-  void* push_scratch;  // pass 3 with the push: E * kPushBlock accumulators of the chunk
+  // With the push, the chunk's scratch of push_scratch_elems values of the
+  // accumulation type (kernels.h).
+  void* push_scratch;
 };
 
-// Unlabeled pixels per block of the push gradient (pass 3).
+// Unlabeled pixels gathered at a time for the push (kernels.h), and the
+// row stride of their E components: 16 times an odd number, so that the
+// rows of one column fall in different L1 sets.
 constexpr int64_t kPushBlock = 512;
+constexpr int64_t kPushStride = kPushBlock + 16;
+
+// The push's scratch: the gathered pixels U (E x kPushStride), their
+// squared norms and norms (2 x kPushStride), the means' squared norms and
+// norms (2 x K), and in pass 3 the gradient accumulators (E x kPushStride).
+constexpr int64_t push_scratch_elems(int64_t E, int64_t K, bool pass3) {
+  return (E + 2) * kPushStride + 2 * K + (pass3 ? E * kPushStride : 0);
+}
 
 // The pair step of dist under L2 (paper mode) for one image: its present
 // clusters' means, also transposed (E rows of C, for vector lanes across

@@ -288,18 +288,18 @@ static inline void fix_overflowed_coefs(const scalar_t* x, const PixelLayout& L,
   }
 }
 
-// For a run against the mean mu: (h_j, coef_j) = hinge_of(||x_j - mu||),
+// With r[s .. t) = ||x_j - mu|| (run_norms): (h_j, coef_j) = hinge_of(r_j),
 // grad[e] += sum_j coef_j u_je (u = x - mu for L2, its sign for L1), and the
-// sum of h_j^2 returned. The pull (pass 2) and the unlabeled push share it.
+// sum of h_j^2 returned.
 template <typename scalar_t, int kNorm, bool kUnit, typename HingeOf>
-static inline typename AccOf<scalar_t>::type run_hinge_sums(const scalar_t* x, const PixelLayout& L, PixelOffsets o,
-                                                            InnerStride<kUnit> in,
-                                                            const typename AccOf<scalar_t>::type* mu, int64_t s,
-                                                            int64_t t, typename AccOf<scalar_t>::type* r,
-                                                            typename AccOf<scalar_t>::type* coef, HingeOf hinge_of,
-                                                            typename AccOf<scalar_t>::type* grad) {
+static inline typename AccOf<scalar_t>::type hinge_sums_of_norms(const scalar_t* x, const PixelLayout& L,
+                                                                 PixelOffsets o, InnerStride<kUnit> in,
+                                                                 const typename AccOf<scalar_t>::type* mu, int64_t s,
+                                                                 int64_t t, const typename AccOf<scalar_t>::type* r,
+                                                                 typename AccOf<scalar_t>::type* coef,
+                                                                 HingeOf hinge_of,
+                                                                 typename AccOf<scalar_t>::type* grad) {
   using acc_t = typename AccOf<scalar_t>::type;
-  run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r);
   acc_t h2 = 0;
   int overflow = 0;
 #pragma omp simd reduction(+ : h2) reduction(| : overflow)
@@ -325,6 +325,331 @@ static inline typename AccOf<scalar_t>::type run_hinge_sums(const scalar_t* x, c
     grad[e] += g;
   }
   return h2;
+}
+
+// The same for a run of pixels, norms included. The pull (pass 2) uses it.
+template <typename scalar_t, int kNorm, bool kUnit, typename HingeOf>
+static inline typename AccOf<scalar_t>::type run_hinge_sums(const scalar_t* x, const PixelLayout& L, PixelOffsets o,
+                                                            InnerStride<kUnit> in,
+                                                            const typename AccOf<scalar_t>::type* mu, int64_t s,
+                                                            int64_t t, typename AccOf<scalar_t>::type* r,
+                                                            typename AccOf<scalar_t>::type* coef, HingeOf hinge_of,
+                                                            typename AccOf<scalar_t>::type* grad) {
+  run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r);
+  return hinge_sums_of_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r, coef, hinge_of, grad);
+}
+
+// ---- the unlabeled push: gathered pixels against the clusters ------------------
+// Every unlabeled pixel meets every cluster present, O(N_U C E): the one term
+// of the loss that is not a stream. The unlabeled pixels of a segment are
+// gathered, kPushBlock at a time, into U (E rows of kPushStride values of
+// the accumulation type), so that scattered pixels cost what coherent ones
+// do; kPushLanes of them meet kPushGroup means at once, held in registers
+// over the components. A (cluster, lanes) block whose every pixel lies at
+// least delta_d from the mean has q = 0 throughout and adds nothing: it is
+// skipped, the common case once training has pushed the unlabeled pixels
+// away. Under L2 a Gram test decides that first, ||x||^2 + ||mu||^2 - 2 x.mu
+// with a rounding margin (one FMA per component, half the work of the
+// differences); a group of means it cannot rule out gets its norm terms
+// summed exactly as run_norms does, and the blocks among them with a pixel
+// within delta_d take the exact code of the pull, on U.
+
+template <typename acc_t>
+constexpr int64_t kPushLanes = 64 / int64_t(sizeof(acc_t));  // one cache line
+constexpr int kPushGroup = 4;
+
+// Summed norm terms at or above this bound give q = 0. L1: the sum is r,
+// and r >= delta_d makes delta_d - r <= 0 exactly. L2: the sum is r^2, and
+// r^2 >= fl(delta_d^2) (1 + 2^-20) > delta_d^2 makes the correctly rounded
+// sqrt >= delta_d; the range fix only refines an r that overflowed, and
+// then the true r is also >= delta_d (the bound is finite). NaN (never
+// skip) where delta_d^2 is not a normal number.
+template <typename acc_t>
+static inline acc_t push_skip_bound(acc_t delta_d, int norm) {
+  if (norm == 1) return delta_d;
+  const acc_t b = delta_d * delta_d * (acc_t(1) + acc_t(1) / acc_t(1 << 20));
+  const bool normal = b >= acc_t(1e-30) && b - b == acc_t(0);
+  return normal ? b : acc_t(NAN);
+}
+
+// U[e * kPushStride + u] = x_e at segment position at[u], u < n; the lanes
+// up to the next multiple of kPushLanes are zeroed (computed, never used).
+// Rows E and E + 1 of U: the pixels' squared norms and norms (the tests).
+template <typename scalar_t, bool kUnit>
+static inline void gather_pixels(const scalar_t* x, const PixelLayout& L, PixelOffsets o, InnerStride<kUnit> in,
+                                 const int32_t* at, int64_t n, typename AccOf<scalar_t>::type* U) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  constexpr int64_t kL = kPushLanes<acc_t>;
+  const int64_t padded = (n + kL - 1) / kL * kL;
+  acc_t* sq = U + L.embed_dim * kPushStride;
+  for (int64_t u = 0; u < padded; ++u) sq[u] = 0;
+  for (int64_t e = 0; e < L.embed_dim; ++e) {
+    const scalar_t* xe = x + o.x + e * L.x_embed_stride;
+    acc_t* ue = U + e * kPushStride;
+    for (int64_t u = 0; u < n; ++u) ue[u] = to_acc(xe[at[u] * in.xs()]);
+    for (int64_t u = n; u < padded; ++u) ue[u] = 0;
+#pragma omp simd
+    for (int64_t u = 0; u < padded; ++u) sq[u] += ue[u] * ue[u];
+  }
+  acc_t* norm = sq + kPushStride;
+#pragma omp simd
+  for (int64_t u = 0; u < padded; ++u) norm[u] = std::sqrt(sq[u]);
+}
+
+// Two tests under L2 rule out (cluster, lanes) blocks before the norm
+// terms are summed, each a lower bound on ||x - mu|| with a rounding margin
+// kappa = 4(E + 2)u, u the unit roundoff (at least twice what the sums
+// below can be off by). First the norms: ||x - mu|| >= | ||x|| - ||mu|| |,
+// a few operations per pair, decisive when pixels and means differ in
+// norm. Then the Gram test, one FMA per component and pair, decisive
+// whenever the block is out of reach. A block that passes both is summed
+// exactly and skipped or not by its sums: the tests only save work.
+//
+// The Gram test: with S = ||x||^2 + ||mu||^2 and dot = x.mu as
+// computed (components in order, each sum off by at most gamma_E S in
+// total), t = S * keep - 2 dot <= (true r^2)(1 + u) when keep = 1 - 4(E +
+// 2)u, u the unit roundoff; the exact sum of run_norms is at least (true
+// r^2)(1 - gamma_E). So t >= bound (1 + 4(E + 2)u), t finite, implies that
+// sum >= bound: the block would be skipped by the exact test too. Off (keep
+// 0) when the margin is not small or the exact test is off.
+// The norm test: ||x|| and ||mu|| as computed are each within (E / 2 + 2)u
+// of the truth (relative), so t = | ||x|| - ||mu|| | - kappa (||x|| + ||mu||)
+// <= the true difference; t >= sqrt(bound (1 + kappa)) (1 + kappa) makes
+// the true r^2 >= bound (1 + kappa) >= the Gram test's bound.
+template <typename acc_t>
+struct PushTests {
+  acc_t keep, gram_bound;   // Gram test
+  acc_t kappa, norm_bound;  // norm test
+  bool on;                  // off under L1, or when the margin is not small or the exact test is off
+};
+template <typename acc_t>
+static inline PushTests<acc_t> push_tests(acc_t exact_bound, int64_t E, int norm) {
+  const acc_t u = sizeof(acc_t) == 4 ? acc_t(5.9604644775390625e-08) : acc_t(1.1102230246251565e-16);
+  const acc_t kappa = acc_t(4) * acc_t(E + 2) * u;
+  if (norm != 2 || !(kappa < acc_t(0.25)) || exact_bound != exact_bound) return {0, 0, 0, 0, false};
+  const acc_t gram_bound = exact_bound * (acc_t(1) + kappa);
+  return {acc_t(1) - kappa, gram_bound, kappa, std::sqrt(gram_bound) * (acc_t(1) + kappa), true};
+}
+
+// Bit g set when the norm test cannot rule out one of the first nv pixels
+// (norms nx) against mean g (norm nm[g]).
+template <typename acc_t>
+static inline unsigned push_norms_near(const acc_t* nx, int64_t nv, const acc_t* nm, PushTests<acc_t> test) {
+  constexpr int64_t kL = kPushLanes<acc_t>;
+  unsigned mask = 0;
+  for (int g = 0; g < kPushGroup; ++g) {
+    int near = 0;
+    if (nv == kL) {
+#pragma omp simd reduction(| : near)
+      for (int64_t v = 0; v < kL; ++v) {
+        const acc_t t = std::fabs(nx[v] - nm[g]) - test.kappa * (nx[v] + nm[g]);
+        near |= int(t < test.norm_bound) | int(t != t);
+      }
+    } else {
+      for (int64_t v = 0; v < nv; ++v) {
+        const acc_t t = std::fabs(nx[v] - nm[g]) - test.kappa * (nx[v] + nm[g]);
+        near |= int(t < test.norm_bound) | int(t != t);
+      }
+    }
+    mask |= near ? 1u << g : 0u;
+  }
+  return mask;
+}
+
+// Bit g set when the Gram test cannot rule out pixel u0 + v (v < nv) of U
+// against mu[g] (norms sq_mu[g]), for kPushGroup means and kPushLanes pixels.
+template <typename acc_t>
+static inline unsigned push_gram_near(const acc_t* U, int64_t E, int64_t u0, int64_t nv, const acc_t* const* mu,
+                                      const acc_t* sq_mu, PushTests<acc_t> test) {
+  constexpr int64_t kL = kPushLanes<acc_t>;
+  constexpr acc_t kMax = sizeof(acc_t) == 4 ? acc_t(3.4028234663852886e+38) : acc_t(1.7976931348623157e+308);
+  acc_t acc[kPushGroup][kL] = {};
+  for (int64_t e = 0; e < E; ++e) {
+    const acc_t* col = U + e * kPushStride + u0;
+#pragma GCC unroll 4
+    for (int g = 0; g < kPushGroup; ++g) {
+      const acc_t me = mu[g][e];
+#pragma omp simd
+      for (int64_t v = 0; v < kL; ++v) acc[g][v] += me * col[v];
+    }
+  }
+  const acc_t* sq = U + E * kPushStride + u0;
+  unsigned mask = 0;
+  for (int g = 0; g < kPushGroup; ++g) {
+    int near = 0;  // (a < b, a != a, a > b: forms that vectorize)
+    if (nv == kL) {
+#pragma omp simd reduction(| : near)
+      for (int64_t v = 0; v < kL; ++v) {
+        const acc_t t = (sq[v] + sq_mu[g]) * test.keep - 2 * acc[g][v];
+        near |= int(t < test.gram_bound) | int(t != t) | int(t > kMax);
+      }
+    } else {
+      for (int64_t v = 0; v < nv; ++v) {
+        const acc_t t = (sq[v] + sq_mu[g]) * test.keep - 2 * acc[g][v];
+        near |= int(t < test.gram_bound) | int(t != t) | int(t > kMax);
+      }
+    }
+    mask |= near ? 1u << g : 0u;
+  }
+  return mask;
+}
+
+// d[g][v] = the norm terms of pixel u0 + v of U against mu[g], summed over
+// the components in order, for kPushGroup means and kPushLanes pixels;
+// returns bit g set when one of the first nv pixels has !(d[g][v] >=
+// bound) (NaN included). Fixed trip counts: the sums stay in registers and
+// the test is a few vector compares.
+template <typename acc_t, int kNorm>
+static inline unsigned push_norm_terms(const acc_t* U, int64_t E, int64_t u0, const acc_t* const* mu,
+                                       int64_t nv, acc_t bound, acc_t (*d)[kPushLanes<acc_t>]) {
+  constexpr int64_t kL = kPushLanes<acc_t>;
+  acc_t acc[kPushGroup][kL] = {};
+  for (int64_t e = 0; e < E; ++e) {
+    const acc_t* col = U + e * kPushStride + u0;
+#pragma GCC unroll 4
+    for (int g = 0; g < kPushGroup; ++g) {
+      const acc_t me = mu[g][e];
+#pragma omp simd
+      for (int64_t v = 0; v < kL; ++v) acc[g][v] += norm_term<acc_t>(col[v] - me, kNorm);
+    }
+  }
+  unsigned mask = 0;
+  for (int g = 0; g < kPushGroup; ++g) {
+    // (written so that it vectorizes: a < b and a != a, not !(a >= b))
+    int near = 0;
+    if (nv == kL) {
+#pragma omp simd reduction(| : near)
+      for (int64_t v = 0; v < kL; ++v) near |= int(acc[g][v] < bound) | int(acc[g][v] != acc[g][v]);
+    } else {
+      for (int64_t v = 0; v < nv; ++v) near |= int(!(acc[g][v] >= bound));
+    }
+    mask |= near ? 1u << g : 0u;
+#pragma omp simd
+    for (int64_t v = 0; v < kL; ++v) d[g][v] = acc[g][v];
+  }
+  return mask;
+}
+
+// For the n pixels in U (the push scratch, gather_pixels): calls fn(k, mu, u0, u1) for each (cluster k
+// present, lanes [u0, u1)) block with a pixel that may lie within delta_d
+// of the mean mu, r[u0 .. u1) its pixels' norms (L2: with the range fix),
+// clusters in present order for each block of lanes.
+template <typename acc_t, int kNorm, typename Fn>
+static inline void for_each_push_block(const ChunkArgs& a, const PixelLayout& LU, acc_t* U, int64_t n,
+                                       acc_t* r, Fn&& fn) {
+  constexpr int64_t kL = kPushLanes<acc_t>;
+  const int64_t E = LU.embed_dim, C = a.num_present;
+  const acc_t* means = static_cast<const acc_t*>(a.means);
+  const acc_t bound = push_skip_bound(acc_t(a.config->delta_d), kNorm);
+  const PushTests<acc_t> tests = push_tests(bound, E, kNorm);
+  const acc_t* norm_x = U + (E + 1) * kPushStride;
+  acc_t* sq_mu = U + (E + 2) * kPushStride;  // the scratch after U and its norms
+  acc_t* norm_mu = sq_mu + a.config->num_slots;
+  if (tests.on) {
+    for (int64_t pi = 0; pi < C; ++pi) {
+      const acc_t* m = means + a.present[pi] * E;
+      acc_t s = 0;
+      for (int64_t e = 0; e < E; ++e) s += m[e] * m[e];
+      sq_mu[pi] = s;
+      norm_mu[pi] = std::sqrt(s);
+    }
+  }
+  const InnerStride<true> in{1, 1};
+  acc_t d[kPushGroup][kL];
+  for (int64_t u0 = 0; u0 < n; u0 += kL) {
+    const int64_t u1 = n < u0 + kL ? n : u0 + kL;
+    for (int64_t pi = 0; pi < C; pi += kPushGroup) {
+      const acc_t* mu[kPushGroup];
+      acc_t sq_g[kPushGroup], norm_g[kPushGroup];
+      for (int g = 0; g < kPushGroup; ++g) {
+        const int64_t i = pi + g < C ? pi + g : C - 1;
+        mu[g] = means + a.present[i] * E;
+        sq_g[g] = sq_mu[i];
+        norm_g[g] = norm_mu[i];
+      }
+      if (tests.on && (push_norms_near<acc_t>(norm_x + u0, u1 - u0, norm_g, tests) == 0 ||
+                       push_gram_near<acc_t>(U, E, u0, u1 - u0, mu, sq_g, tests) == 0)) {
+        continue;
+      }
+      const unsigned near = push_norm_terms<acc_t, kNorm>(U, E, u0, mu, u1 - u0, bound, d);
+      if (near == 0) continue;
+      for (int g = 0; g < kPushGroup && pi + g < C; ++g) {
+        if (!(near >> g & 1u)) continue;
+        for (int64_t v = 0; v < u1 - u0; ++v) r[u0 + v] = d[g][v];
+        finish_norms<acc_t, kNorm, true>(U, LU, PixelOffsets{0, 0, 0}, in, mu[g], u0, u1, r);
+        fn(a.present[pi + g], mu[g], u0, u1);
+      }
+    }
+  }
+}
+
+// The layout of U for the code written for pixels: components kPushStride apart.
+static inline PixelLayout gathered_layout(const PixelLayout& L) {
+  PixelLayout LU = L;
+  LU.x_embed_stride = kPushStride;
+  return LU;
+}
+
+// Pass 2: the push's sums of q^2 and of d(q^2)/dx over the n pixels in U.
+template <typename acc_t, int kNorm>
+static void push_sums(const ChunkArgs& a, acc_t* U, int64_t n, acc_t* r, acc_t* coef) {
+  const PixelLayout LU = gathered_layout(*a.layout);
+  const int64_t E = LU.embed_dim;
+  const acc_t delta_d = acc_t(a.config->delta_d);
+  acc_t* push = static_cast<acc_t*>(a.push);
+  acc_t* push_grad = static_cast<acc_t*>(a.push_grad);
+  for_each_push_block<acc_t, kNorm>(a, LU, U, n, r, [&](int64_t k, const acc_t* mu, int64_t u0, int64_t u1) {
+    push[k] += hinge_sums_of_norms<acc_t, kNorm, true>(
+        U, LU, PixelOffsets{0, 0, 0}, InnerStride<true>{1, 1}, mu, u0, u1, r, coef,
+        [&](acc_t rj) { return unlabeled_hinge(rj, delta_d, kNorm); }, push_grad + k * E);
+  });
+}
+
+// Pass 3: buf[e * kPushStride + u] = w * sum over the clusters of d(q^2)/dx_e
+// for the n pixels in U (clusters in present order for each pixel).
+template <typename acc_t, int kNorm>
+static void push_grads(const ChunkArgs& a, acc_t* U, int64_t n, acc_t w, acc_t* r, acc_t* coef, acc_t* buf) {
+  const PixelLayout LU = gathered_layout(*a.layout);
+  const int64_t E = LU.embed_dim;
+  const acc_t delta_d = acc_t(a.config->delta_d);
+  const InnerStride<true> in{1, 1};
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t u = 0; u < n; ++u) buf[e * kPushStride + u] = 0;
+  }
+  for_each_push_block<acc_t, kNorm>(a, LU, U, n, r, [&](int64_t, const acc_t* mu, int64_t u0, int64_t u1) {
+    int overflow = 0;
+#pragma omp simd reduction(| : overflow)
+    for (int64_t u = u0; u < u1; ++u) {
+      coef[u] = w * unlabeled_hinge(r[u], delta_d, kNorm).coef;
+      overflow |= coef_overflowed(coef[u], r[u]) ? 1 : 0;
+    }
+    if (kNorm == 2 && overflow) {
+      fix_overflowed_coefs<acc_t, true>(
+          U, LU, PixelOffsets{0, 0, 0}, in, mu, u0, u1, r, coef,
+          [&](acc_t rj) { return unlabeled_hinge(rj, delta_d, kNorm); }, w,
+          [&](int64_t u, int64_t e, acc_t v) { buf[e * kPushStride + u] += v; });
+    }
+    for (int64_t e = 0; e < E; ++e) {
+      const acc_t* ue = U + e * kPushStride;
+      acc_t* be = buf + e * kPushStride;
+      const acc_t m = mu[e];
+#pragma omp simd
+      for (int64_t u = u0; u < u1; ++u) {
+        const acc_t d = ue[u] - m;
+        be[u] += coef[u] * (kNorm == 2 ? d : norm_grad(d, acc_t(0), 1));
+      }
+    }
+  });
+}
+
+// Positions of a segment's unlabeled pixels (slot kIgnored), ascending; their count.
+static inline int64_t unlabeled_positions(const int64_t* slots, int64_t len, int32_t* at) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    at[n] = int32_t(j);
+    n += slots[j] == kIgnored ? 1 : 0;
+  }
+  return n;
 }
 
 // ---- pass 1: per-slot sums of x and counts ---------------------------------
@@ -393,83 +718,22 @@ static void hinge_sums_impl(const ChunkArgs& a) {
           hinge_grad + k * E);
     });
     if (a.push == nullptr || a.num_present == 0) return;
-    // Unlabeled push: every unlabeled pixel against every cluster present,
-    // O(E) per pair; the segment is re-read from cache once per cluster.
-    acc_t* push = static_cast<acc_t*>(a.push);
-    acc_t* push_grad = static_cast<acc_t*>(a.push_grad);
-    const acc_t delta_d = acc_t(a.config->delta_d);
-    for_each_run<false>(slots, len, [&](int64_t s, int64_t t, int64_t slot) {
-      if (slot != kIgnored) return;
-      for (int64_t pi = 0; pi < a.num_present; ++pi) {
-        const int64_t k = a.present[pi];
-        push[k] += run_hinge_sums<scalar_t, kNorm, kUnit>(
-            x, L, o, in, means + k * E, s, t, r, coef, [&](acc_t rj) { return unlabeled_hinge(rj, delta_d, kNorm); },
-            push_grad + k * E);
-      }
-    });
+    acc_t* U = static_cast<acc_t*>(a.push_scratch);
+    int32_t at[kTile];
+    const int64_t nu = unlabeled_positions(slots, len, at);
+    for (int64_t b0 = 0; b0 < nu; b0 += kPushBlock) {
+      const int64_t n = nu - b0 < kPushBlock ? nu - b0 : kPushBlock;
+      gather_pixels<scalar_t, kUnit>(x, L, o, in, at + b0, n, U);
+      push_sums<acc_t, kNorm>(a, U, n, r, coef);
+    }
   });
 }
 
-// ---- pass 3, unlabeled pixels: the gradient of the push -----------------------
-// grad x_i = w * sum_c d(q_ic^2)/dx_i for the unlabeled pixels [s, t) of a
-// segment, in blocks of kPushBlock pixels whose E gradient rows are
-// accumulated in buf (the chunk's push_scratch) over the clusters present,
-// then written once.
-
-// (No std containers or algorithms in this header: their inline code would be
-// compiled per instruction set and one copy picked by the linker for both.)
-template <typename scalar_t, int kNorm, bool kUnit>
-static void write_push_grad(const ChunkArgs& a, PixelOffsets o, int64_t s, int64_t t,
-                            typename AccOf<scalar_t>::type w, typename AccOf<scalar_t>::type* r,
-                            typename AccOf<scalar_t>::type* coef, typename AccOf<scalar_t>::type* buf) {
-  using acc_t = typename AccOf<scalar_t>::type;
-  const PixelLayout& L = *a.layout;
-  const int64_t E = L.embed_dim;
-  const scalar_t* x = static_cast<const scalar_t*>(a.x) + a.image * L.x_batch_stride;
-  scalar_t* grad = static_cast<scalar_t*>(a.grad) + a.image * L.grad_batch_stride;
-  const acc_t* means = static_cast<const acc_t*>(a.means);
-  const acc_t delta_d = acc_t(a.config->delta_d);
-  const InnerStride<kUnit> in{L.x_strides[L.ndim - 1], L.grad_strides[L.ndim - 1]};
-  for (int64_t s0 = s; s0 < t; s0 += kPushBlock) {
-    const int64_t t0 = t < s0 + kPushBlock ? t : s0 + kPushBlock;
-    const int64_t n = t0 - s0;
-    for (int64_t i = 0; i < n * E; ++i) buf[i] = 0;
-    for (int64_t pi = 0; pi < a.num_present; ++pi) {
-      const acc_t* mu = means + a.present[pi] * E;
-      run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s0, t0, r);
-      int overflow = 0;
-#pragma omp simd reduction(| : overflow)
-      for (int64_t j = s0; j < t0; ++j) {
-        coef[j] = w * unlabeled_hinge(r[j], delta_d, kNorm).coef;
-        overflow |= coef_overflowed(coef[j], r[j]) ? 1 : 0;
-      }
-      if (kNorm == 2 && overflow) {
-        fix_overflowed_coefs<scalar_t, kUnit>(
-            x, L, o, in, mu, s0, t0, r, coef, [&](acc_t rj) { return unlabeled_hinge(rj, delta_d, kNorm); }, w,
-            [&](int64_t j, int64_t e, acc_t v) { buf[e * n + j - s0] += v; });
-      }
-      for (int64_t e = 0; e < E; ++e) {
-        const scalar_t* xe = x + o.x + e * L.x_embed_stride;
-        acc_t* be = buf + e * n - s0;
-        const acc_t m = mu[e];
-#pragma omp simd
-        for (int64_t j = s0; j < t0; ++j) {
-          const acc_t d = to_acc(xe[j * in.xs()]) - m;
-          be[j] += coef[j] * (kNorm == 2 ? d : norm_grad(d, acc_t(0), 1));
-        }
-      }
-    }
-    for (int64_t e = 0; e < E; ++e) {
-      scalar_t* ge = grad + o.grad + e * L.grad_embed_stride;
-      const acc_t* be = buf + e * n - s0;
-      for (int64_t j = s0; j < t0; ++j) ge[j * in.gs()] = from_acc(be[j], static_cast<scalar_t*>(nullptr));
-    }
-  }
-}
-
 // ---- pass 3: the gradient ----------------------------------------------------
-// grad x_i = var_coef[c] * d(h_i^2)/dx_i + mean_coef[c]; 0 for ignored pixels.
-// Reads each embedding once from memory and writes each gradient element once.
+// grad x_i = var_coef[c] * d(h_i^2)/dx_i + mean_coef[c]; 0 for ignored
+// pixels, or with the push w * sum_c d(q_ic^2)/dx_i for the unlabeled ones
+// (gathered after the segment's runs). Reads each embedding once from
+// memory and writes each gradient element once.
 template <typename scalar_t, int kNorm, bool kUnit>
 static void write_grad_impl(const ChunkArgs& a) {
   using acc_t = typename AccOf<scalar_t>::type;
@@ -486,7 +750,9 @@ static void write_grad_impl(const ChunkArgs& a) {
   int64_t slots[kTile];
   acc_t r[kTile];
   acc_t coef[kTile];
-  acc_t* push_buf = static_cast<acc_t*>(a.push_scratch);
+  const bool with_push = push_coef != nullptr && a.num_present > 0;
+  acc_t* U = static_cast<acc_t*>(a.push_scratch);
+  acc_t* push_buf = U + push_scratch_elems(L.embed_dim, a.config->num_slots, false);
   for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
     segment_slots(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, slots, a.bad);
     int64_t s = 0;
@@ -494,8 +760,7 @@ static void write_grad_impl(const ChunkArgs& a) {
       int64_t t = s + 1;
       while (t < len && slots[t] == slots[s]) ++t;
       const int64_t k = slots[s];
-      if (k == kIgnored && push_coef != nullptr && a.num_present > 0) {
-        write_push_grad<scalar_t, kNorm, kUnit>(a, o, s, t, push_coef[0], r, coef, push_buf);
+      if (k == kIgnored && with_push) {  // below
         s = t;
         continue;
       }
@@ -526,6 +791,19 @@ static void write_grad_impl(const ChunkArgs& a) {
         }
       }
       s = t;
+    }
+    if (!with_push) return;
+    int32_t at[kTile];
+    const int64_t nu = unlabeled_positions(slots, len, at);
+    for (int64_t b0 = 0; b0 < nu; b0 += kPushBlock) {
+      const int64_t n = nu - b0 < kPushBlock ? nu - b0 : kPushBlock;
+      gather_pixels<scalar_t, kUnit>(x, L, o, in, at + b0, n, U);
+      push_grads<acc_t, kNorm>(a, U, n, push_coef[0], r, coef, push_buf);
+      for (int64_t e = 0; e < E; ++e) {
+        scalar_t* ge = grad + o.grad + e * L.grad_embed_stride;
+        const acc_t* be = push_buf + e * kPushStride;
+        for (int64_t u = 0; u < n; ++u) ge[at[b0 + u] * in.gs()] = from_acc(be[u], static_cast<scalar_t*>(nullptr));
+      }
     }
   });
 }

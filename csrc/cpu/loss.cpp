@@ -686,11 +686,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       a.means = means_p + a.image * K * E;
       a.hinge = part_hinge_p + t * K;
       a.hinge_grad = part_p + t * K * E;
+      std::vector<acc_t> scratch;
       if (with_push) {
+        scratch.resize(static_cast<size_t>(push_scratch_elems(E, K, false)));
         a.present = present[a.image].data();
         a.num_present = static_cast<int64_t>(present[a.image].size());
         a.push = part_push.data_ptr<acc_t>() + t * K;
         a.push_grad = part_push_grad.data_ptr<acc_t>() + t * K * E;
+        a.push_scratch = scratch.data();
       }
       kern.hinge_sums(a);
     });
@@ -783,7 +786,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_var, const at::Tensor& grad_dist,
       a.mean_coef = mean_coef_p + a.image * K * E;
       std::vector<acc_t> scratch;
       if (with_push) {
-        scratch.resize(static_cast<size_t>(E * kPushBlock));
+        scratch.resize(static_cast<size_t>(push_scratch_elems(E, K, true)));
         a.present = present[a.image].data();
         a.num_present = static_cast<int64_t>(present[a.image].size());
         a.push_coef = push_coef_p + a.image;
