@@ -17,7 +17,14 @@ torch.utils.benchmark:
   *_near    the push cases with the embeddings scaled by 0.1: every unlabeled
             pixel then lies within delta_d of every mean (the push active on
             every pair, as early in training); the N(0, 1) embeddings of the
-            other rows lie about 4 from every mean, beyond delta_d = 1.5
+            other rows lie about 4 from every mean, beyond delta_d = 1.5,
+            and differ from the means in norm (about 4 against 0.1)
+  *_trained embeddings as training leaves them: each instance's pixels around
+            its own mean, the unlabeled pixels around 16 means of their own
+            (objects nobody labelled, in stripes of 4 rows), all means random on a sphere of
+            radius 3 (about 4.2 apart), noise 0.15 per component: pixels and
+            means alike in norm, the unlabeled ones out of every mean's reach
+            (plain*_trained: the plain loss on the same embeddings)
   unhinged  dense ids with hinge_pull=False
 
 and the memory floor of DESIGN's issue: 3 reads + 1 write of the embeddings
@@ -78,6 +85,19 @@ def main() -> None:
     scattered = torch.where(torch.rand(full.shape, generator=gen_s) < 0.2, torch.zeros_like(full), full).to(dev)
     unlabeled_s = float((scattered == 0).double().mean())
     x_near = (0.1 * x.detach()).requires_grad_(True)
+
+    def trained(labels):
+        g = torch.Generator().manual_seed(4)
+        B, E, K = cfg.batch, cfg.embed_dim, cfg.instances
+        means = torch.randn(B, K + 1 + 16, E, generator=g)
+        means = 3.0 * means / means.norm(dim=-1, keepdim=True)
+        lab = labels.cpu().reshape(B, -1)
+        own = K + 1 + torch.arange(lab.shape[1]).expand_as(lab) // 2048 % 16  # unlabeled pixels' objects: stripes
+        which = torch.where(lab == 0, own, lab)
+        emb = torch.gather(means, 1, which[..., None].expand(-1, -1, E)) + 0.15 * torch.randn(B, lab.shape[1], E, generator=g)
+        return emb.transpose(1, 2).reshape(x.shape).contiguous().to(dev).requires_grad_(True)
+
+    x_tr20, x_trs = trained(labels20), trained(scattered)
     K = cfg.instances
 
     def step(labels, k, emb=x, **kw):
@@ -104,10 +124,15 @@ def main() -> None:
         ("push20s", step(scattered, K + 1, unlabeled_push=1.0)),
         ("push20_near", step(labels20, K + 1, emb=x_near, unlabeled_push=1.0)),
         ("push20s_near", step(scattered, K + 1, emb=x_near, unlabeled_push=1.0)),
+        ("plain20_trained", step(labels20, K + 1, emb=x_tr20)),
+        ("push20_trained", step(labels20, K + 1, emb=x_tr20, unlabeled_push=1.0)),
+        ("plain20s_trained", step(scattered, K + 1, emb=x_trs)),
+        ("push20s_trained", step(scattered, K + 1, emb=x_trs, unlabeled_push=1.0)),
         ("unhinged", step(dense, K + 1, hinge_pull=False)),
     ]
     results = {}
-    plain_of = {"push20": "plain20", "push20s": "plain20s", "push20_near": "plain20", "push20s_near": "plain20s"}
+    plain_of = {"push20": "plain20", "push20s": "plain20s", "push20_near": "plain20", "push20s_near": "plain20s",
+                "push20_trained": "plain20_trained", "push20s_trained": "plain20s_trained"}
     print("| case | median ms | x floor | x dense | x plain, same labels |")
     print("|---|---|---|---|---|")
     for name, call in rows:

@@ -27,16 +27,17 @@ def spread_means(g, C, E, offset):
     return means + offset * shift / shift.norm()
 
 
-def edge_case(dtype, *, offset=0.0, radial=False, edge=1.0, seed=0, C=7, E=5, width=1500):
+def edge_case(dtype, *, offset=0.0, radial=False, edge=1.0, repeat=1, seed=0, C=7, E=5, width=1504):
     """One image (E, 3, width): rows of labelled pixels (exactly their means)
     and unlabeled ones (label 0), about 40% per row. A fraction edge of the
     unlabeled pixels lie at distance delta_d (1 + s) from one mean, |s| in
     [1e-4, 3e-3], inside or outside the hinge; the others far from every
     mean (20 delta_d outward when radial, else 3 delta_d away). radial:
-    along the mean's own direction, else a random one."""
+    along the mean's own direction, else a random one. repeat: every pixel
+    repeated that many times along the row (16: each 16 lanes the same pixel)."""
     g = torch.Generator().manual_seed(seed)
     means = spread_means(g, C, E, offset)
-    n = 3 * width
+    n = 3 * width // repeat
     labels = torch.randint(1, C + 1, (n,), generator=g)
     unlabeled = torch.rand(n, generator=g) < 0.4
     near = torch.randint(0, C, (n,), generator=g)
@@ -58,8 +59,9 @@ def edge_case(dtype, *, offset=0.0, radial=False, edge=1.0, seed=0, C=7, E=5, wi
     x = means[labels - 1].clone()
     x[unlabeled] = means[near[unlabeled]] + r[unlabeled][:, None] * direction[unlabeled]
     labels[unlabeled] = 0
+    x, labels, keep = (t.repeat_interleave(repeat, 0) for t in (x, labels, unlabeled & is_edge))
     x = x.to(dtype).T.reshape(1, E, 3, width).contiguous()
-    return x, labels.reshape(1, 3, width), (unlabeled & is_edge).reshape(1, 3, width)
+    return x, labels.reshape(1, 3, width), keep.reshape(1, 3, width)
 
 
 def run(x, labels, **kw):
@@ -70,15 +72,18 @@ def run(x, labels, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("offset, radial", [(0.0, False), (1e3, False), (1e5, True), (0.0, True)])
+@pytest.mark.parametrize("offset, radial, repeat", [(0.0, False, 1), (1e3, False, 1), (1e5, True, 1), (0.0, True, 1),
+                                                    (1e5, False, 16)])
 @pytest.mark.parametrize("edge", [1.0, 1 / 16])
-def test_pairs_at_the_hinge_edge_are_kept(dtype, offset, radial, edge):
+def test_pairs_at_the_hinge_edge_are_kept(dtype, offset, radial, repeat, edge):
     # Far from the origin, ||x||^2 + ||mu||^2 - 2 x.mu cancels (float32:
     # about 0.3 off on r^2 = 2.25 at offset 1e3); along the mean's direction,
-    # | ||x|| - ||mu|| | equals r (float32 norms about 5e-3 off at 1e5). A test without its margin drops pairs
-    # inside the hinge there, and their pixels' gradients go to 0, when the
-    # other pixels of their 16 lanes are ruled out too (edge = 1/16).
-    x, labels, unlabeled = edge_case(dtype, offset=offset, radial=radial, edge=edge)
+    # | ||x|| - ||mu|| | equals r (float32 norms about 5e-3 off at 1e5); 16
+    # lanes of one pixel make a ball of radius 0 whose centre is r from the
+    # mean. A test without its margin drops pairs inside the hinge there, and
+    # their pixels' gradients go to 0, when the other pixels of their 16
+    # lanes are ruled out too (edge = 1/16, or repeat = 16).
+    x, labels, unlabeled = edge_case(dtype, offset=offset, radial=radial, edge=edge, repeat=repeat)
     kw = dict(delta_v=0.5, delta_d=DELTA_D, gamma=0.0, unlabeled_push=1.0)
     terms, grad = run(x, labels, max_instances=8, **kw)
     ref, ref_grad = reference64(x, labels, max_instances=8, **kw)

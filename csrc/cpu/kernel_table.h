@@ -76,9 +76,10 @@ constexpr int64_t kPushStride = kPushBlock + 16;
 
 // The push's scratch: the gathered pixels U (E x kPushStride), their
 // squared norms and norms (2 x kPushStride), the means' squared norms and
-// norms (2 x K), and in pass 3 the gradient accumulators (E x kPushStride).
+// norms (2 x K), a centre (E), and in pass 3 the gradient accumulators (E x
+// kPushStride).
 constexpr int64_t push_scratch_elems(int64_t E, int64_t K, bool pass3) {
-  return (E + 2) * kPushStride + 2 * K + (pass3 ? E * kPushStride : 0);
+  return (E + 2) * kPushStride + 2 * K + E + (pass3 ? E * kPushStride : 0);
 }
 
 // The pair step of dist under L2 (paper mode) for one image: its present

@@ -396,13 +396,16 @@ static inline void gather_pixels(const scalar_t* x, const PixelLayout& L, PixelO
   for (int64_t u = 0; u < padded; ++u) norm[u] = std::sqrt(sq[u]);
 }
 
-// Two tests under L2 rule out (cluster, lanes) blocks before the norm
+// Three tests under L2 rule out (cluster, lanes) blocks before the norm
 // terms are summed, each a lower bound on ||x - mu|| with a rounding margin
 // kappa = 4(E + 2)u, u the unit roundoff (at least twice what the sums
 // below can be off by). First the norms: ||x - mu|| >= | ||x|| - ||mu|| |,
 // a few operations per pair, decisive when pixels and means differ in
-// norm. Then the Gram test, one FMA per component and pair, decisive
-// whenever the block is out of reach. A block that passes both is summed
+// norm. Then the lanes' ball (centre c, radius rho): ||x - mu|| >= ||c -
+// mu|| - rho, E operations per mean for all the lanes, decisive when the
+// lanes' pixels lie together (an unlabeled object) away from the mean.
+// Then the Gram test, one FMA per component and pair, decisive whenever
+// the block is out of reach. A block that passes all three is summed
 // exactly and skipped or not by its sums: the tests only save work.
 //
 // The Gram test: with S = ||x||^2 + ||mu||^2 and dot = x.mu as
@@ -452,6 +455,42 @@ static inline unsigned push_norms_near(const acc_t* nx, int64_t nv, const acc_t*
       }
     }
     mask |= near ? 1u << g : 0u;
+  }
+  return mask;
+}
+
+// The lanes' ball: centre[e] = the mean of the first nv pixels from u0 of
+// U; returns rho, the largest of their distances from it as computed.
+template <typename acc_t>
+static inline acc_t lanes_ball(const acc_t* U, int64_t E, int64_t u0, int64_t nv, acc_t* centre) {
+  constexpr int64_t kL = kPushLanes<acc_t>;
+  acc_t d2[kL] = {};
+  for (int64_t e = 0; e < E; ++e) {
+    const acc_t* col = U + e * kPushStride + u0;
+    acc_t s = 0;
+    for (int64_t v = 0; v < nv; ++v) s += col[v];
+    const acc_t c = s / acc_t(nv);
+    centre[e] = c;
+#pragma omp simd
+    for (int64_t v = 0; v < kL; ++v) d2[v] += (col[v] - c) * (col[v] - c);
+  }
+  acc_t rho2 = 0;
+  for (int64_t v = 0; v < nv; ++v) rho2 = d2[v] > rho2 || d2[v] != d2[v] ? d2[v] : rho2;
+  return std::sqrt(rho2);
+}
+
+// Bit g set when the ball (centre, rho) cannot be ruled out against mean g:
+// ||c - mu|| - rho - kappa (||c - mu|| + rho) < the norm test's bound, or NaN.
+template <typename acc_t>
+static inline unsigned push_ball_near(const acc_t* centre, acc_t rho, int64_t E, const acc_t* const* mu,
+                                      PushTests<acc_t> test) {
+  unsigned mask = 0;
+  for (int g = 0; g < kPushGroup; ++g) {
+    acc_t s = 0;
+    for (int64_t e = 0; e < E; ++e) s += (centre[e] - mu[g][e]) * (centre[e] - mu[g][e]);
+    const acc_t dc = std::sqrt(s);
+    const acc_t t = dc - rho - test.kappa * (dc + rho);
+    mask |= !(t >= test.norm_bound) ? 1u << g : 0u;
   }
   return mask;
 }
@@ -554,10 +593,12 @@ static inline void for_each_push_block(const ChunkArgs& a, const PixelLayout& LU
       norm_mu[pi] = std::sqrt(s);
     }
   }
+  acc_t* centre = norm_mu + a.config->num_slots;
   const InnerStride<true> in{1, 1};
   acc_t d[kPushGroup][kL];
   for (int64_t u0 = 0; u0 < n; u0 += kL) {
     const int64_t u1 = n < u0 + kL ? n : u0 + kL;
+    const acc_t rho = tests.on ? lanes_ball(U, E, u0, u1 - u0, centre) : acc_t(0);
     for (int64_t pi = 0; pi < C; pi += kPushGroup) {
       const acc_t* mu[kPushGroup];
       acc_t sq_g[kPushGroup], norm_g[kPushGroup];
@@ -568,6 +609,7 @@ static inline void for_each_push_block(const ChunkArgs& a, const PixelLayout& LU
         norm_g[g] = norm_mu[i];
       }
       if (tests.on && (push_norms_near<acc_t>(norm_x + u0, u1 - u0, norm_g, tests) == 0 ||
+                       push_ball_near<acc_t>(centre, rho, E, mu, tests) == 0 ||
                        push_gram_near<acc_t>(U, E, u0, u1 - u0, mu, sq_g, tests) == 0)) {
         continue;
       }
