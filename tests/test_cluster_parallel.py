@@ -6,7 +6,6 @@ import random
 import pytest
 import torch
 
-from discloss import metrics
 from discloss.cluster import (_PEAK_RADIUS, _density_peaks, _file_modes, _mean_shift_many, _rank_in_image,
                               _seed_priority, cluster_embeddings)
 from discloss.data import ScatteredSticks
@@ -165,25 +164,8 @@ def sticks():
     return ScatteredSticks(length=4, image_size=64, seed=4).batch(range(4))
 
 
-@pytest.mark.parametrize("mode_points", [None, 200])
-def test_parallel_search_gives_the_ground_truth_on_zero_loss_embeddings(sticks, mode_points):
-    embeddings, _ = trained_like_embeddings(sticks.labels)
-    labels, scores = cluster_embeddings(embeddings, sticks.foreground, **PARALLEL, mode_points=mode_points)
-    assert metrics.symmetric_best_dice(labels, sticks.labels).min().item() == 1.0
-    assert torch.equal(labels > 0, sticks.foreground)
-    assert torch.all(scores > 0.99)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_parallel_batched_equals_one_image_at_a_time(sticks, dtype):
-    embeddings, _ = trained_like_embeddings(sticks.labels, radius=0.9, seed=2)
-    embeddings = embeddings.to(dtype)
-    options = dict(PARALLEL, mode_points=300)
-    batched, batched_scores = cluster_embeddings(embeddings, sticks.foreground, **options)
-    for b in range(embeddings.shape[0]):
-        alone, scores = cluster_embeddings(embeddings[b:b + 1], sticks.foreground[b:b + 1], **options)
-        assert torch.equal(alone[0], batched[b])
-        torch.testing.assert_close(scores[0], batched_scores[b, :scores.shape[1]])
+# (zero-loss embeddings give the ground truth, batched = one image at a time:
+# test_cluster_robust.py, for both searches)
 
 
 def test_results_are_ordinary_tensors():

@@ -278,20 +278,23 @@ def sticks():
     return ScatteredSticks(length=4, image_size=64, seed=4).batch(range(4))
 
 
+@pytest.mark.parametrize("search", ["sequential", "parallel"])
 @pytest.mark.parametrize("mode_points", [None, 200])
-def test_robust_options_give_the_ground_truth_on_zero_loss_embeddings(sticks, mode_points):
+def test_robust_options_give_the_ground_truth_on_zero_loss_embeddings(sticks, mode_points, search):
     embeddings, _ = trained_like_embeddings(sticks.labels)
-    labels, scores = cluster_embeddings(embeddings, sticks.foreground, **ROBUST, mode_points=mode_points)
+    labels, scores = cluster_embeddings(embeddings, sticks.foreground, **ROBUST, mode_points=mode_points,
+                                        search=search)
     assert metrics.symmetric_best_dice(labels, sticks.labels).min().item() == 1.0
     assert torch.equal(labels > 0, sticks.foreground)
     assert torch.all(scores > 0.99)
 
 
+@pytest.mark.parametrize("search", ["sequential", "parallel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_robust_batched_equals_one_image_at_a_time(sticks, dtype):
+def test_robust_batched_equals_one_image_at_a_time(sticks, dtype, search):
     embeddings, _ = trained_like_embeddings(sticks.labels, radius=0.9, seed=2)
     embeddings = embeddings.to(dtype)
-    options = dict(ROBUST, mode_points=300)
+    options = dict(ROBUST, mode_points=300, search=search)
     batched, batched_scores = cluster_embeddings(embeddings, sticks.foreground, **options)
     for b in range(embeddings.shape[0]):
         alone, scores = cluster_embeddings(embeddings[b:b + 1], sticks.foreground[b:b + 1], **options)

@@ -348,11 +348,10 @@ static inline typename AccOf<scalar_t>::type run_hinge_sums(const scalar_t* x, c
 // over the components. A (cluster, lanes) block whose every pixel lies at
 // least delta_d from the mean has q = 0 throughout and adds nothing: it is
 // skipped, the common case once training has pushed the unlabeled pixels
-// away. Under L2 a Gram test decides that first, ||x||^2 + ||mu||^2 - 2 x.mu
-// with a rounding margin (one FMA per component, half the work of the
-// differences); a group of means it cannot rule out gets its norm terms
-// summed exactly as run_norms does, and the blocks among them with a pixel
-// within delta_d take the exact code of the pull, on U.
+// away. Under L2 three cheaper tests decide that first (below); a group of
+// means they cannot rule out gets its norm terms summed exactly as
+// run_norms does, and the blocks among them with a pixel within delta_d
+// take the exact code of the pull, on U.
 
 template <typename acc_t>
 constexpr int64_t kPushLanes = 64 / int64_t(sizeof(acc_t));  // one cache line
@@ -413,12 +412,14 @@ static inline void gather_pixels(const scalar_t* x, const PixelLayout& L, PixelO
 // total), t = S * keep - 2 dot <= (true r^2)(1 + u) when keep = 1 - 4(E +
 // 2)u, u the unit roundoff; the exact sum of run_norms is at least (true
 // r^2)(1 - gamma_E). So t >= bound (1 + 4(E + 2)u), t finite, implies that
-// sum >= bound: the block would be skipped by the exact test too. Off (keep
-// 0) when the margin is not small or the exact test is off.
+// sum >= bound: the block would be skipped by the exact test too.
+//
 // The norm test: ||x|| and ||mu|| as computed are each within (E / 2 + 2)u
 // of the truth (relative), so t = | ||x|| - ||mu|| | - kappa (||x|| + ||mu||)
 // <= the true difference; t >= sqrt(bound (1 + kappa)) (1 + kappa) makes
-// the true r^2 >= bound (1 + kappa) >= the Gram test's bound.
+// the true r^2 >= bound (1 + kappa), the Gram test's bound. The ball test
+// has the same form with ||c - mu|| and rho (each a sum of E squares).
+// All three are off when the margin is not small or the exact test is off.
 template <typename acc_t>
 struct PushTests {
   acc_t keep, gram_bound;   // Gram test
@@ -432,6 +433,24 @@ static inline PushTests<acc_t> push_tests(acc_t exact_bound, int64_t E, int norm
   if (norm != 2 || !(kappa < acc_t(0.25)) || exact_bound != exact_bound) return {0, 0, 0, 0, false};
   const acc_t gram_bound = exact_bound * (acc_t(1) + kappa);
   return {acc_t(1) - kappa, gram_bound, kappa, std::sqrt(gram_bound) * (acc_t(1) + kappa), true};
+}
+
+// acc[g][v] += term(x, mu[g][e]) over the components e in order, x the
+// component of pixel u0 + v of U, for kPushGroup means and kPushLanes
+// pixels: 2 kPushGroup vector accumulators, each component loaded once.
+template <typename acc_t, typename Term>
+static inline void group_sums(const acc_t* U, int64_t E, int64_t u0, const acc_t* const* mu, Term term,
+                              acc_t (*acc)[kPushLanes<acc_t>]) {
+  constexpr int64_t kL = kPushLanes<acc_t>;
+  for (int64_t e = 0; e < E; ++e) {
+    const acc_t* col = U + e * kPushStride + u0;
+#pragma GCC unroll 4
+    for (int g = 0; g < kPushGroup; ++g) {
+      const acc_t me = mu[g][e];
+#pragma omp simd
+      for (int64_t v = 0; v < kL; ++v) acc[g][v] += term(col[v], me);
+    }
+  }
 }
 
 // Bit g set when the norm test cannot rule out one of the first nv pixels
@@ -503,15 +522,7 @@ static inline unsigned push_gram_near(const acc_t* U, int64_t E, int64_t u0, int
   constexpr int64_t kL = kPushLanes<acc_t>;
   constexpr acc_t kMax = sizeof(acc_t) == 4 ? acc_t(3.4028234663852886e+38) : acc_t(1.7976931348623157e+308);
   acc_t acc[kPushGroup][kL] = {};
-  for (int64_t e = 0; e < E; ++e) {
-    const acc_t* col = U + e * kPushStride + u0;
-#pragma GCC unroll 4
-    for (int g = 0; g < kPushGroup; ++g) {
-      const acc_t me = mu[g][e];
-#pragma omp simd
-      for (int64_t v = 0; v < kL; ++v) acc[g][v] += me * col[v];
-    }
-  }
+  group_sums(U, E, u0, mu, [](acc_t xe, acc_t me) { return me * xe; }, acc);
   const acc_t* sq = U + E * kPushStride + u0;
   unsigned mask = 0;
   for (int g = 0; g < kPushGroup; ++g) {
@@ -543,15 +554,7 @@ static inline unsigned push_norm_terms(const acc_t* U, int64_t E, int64_t u0, co
                                        int64_t nv, acc_t bound, acc_t (*d)[kPushLanes<acc_t>]) {
   constexpr int64_t kL = kPushLanes<acc_t>;
   acc_t acc[kPushGroup][kL] = {};
-  for (int64_t e = 0; e < E; ++e) {
-    const acc_t* col = U + e * kPushStride + u0;
-#pragma GCC unroll 4
-    for (int g = 0; g < kPushGroup; ++g) {
-      const acc_t me = mu[g][e];
-#pragma omp simd
-      for (int64_t v = 0; v < kL; ++v) acc[g][v] += norm_term<acc_t>(col[v] - me, kNorm);
-    }
-  }
+  group_sums(U, E, u0, mu, [](acc_t xe, acc_t me) { return norm_term<acc_t>(xe - me, kNorm); }, acc);
   unsigned mask = 0;
   for (int g = 0; g < kPushGroup; ++g) {
     // (written so that it vectorizes: a < b and a != a, not !(a >= b))
@@ -569,10 +572,11 @@ static inline unsigned push_norm_terms(const acc_t* U, int64_t E, int64_t u0, co
   return mask;
 }
 
-// For the n pixels in U (the push scratch, gather_pixels): calls fn(k, mu, u0, u1) for each (cluster k
-// present, lanes [u0, u1)) block with a pixel that may lie within delta_d
-// of the mean mu, r[u0 .. u1) its pixels' norms (L2: with the range fix),
-// clusters in present order for each block of lanes.
+// For the n pixels in U (the push scratch, filled by gather_pixels): calls
+// fn(k, mu, u0, u1) for each (cluster k present, lanes [u0, u1)) block with
+// a pixel that may lie within delta_d of the mean mu, r[u0 .. u1) its
+// pixels' norms (L2: with the range fix), clusters in present order for
+// each block of lanes.
 template <typename acc_t, int kNorm, typename Fn>
 static inline void for_each_push_block(const ChunkArgs& a, const PixelLayout& LU, acc_t* U, int64_t n,
                                        acc_t* r, Fn&& fn) {
