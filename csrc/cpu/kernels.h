@@ -110,6 +110,27 @@ static inline void for_each_segment(const PixelLayout& L, int64_t p0, int64_t p1
   }
 }
 
+// The identity map's slots (labels in [0, K) are the slots); nonzero when a
+// label is neither a slot nor ignore_index. kUnit: labels contiguous, so the
+// loop vectorizes (a strided one would need a gather per vector).
+template <bool kUnit, typename label_t>
+static inline int64_t identity_slots(const label_t* lab, int64_t stride, int64_t len, const LossConfig& c,
+                                     int64_t* slots) {
+  const int64_t K = c.num_slots;
+  const bool has_ignore = c.has_ignore;
+  const int64_t ignore = c.ignore_index;
+  int64_t invalid = 0;
+#pragma omp simd reduction(| : invalid)
+  for (int64_t j = 0; j < len; ++j) {
+    const int64_t v = int64_t(lab[kUnit ? j : j * stride]);
+    const bool in_range = (v >= 0) & (v < K);
+    const bool ignored = has_ignore & (v == ignore);
+    slots[j] = ignored ? kIgnored : (in_range ? v : kInvalid);
+    invalid |= int64_t(!in_range & !ignored);
+  }
+  return invalid;
+}
+
 // Slots of a segment's labels (math.h's slot_of, written without branches so
 // that it vectorizes: it runs once per pixel per pass). Invalid labels become
 // kInvalid (no cluster); the first one is reported through *bad when bad is
@@ -142,17 +163,8 @@ static inline void fill_slots(const label_t* lab, int64_t stride, int64_t len, c
     }
     return;
   }
-  const bool has_ignore = c.has_ignore;
-  const int64_t ignore = c.ignore_index;
-  int64_t invalid = 0;
-#pragma omp simd reduction(| : invalid)
-  for (int64_t j = 0; j < len; ++j) {
-    const int64_t v = int64_t(lab[j * stride]);
-    const bool in_range = (v >= 0) & (v < K);
-    const bool ignored = has_ignore & (v == ignore);
-    slots[j] = ignored ? kIgnored : (in_range ? v : kInvalid);
-    invalid |= int64_t(!in_range & !ignored);
-  }
+  const int64_t invalid =
+      stride == 1 ? identity_slots<true>(lab, stride, len, c, slots) : identity_slots<false>(lab, stride, len, c, slots);
   if (invalid && bad && !bad->found) {
     for (int64_t j = 0; j < len; ++j) {
       const int64_t v = int64_t(lab[j * stride]);
