@@ -184,6 +184,14 @@ def _median(values):
     return values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
 
 
+def median_of_call(call: Callable[[], object], min_run_time: float) -> float:
+    """Median seconds of call() after one warm-up (torch.utils.benchmark, at
+    the current thread count)."""
+    call()
+    timer = tbench.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
 def copy_bandwidth(device: str, nbytes: int, min_run_time: float = 1.0) -> float:
     """Bytes per second of dst.copy_(src): read + write counted (2 * nbytes);
     the write-allocate traffic of CPU caches is not counted."""

@@ -26,7 +26,6 @@ import platform
 import sys
 
 import torch
-import torch.utils.benchmark as tbench
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import measure as M  # noqa: E402
@@ -34,11 +33,6 @@ import workloads as W  # noqa: E402
 
 import discloss  # noqa: E402
 
-
-def median_s(call, min_run_time: float) -> float:
-    call()  # warm-up
-    timer = tbench.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def main() -> None:
@@ -92,7 +86,7 @@ def main() -> None:
     print(f"# discloss passes, {cfg.name}: B={cfg.batch} E={cfg.embed_dim} {cfg.shape_str} K={cfg.instances} "
           f"{args.dtype}, device={dev}, threads={torch.get_num_threads()}, "
           f"{platform.processor() or platform.machine()}, load {os.getloadavg()[0]:.2f}, torch {torch.__version__}")
-    times = {name: median_s(call, args.min_run_time) for name, call, _ in rows}
+    times = {name: M.median_of_call(call, args.min_run_time) for name, call, _ in rows}
     bw_end = M.copy_bandwidth(dev, emb, min_run_time=args.min_run_time)
     bw = max(bw_start, bw_end)
     print(f"# copy bandwidth {bw_start / 1e9:.1f} GB/s at the start, {bw_end / 1e9:.1f} at the end; "

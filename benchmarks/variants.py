@@ -41,7 +41,6 @@ import platform
 import sys
 
 import torch
-import torch.utils.benchmark as tbench
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import measure as M  # noqa: E402
@@ -49,11 +48,6 @@ import workloads as W  # noqa: E402
 
 import discloss  # noqa: E402
 
-
-def median_s(call, min_run_time: float) -> float:
-    call()  # warm-up
-    timer = tbench.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def main() -> None:
@@ -136,7 +130,7 @@ def main() -> None:
     print("| case | median ms | x floor | x dense | x plain, same labels |")
     print("|---|---|---|---|---|")
     for name, call in rows:
-        results[name] = median_s(call, args.min_run_time)
+        results[name] = M.median_of_call(call, args.min_run_time)
         t = results[name]
         vs_plain = f"{t / results[plain_of[name]]:.2f}" if name in plain_of else ""
         print(f"| {name} | {1e3 * t:.1f} | {t / floor:.2f} | {t / results['dense']:.2f} | {vs_plain} |", flush=True)
