@@ -8,7 +8,6 @@ import torch
 
 from discloss.cluster import (_PEAK_RADIUS, _density_peaks, _file_modes, _mean_shift_many, _rank_in_image,
                               _seed_priority, cluster_embeddings)
-from discloss.data import ScatteredSticks
 
 from test_cluster import trained_like_embeddings
 from test_cluster_robust import reference_joins, squared
@@ -159,13 +158,8 @@ def test_file_modes_with_the_margin_rule_alone():
 
 # ----------------------------------------------------------------------------- whole calls
 
-@pytest.fixture(scope="module")
-def sticks():
-    return ScatteredSticks(length=4, image_size=64, seed=4).batch(range(4))
-
-
-# (zero-loss embeddings give the ground truth, batched = one image at a time:
-# test_cluster_robust.py, for both searches)
+# (zero-loss embeddings give the ground truth, batched = one image at a time,
+# CUDA = CPU: test_cluster_robust.py, for both searches)
 
 
 def test_results_are_ordinary_tensors():
@@ -186,14 +180,3 @@ def test_invalid_search_names_the_argument():
         cluster_embeddings(embeddings, foreground, assign="nearest", search="parallel")  # no density seeds
     with pytest.raises(ValueError, match="search"):
         cluster_embeddings(embeddings, foreground, density_seeds=True, search="parallel")  # assign="claim"
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-def test_cuda_parallel_matches_cpu(sticks):
-    embeddings, _ = trained_like_embeddings(sticks.labels, radius=0.9, seed=5)
-    options = dict(PARALLEL, mode_points=300)
-    on_cpu, _ = cluster_embeddings(embeddings, sticks.foreground, **options)
-    on_gpu, _ = cluster_embeddings(embeddings.cuda(), sticks.foreground.cuda(), **options)
-    assert on_gpu.is_cuda
-    assert torch.equal(on_cpu, on_gpu.cpu())

@@ -354,9 +354,10 @@ def test_invalid_robust_arguments_name_the_argument():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-def test_cuda_robust_matches_cpu(sticks):
+@pytest.mark.parametrize("search", ["sequential", "parallel"])
+def test_cuda_robust_matches_cpu(sticks, search):
     embeddings, _ = trained_like_embeddings(sticks.labels, radius=0.9, seed=5)
-    options = dict(ROBUST, mode_points=300)
+    options = dict(ROBUST, mode_points=300, search=search)
     on_cpu, _ = cluster_embeddings(embeddings, sticks.foreground, **options)
     on_gpu, _ = cluster_embeddings(embeddings.cuda(), sticks.foreground.cuda(), **options)
     assert on_gpu.is_cuda
