@@ -110,113 +110,101 @@ static inline void for_each_segment(const PixelLayout& L, int64_t p0, int64_t p1
   }
 }
 
-// The identity map's slots (labels in [0, K) are the slots); nonzero when a
-// label is neither a slot nor ignore_index. kUnit: labels contiguous, so the
-// loop vectorizes (a strided one would need a gather per vector).
+// A run of equal labels within a segment: pixels [start, end) and their slot.
+struct SlotRun {
+  int32_t start, end;
+  int64_t slot;
+};
+
+// Labels compared per step of run_end (bytes): 4 AVX2 compares, one branch.
+constexpr int64_t kRunScanBytes = 128;
+
+// The end of a run of label v that goes on at position j: the first j' >= j
+// with lab[j'] != v, or len. Labels come in long runs (instances are
+// spatially coherent), so contiguous ones (kUnit) are compared kRunScanBytes
+// at a time: a long run costs a vector compare per 32 bytes of labels and no
+// per-pixel store. A strided loop would need a gather per vector: scalar.
 template <bool kUnit, typename label_t>
-static inline int64_t identity_slots(const label_t* lab, int64_t stride, int64_t len, const LossConfig& c,
-                                     int64_t* slots) {
-  const int64_t K = c.num_slots;
-  const bool has_ignore = c.has_ignore;
-  const int64_t ignore = c.ignore_index;
-  int64_t invalid = 0;
-#pragma omp simd reduction(| : invalid)
-  for (int64_t j = 0; j < len; ++j) {
-    const int64_t v = int64_t(lab[kUnit ? j : j * stride]);
-    const bool in_range = (v >= 0) & (v < K);
-    const bool ignored = has_ignore & (v == ignore);
-    slots[j] = ignored ? kIgnored : (in_range ? v : kInvalid);
-    invalid |= int64_t(!in_range & !ignored);
-  }
-  return invalid;
-}
-
-// Slots of a segment's labels (math.h's slot_of, written without branches so
-// that it vectorizes: it runs once per pixel per pass). Invalid labels become
-// kInvalid (no cluster); the first one is reported through *bad when bad is
-// not null. With a slot table (ids, n >= 0: sparse ids), each label is looked
-// up once per run of equal labels (labels are spatially coherent), and a
-// label missing from the table is reported the same way: the check costs
-// nothing more than the lookup.
-template <typename label_t>
-static inline void fill_slots(const label_t* lab, int64_t stride, int64_t len, const LossConfig& c, const int64_t* ids,
-                              int64_t n_ids, int64_t* slots, BadLabel* bad) {
-  const int64_t K = c.num_slots;
-  if (c.normalization == Normalization::Chainer) {
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) {
-      const int64_t v = int64_t(lab[j * stride]);
-      slots[j] = (v >= 1) & (v <= K) ? v - 1 : kIgnored;
-    }
-    return;
-  }
-  if (ids != nullptr && n_ids >= 0) {
-    int64_t prev = 0, slot = kInvalid;
-    for (int64_t j = 0; j < len; ++j) {
-      const int64_t v = int64_t(lab[j * stride]);
-      if (j == 0 || v != prev) {
-        prev = v;
-        slot = mapped_slot(v, c, ids, n_ids);
-        if (slot == kInvalid && bad && !bad->found) *bad = {true, v};
-      }
-      slots[j] = slot;
-    }
-    return;
-  }
-  const int64_t invalid =
-      stride == 1 ? identity_slots<true>(lab, stride, len, c, slots) : identity_slots<false>(lab, stride, len, c, slots);
-  if (invalid && bad && !bad->found) {
-    for (int64_t j = 0; j < len; ++j) {
-      const int64_t v = int64_t(lab[j * stride]);
-      if (slot_of(v, c) == kInvalid) {
-        *bad = {true, v};
-        break;
-      }
+static inline int64_t run_end(const label_t* lab, int64_t stride, int64_t j, int64_t len, label_t v) {
+  if (kUnit) {
+    constexpr int64_t kW = kRunScanBytes / int64_t(sizeof(label_t));
+    while (j + kW <= len) {
+      int differ = 0;
+#pragma omp simd reduction(| : differ)
+      for (int64_t u = 0; u < kW; ++u) differ |= int(lab[j + u] != v);
+      if (differ) break;
+      j += kW;
     }
   }
+  while (j < len && lab[kUnit ? j : j * stride] == v) ++j;
+  return j;
 }
 
-static inline void segment_slots(const ChunkArgs& a, int64_t offset, int64_t stride, int64_t len, int64_t* slots,
-                                 BadLabel* bad) {
-  const LossConfig& c = *a.config;
-  switch (a.label_kind) {
-    case LabelKind::UInt8:
-      return fill_slots(static_cast<const uint8_t*>(a.labels) + offset, stride, len, c, a.slot_ids, a.num_ids, slots,
-                        bad);
-    case LabelKind::Int8:
-      return fill_slots(static_cast<const int8_t*>(a.labels) + offset, stride, len, c, a.slot_ids, a.num_ids, slots,
-                        bad);
-    case LabelKind::Int16:
-      return fill_slots(static_cast<const int16_t*>(a.labels) + offset, stride, len, c, a.slot_ids, a.num_ids, slots,
-                        bad);
-    case LabelKind::Int32:
-      return fill_slots(static_cast<const int32_t*>(a.labels) + offset, stride, len, c, a.slot_ids, a.num_ids, slots,
-                        bad);
-    case LabelKind::Int64:
-      return fill_slots(static_cast<const int64_t*>(a.labels) + offset, stride, len, c, a.slot_ids, a.num_ids, slots,
-                        bad);
-  }
-}
-
-// Calls fn(start, end, slot) for each maximal run of equal slots; with
-// kClustersOnly, only for runs of a cluster (slot >= 0).
-template <bool kClustersOnly = true, typename Fn>
-static inline void for_each_run(const int64_t* slots, int64_t len, Fn&& fn) {
-  int64_t s = 0;
-  while (s < len) {
-    int64_t t = s + 1;
-    while (t < len && slots[t] == slots[s]) ++t;
-    if (!kClustersOnly || slots[s] >= 0) fn(s, t, slots[s]);
+// Calls fn(start, end, label) for each maximal run of equal labels in
+// lab[0 .. len) (strided by stride unless kUnit), in order.
+template <bool kUnit, typename label_t, typename Fn>
+static inline void for_each_label_run(const label_t* lab, int64_t stride, int64_t len, Fn&& fn) {
+  for (int64_t s = 0; s < len;) {
+    const label_t v = lab[kUnit ? s : s * stride];
+    const int64_t t = run_end<kUnit>(lab, stride, s + 1, len, v);
+    fn(s, t, int64_t(v));
     s = t;
   }
 }
 
-// Pixels [s, t) of a segment whose slot is kIgnored (label == ignore_index).
-static inline int64_t count_unlabeled(const int64_t* slots, int64_t len) {
+// The runs of a segment's labels with their slots (math.h slot_of, or
+// mapped_slot under a slot map: ids, n_ids >= 0), each label mapped once per
+// run; returns their count (<= len). Invalid labels get kInvalid (no
+// cluster); the first one is reported through *bad when bad is not null.
+// Adjacent runs hold different labels, hence different cluster slots.
+template <bool kUnit, typename label_t>
+static inline int64_t label_runs(const label_t* lab, int64_t stride, int64_t len, const LossConfig& c,
+                                 const int64_t* ids, int64_t n_ids, SlotRun* runs, BadLabel* bad) {
+  const bool mapped = ids != nullptr && n_ids >= 0 && c.normalization != Normalization::Chainer;
   int64_t n = 0;
-#pragma omp simd reduction(+ : n)
-  for (int64_t j = 0; j < len; ++j) n += slots[j] == kIgnored ? 1 : 0;
+  for_each_label_run<kUnit>(lab, stride, len, [&](int64_t s, int64_t t, int64_t v) {
+    const int64_t slot = mapped ? mapped_slot(v, c, ids, n_ids) : slot_of(v, c);
+    if (slot == kInvalid && bad && !bad->found) *bad = {true, v};
+    runs[n++] = {int32_t(s), int32_t(t), slot};
+  });
   return n;
+}
+
+// Calls fn(lab, unit) with the labels of a chunk's image at offset, typed.
+template <typename Fn>
+static inline auto with_labels(LabelKind kind, const void* labels, int64_t offset, Fn&& fn) {
+  switch (kind) {
+    case LabelKind::UInt8: return fn(static_cast<const uint8_t*>(labels) + offset);
+    case LabelKind::Int8: return fn(static_cast<const int8_t*>(labels) + offset);
+    case LabelKind::Int16: return fn(static_cast<const int16_t*>(labels) + offset);
+    case LabelKind::Int32: return fn(static_cast<const int32_t*>(labels) + offset);
+    case LabelKind::Int64: break;
+  }
+  return fn(static_cast<const int64_t*>(labels) + offset);
+}
+
+// The runs of the segment of len labels at offset (a stride apart) of the chunk's labels.
+static inline int64_t segment_runs(const ChunkArgs& a, int64_t offset, int64_t stride, int64_t len, SlotRun* runs,
+                                   BadLabel* bad) {
+  return with_labels(a.label_kind, a.labels, offset, [&](const auto* lab) {
+    return stride == 1 ? label_runs<true>(lab, stride, len, *a.config, a.slot_ids, a.num_ids, runs, bad)
+                       : label_runs<false>(lab, stride, len, *a.config, a.slot_ids, a.num_ids, runs, bad);
+  });
+}
+
+// Calls fn(start, end, slot) for each run of a cluster (slot >= 0).
+template <typename Fn>
+static inline void for_each_cluster_run(const SlotRun* runs, int64_t n, Fn&& fn) {
+  for (int64_t r = 0; r < n; ++r) {
+    if (runs[r].slot >= 0) fn(int64_t(runs[r].start), int64_t(runs[r].end), runs[r].slot);
+  }
+}
+
+// Pixels of a segment whose slot is kIgnored (label == ignore_index).
+static inline int64_t count_unlabeled(const SlotRun* runs, int64_t n) {
+  int64_t count = 0;
+  for (int64_t r = 0; r < n; ++r) count += runs[r].slot == kIgnored ? runs[r].end - runs[r].start : 0;
+  return count;
 }
 
 // Strides of the innermost spatial dim; kUnit makes them the constant 1 so
@@ -227,6 +215,47 @@ struct InnerStride {
   int64_t xs() const { return kUnit ? 1 : x; }
   int64_t gs() const { return kUnit ? 1 : grad; }
 };
+
+// ---- sums over a run, planes four at a time --------------------------------
+// out[e] += sum over j in [s, t) of term(to_acc(x_e[j]) - m[e], j), for the
+// E planes x_e = x + e * plane. One sum per loop is a chain of dependent
+// vector adds (latency-bound: about 4 cycles per 8 pixels per plane); four
+// planes per loop run four chains side by side. Each plane's sum is formed
+// in the same order as alone, so the result does not depend on the grouping.
+template <typename scalar_t, bool kUnit, typename Term>
+static inline void plane_sums(const scalar_t* x, int64_t plane, int64_t E, InnerStride<kUnit> in,
+                              const typename AccOf<scalar_t>::type* m, int64_t s, int64_t t,
+                              typename AccOf<scalar_t>::type* out, Term term) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  int64_t e = 0;
+  for (; e + 4 <= E; e += 4) {
+    const scalar_t* x0 = x + e * plane;
+    const scalar_t* x1 = x0 + plane;
+    const scalar_t* x2 = x1 + plane;
+    const scalar_t* x3 = x2 + plane;
+    const acc_t m0 = m[e], m1 = m[e + 1], m2 = m[e + 2], m3 = m[e + 3];
+    acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t j = s; j < t; ++j) {
+      a0 += term(to_acc(x0[j * in.xs()]) - m0, j);
+      a1 += term(to_acc(x1[j * in.xs()]) - m1, j);
+      a2 += term(to_acc(x2[j * in.xs()]) - m2, j);
+      a3 += term(to_acc(x3[j * in.xs()]) - m3, j);
+    }
+    out[e] += a0;
+    out[e + 1] += a1;
+    out[e + 2] += a2;
+    out[e + 3] += a3;
+  }
+  for (; e < E; ++e) {
+    const scalar_t* xe = x + e * plane;
+    const acc_t me = m[e];
+    acc_t a = 0;
+#pragma omp simd reduction(+ : a)
+    for (int64_t j = s; j < t; ++j) a += term(to_acc(xe[j * in.xs()]) - me, j);
+    out[e] += a;
+  }
+}
 
 // ---- the L2 norm's range (math.h L2Range) -------------------------------------
 // r[s .. t) hold ||x_j - mu|| from sums of squares; where one came out of
@@ -325,17 +354,9 @@ static inline typename AccOf<scalar_t>::type hinge_sums_of_norms(const scalar_t*
     fix_overflowed_coefs<scalar_t, kUnit>(x, L, o, in, mu, s, t, r, coef, hinge_of, acc_t(1),
                                           [&](int64_t, int64_t e, acc_t v) { grad[e] += v; });
   }
-  for (int64_t e = 0; e < L.embed_dim; ++e) {
-    const scalar_t* xe = x + o.x + e * L.x_embed_stride;
-    const acc_t m = mu[e];
-    acc_t g = 0;
-#pragma omp simd reduction(+ : g)
-    for (int64_t j = s; j < t; ++j) {
-      const acc_t d = to_acc(xe[j * in.xs()]) - m;
-      g += coef[j] * (kNorm == 2 ? d : norm_grad(d, acc_t(0), 1));
-    }
-    grad[e] += g;
-  }
+  plane_sums<scalar_t, kUnit>(x + o.x, L.x_embed_stride, L.embed_dim, in, mu, s, t, grad, [&](acc_t d, int64_t j) {
+    return coef[j] * (kNorm == 2 ? d : norm_grad(d, acc_t(0), 1));
+  });
   return h2;
 }
 
@@ -701,13 +722,13 @@ static void push_grads(const ChunkArgs& a, acc_t* U, int64_t n, acc_t w, acc_t* 
 }
 
 // Positions of a segment's unlabeled pixels (slot kIgnored), ascending; their count.
-static inline int64_t unlabeled_positions(const int64_t* slots, int64_t len, int32_t* at) {
-  int64_t n = 0;
-  for (int64_t j = 0; j < len; ++j) {
-    at[n] = int32_t(j);
-    n += slots[j] == kIgnored ? 1 : 0;
+static inline int64_t unlabeled_positions(const SlotRun* runs, int64_t n, int32_t* at) {
+  int64_t count = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    if (runs[r].slot != kIgnored) continue;
+    for (int32_t j = runs[r].start; j < runs[r].end; ++j) at[count++] = j;
   }
-  return n;
+  return count;
 }
 
 // ---- pass 1: per-slot sums of x and counts ---------------------------------
@@ -725,11 +746,12 @@ static void cluster_sums_impl(const ChunkArgs& a) {
   acc_t* sums = static_cast<acc_t*>(a.sums);
   acc_t* pivots = static_cast<acc_t*>(a.pivots);
   const InnerStride<kUnit> in{L.x_strides[L.ndim - 1], 0};
-  int64_t slots[kTile];
+  SlotRun runs[kTile];
   for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
-    segment_slots(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, slots, a.bad);
-    if (a.unlabeled) *a.unlabeled += count_unlabeled(slots, len);
-    for_each_run(slots, len, [&](int64_t s, int64_t t, int64_t k) {
+    const int64_t nr =
+        segment_runs(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, runs, a.bad);
+    if (a.unlabeled) *a.unlabeled += count_unlabeled(runs, nr);
+    for_each_cluster_run(runs, nr, [&](int64_t s, int64_t t, int64_t k) {
       if (a.counts[k] == 0) {  // the slot's first pixel in this chunk is its pivot (0 if not finite,
                                // so that an inf sums to inf as in a plain sum)
         for (int64_t e = 0; e < E; ++e) {
@@ -738,14 +760,8 @@ static void cluster_sums_impl(const ChunkArgs& a) {
         }
       }
       a.counts[k] += t - s;
-      for (int64_t e = 0; e < E; ++e) {
-        const scalar_t* xe = x + o.x + e * L.x_embed_stride;
-        const acc_t p = pivots[k * E + e];
-        acc_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t j = s; j < t; ++j) acc += to_acc(xe[j * in.xs()]) - p;
-        sums[k * E + e] += acc;
-      }
+      plane_sums<scalar_t, kUnit>(x + o.x, L.x_embed_stride, E, in, pivots + k * E, s, t, sums + k * E,
+                                  [](acc_t d, int64_t) { return d; });
     });
   });
 }
@@ -765,12 +781,13 @@ static void hinge_sums_impl(const ChunkArgs& a) {
   acc_t* hinge_grad = static_cast<acc_t*>(a.hinge_grad);
   const acc_t delta_v = acc_t(a.config->delta_v);
   const InnerStride<kUnit> in{L.x_strides[L.ndim - 1], 0};
-  int64_t slots[kTile];
+  SlotRun runs[kTile];
   acc_t r[kTile];
   acc_t coef[kTile];
   for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
-    segment_slots(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, slots, nullptr);
-    for_each_run(slots, len, [&](int64_t s, int64_t t, int64_t k) {
+    const int64_t nr =
+        segment_runs(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, runs, nullptr);
+    for_each_cluster_run(runs, nr, [&](int64_t s, int64_t t, int64_t k) {
       hinge[k] += run_hinge_sums<scalar_t, kNorm, kUnit>(
           x, L, o, in, means + k * E, s, t, r, coef, [&](acc_t rj) { return pull_hinge(rj, delta_v, kNorm); },
           hinge_grad + k * E);
@@ -778,7 +795,7 @@ static void hinge_sums_impl(const ChunkArgs& a) {
     if (a.push == nullptr || a.num_present == 0) return;
     acc_t* U = static_cast<acc_t*>(a.push_scratch);
     int32_t at[kTile];
-    const int64_t nu = unlabeled_positions(slots, len, at);
+    const int64_t nu = unlabeled_positions(runs, nr, at);
     for (int64_t b0 = 0; b0 < nu; b0 += kPushBlock) {
       const int64_t n = nu - b0 < kPushBlock ? nu - b0 : kPushBlock;
       gather_pixels<scalar_t, kUnit>(x, L, o, in, at + b0, n, U);
@@ -805,29 +822,23 @@ static void write_grad_impl(const ChunkArgs& a) {
   const acc_t* push_coef = static_cast<const acc_t*>(a.push_coef);
   const acc_t delta_v = acc_t(a.config->delta_v);
   const InnerStride<kUnit> in{L.x_strides[L.ndim - 1], L.grad_strides[L.ndim - 1]};
-  int64_t slots[kTile];
+  SlotRun runs[kTile];
   acc_t r[kTile];
   acc_t coef[kTile];
   const bool with_push = push_coef != nullptr && a.num_present > 0;
   acc_t* U = static_cast<acc_t*>(a.push_scratch);
   acc_t* push_buf = U + push_scratch_elems(L.embed_dim, a.config->num_slots, false);
   for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
-    segment_slots(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, slots, a.bad);
-    int64_t s = 0;
-    while (s < len) {
-      int64_t t = s + 1;
-      while (t < len && slots[t] == slots[s]) ++t;
-      const int64_t k = slots[s];
-      if (k == kIgnored && with_push) {  // below
-        s = t;
-        continue;
-      }
+    const int64_t nr =
+        segment_runs(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, runs, a.bad);
+    for (int64_t ri = 0; ri < nr; ++ri) {
+      const int64_t s = runs[ri].start, t = runs[ri].end, k = runs[ri].slot;
+      if (k == kIgnored && with_push) continue;  // below
       if (k < 0) {
         for (int64_t e = 0; e < E; ++e) {
           scalar_t* ge = grad + o.grad + e * L.grad_embed_stride;
           for (int64_t j = s; j < t; ++j) ge[j * in.gs()] = from_acc(acc_t(0), static_cast<scalar_t*>(nullptr));
         }
-        s = t;
         continue;
       }
       const acc_t* mu = means + k * E;
@@ -848,11 +859,10 @@ static void write_grad_impl(const ChunkArgs& a) {
           ge[j * in.gs()] = from_acc(coef[j] * u + be, static_cast<scalar_t*>(nullptr));
         }
       }
-      s = t;
     }
     if (!with_push) return;
     int32_t at[kTile];
-    const int64_t nu = unlabeled_positions(slots, len, at);
+    const int64_t nu = unlabeled_positions(runs, nr, at);
     for (int64_t b0 = 0; b0 < nu; b0 += kPushBlock) {
       const int64_t n = nu - b0 < kPushBlock ? nu - b0 : kPushBlock;
       gather_pixels<scalar_t, kUnit>(x, L, o, in, at + b0, n, U);
