@@ -64,12 +64,17 @@ def blob_image(height, width, groups, seed, spread=1.6, noise=0.45, dim=3):
     return embeddings.permute(2, 0, 1), foreground
 
 
-@pytest.mark.parametrize("seed, mode_points, samples, neighbours", [
-    (0, None, 512, 16), (1, None, 512, 0), (2, 150, 512, 16), (3, None, 90, 16), (4, 200, 70, 8)])
-def test_fused_search_matches_a_plain_reference(fused, monkeypatch, seed, mode_points, samples, neighbours):
+@pytest.mark.parametrize("seed, mode_points, samples, neighbours, grid", [
+    (0, None, 512, 16, False), (1, None, 512, 0, False), (2, 150, 512, 16, False), (3, None, 90, 16, False),
+    (4, 200, 70, 8, False), (5, None, 512, 16, True), (6, 150, 90, 16, True)])
+def test_fused_search_matches_a_plain_reference(fused, monkeypatch, seed, mode_points, samples, neighbours, grid):
     monkeypatch.setattr(cluster, "_DENSITY_SAMPLES", samples)
     fused(True)
     images = [blob_image(18, 20, 5, seed), blob_image(12, 15, 3, seed + 10)]
+    if grid:
+        # Embeddings on a grid of 0.5, exact in binary: distances tie the window's edge exactly
+        # (inside, as documented) and densities tie (the higher priority wins).
+        images = [((e * 2).round() / 2, f) for e, f in images]
     embeddings = torch.zeros(2, 3, 18, 20, dtype=torch.float64)
     foreground = torch.zeros(2, 18, 20, dtype=torch.bool)
     for b, (e, f) in enumerate(images):
@@ -86,7 +91,12 @@ def test_fused_search_matches_a_plain_reference(fused, monkeypatch, seed, mode_p
             points, pixels, mode_points=mode_points or len(points), samples=samples, neighbours=neighbours, steps=10,
             max_iterations=16, min_size=6)
         assert labels[b].flatten()[pixels].tolist() == expected
-        torch.testing.assert_close(scores[b, :len(expected_scores)], torch.tensor(expected_scores), rtol=0, atol=1e-6)
+        if not grid:
+            # (On the grid a point can lie equally far from two modes: which one it joins before the
+            # Lloyd step then turns on the rounding of 2 x.c - |c|^2 against |x - c|^2, which moves a
+            # centre, hence the scores, and not the labels.)
+            torch.testing.assert_close(scores[b, :len(expected_scores)], torch.tensor(expected_scores), rtol=0,
+                                       atol=1e-6)
         assert not scores[b, len(expected_scores):].any()
         instances += max(expected)
     assert instances >= 4  # the cases have several instances
