@@ -953,7 +953,10 @@ def cluster_embeddings(
             ``max_iterations`` of them. No pixel is claimed or visited, so
             no loop runs per instance: 3-5x faster on CPU (at most
             2 * max_iterations peaks per image; memory O(B * peaks^3) for
-            the bridge rule).
+            the bridge rule). On CPU tensors it runs as one fused C++ op
+            (discloss::cluster_parallel), the same steps in loops: about
+            2 ms per 128 x 128 image on one thread instead of ~600 tensor
+            operations' 4-5 ms; CUDA tensors take the tensor operations.
 
     Returns:
         labels: (B, *spatial) int64, 0 for background, 1..L_b for the
