@@ -55,6 +55,19 @@ inline void define_ops(torch::Library& m) {
       "Tensor labels, Tensor? slot_ids, Tensor? num_ids, Tensor means, Tensor counts, Tensor hinge_grad_sums, "
       "Tensor push_grad_sums, float delta_v, float delta_d, int norm, float alpha, float beta, float gamma, "
       "float unlabeled_push, int? ignore_index, str normalization, str reduction) -> Tensor");
+  // cluster_embeddings' parallel search (discloss/cluster.py, search="parallel"), fused; CPU only
+  // (CUDA tensors take cluster.py's torch-op path, which this equals up to rounding at thresholds).
+  // points (M, E) float32/float64, grouped by image, points_per_image[b] of them in image b;
+  // priority (M,) the hashed seed order and rank (M,) each point's rank in its image by it. The
+  // modes are searched on the points of rank < search_points, the density peaks on those of rank <
+  // density_samples. Returns ids (M,) int64 (1.. per image, 0 for none), scores (B, max_instances)
+  // float32 (instance k of image b at column k - 1, zero past its count) and num_instances (B,).
+  m.def(
+      "cluster_parallel(Tensor points, Tensor points_per_image, Tensor priority, Tensor rank, int search_points, "
+      "int density_samples, int most_seeds, int min_density, int mean_shift_steps, int max_instances, int min_size, "
+      "int neighbour_vote, bool join_density, float bandwidth_sq, float merge_sq, float delta_v, float peak_radius, "
+      "float satellite_ratio, float bridge_ratio, float ambiguous_ratio) "
+      "-> (Tensor ids, Tensor scores, Tensor num_instances)");
 }
 
 }  // namespace discloss

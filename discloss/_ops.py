@@ -137,3 +137,15 @@ def _backward(ctx, grad_var, grad_dist, grad_reg, grad_push, *_grads_of_saved):
 
 
 torch.library.register_autograd("discloss::forward", _backward, setup_context=_setup_context)
+
+
+@torch.library.register_fake("discloss::cluster_parallel")
+def _cluster_parallel_fake(points, points_per_image, priority, rank, search_points, density_samples, most_seeds,
+                           min_density, mean_shift_steps, max_instances, min_size, neighbour_vote, join_density,
+                           bandwidth_sq, merge_sq, delta_v, peak_radius, satellite_ratio, bridge_ratio,
+                           ambiguous_ratio):
+    _check_devices(points, points_per_image=points_per_image, priority=priority, rank=rank)
+    B = points_per_image.shape[0]
+    return (points.new_empty((points.shape[0],), dtype=torch.int64),
+            points.new_empty((B, max_instances), dtype=torch.float32),
+            points.new_empty((B,), dtype=torch.int64))

@@ -212,13 +212,14 @@ def blobs(*groups, dim=2):
     # The same 1.2 off the segment, more than the window (1): its own.
     ((30, (1.6, 1.2)), 3, 3),
 ])
-def test_satellites_and_bridges_join_the_denser_instance(rim, instances_margin, instances_density):
+@pytest.mark.parametrize("search", ["sequential", "parallel"])
+def test_satellites_and_bridges_join_the_denser_instance(rim, instances_margin, instances_density, search):
     # Windows of radius 1 hold one group each, so every mode sits on its
     # group and every window count is the group's size; with N <= 512
     # pixels the density estimate is exact. Hand-checked.
     embeddings, foreground = blobs((100, (0.0, 0.0)), (100, (5.0, 0.0)), rim)
-    margin, _ = cluster_embeddings(embeddings, foreground, density_seeds=True, assign="nearest")
-    density, _ = cluster_embeddings(embeddings, foreground, **ROBUST)
+    margin, _ = cluster_embeddings(embeddings, foreground, density_seeds=True, assign="nearest", search=search)
+    density, _ = cluster_embeddings(embeddings, foreground, **dict(ROBUST, search=search))
     assert metrics.count_instances(margin).item() == instances_margin
     assert metrics.count_instances(density).item() == instances_density
     # A joined rim goes to the nearest mode, A's (at 0).
@@ -302,7 +303,8 @@ def test_robust_batched_equals_one_image_at_a_time(sticks, dtype, search):
         torch.testing.assert_close(scores[0], batched_scores[b, :scores.shape[1]])
 
 
-def test_vote_in_an_image_with_fewer_reference_pixels_than_neighbours():
+@pytest.mark.parametrize("search", ["sequential", "parallel"])
+def test_vote_in_an_image_with_fewer_reference_pixels_than_neighbours(search):
     # Image 1 has 12 pixels (fewer than the 16 neighbours asked for) beside
     # image 0's 600: its votes must come from its own pixels only, as when
     # it is clustered alone (image 0's first pixel, in its second slot, must
@@ -320,7 +322,7 @@ def test_vote_in_an_image_with_fewer_reference_pixels_than_neighbours():
     foreground[1, 0, :12] = True
     embeddings[1, 0, 0, 5:11] = 2.5
     embeddings[1, 0, 0, 11] = 1.3
-    options = dict(ROBUST, min_size=3)
+    options = dict(ROBUST, min_size=3, search=search)
     batched, _ = cluster_embeddings(embeddings, foreground, **options)
     alone, _ = cluster_embeddings(embeddings[1:], foreground[1:], **options)
     assert torch.equal(batched[1], alone[0])

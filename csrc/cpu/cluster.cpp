@@ -1,0 +1,481 @@
+// cluster_embeddings' parallel search (discloss/cluster.py, search="parallel") on CPU, fused: density
+// peaks, mean shift of every peak, filing of the modes, nearest assignment with one Lloyd step, the
+// neighbour vote and the numbering, one image at a time in plain loops. The torch-op path in
+// cluster.py does the same in about 600 small operations, whose dispatch (~9 us each) costs more
+// than their arithmetic on one image; it stays the path for CUDA tensors and the reference the
+// tests hold this one to. Each step below is that of the function of the same name there, with the
+// same formulas (the expanded window tests 2 x.c - |x|^2 >= |c|^2 - r^2 of its matrix products), so
+// the labels differ only where a distance ties a threshold to within rounding.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <utility>
+#include <vector>
+
+namespace discloss {
+namespace cpu {
+namespace {
+
+// The options of one call; thresholds in the compute type, rounded from the caller's doubles as
+// torch rounds a Python float compared with a tensor.
+template <typename scalar_t>
+struct SearchConfig {
+  int64_t dim, search_points, density_samples, most_seeds, steps, capacity, min_size, neighbours;
+  bool join_density;
+  scalar_t min_density, bandwidth_sq, peak_threshold, merge_sq, satellite_sq, satellite_ratio, bridge_ratio,
+      ambiguous_sq, delta_v_sq;
+};
+
+// One image's points (n x dim, row-major, grouped by image in cluster.py) and their squared norms.
+template <typename scalar_t>
+struct Image {
+  const scalar_t* x;
+  const int64_t* priority;
+  const int64_t* rank;
+  int64_t n;
+  std::vector<scalar_t> squared;
+  const scalar_t* row(int64_t i, int64_t dim) const { return x + i * dim; }
+};
+
+template <typename scalar_t>
+scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t dim) {
+  scalar_t s = 0;
+  for (int64_t e = 0; e < dim; ++e) s += a[e] * b[e];
+  return s;
+}
+
+// _density_peaks: the sampled points (rank < density_samples, in point order) that no denser
+// sampled point within peak radius beats; densest first (ties: higher priority), at most
+// most_seeds. Reads the sample twice (densities, then peaks) from one (sample x sample) table.
+template <typename scalar_t>
+std::vector<int64_t> density_peaks(const Image<scalar_t>& im, const SearchConfig<scalar_t>& c) {
+  const int64_t limit = std::min(c.density_samples, c.search_points);
+  std::vector<int64_t> sample;
+  for (int64_t i = 0; i < im.n; ++i)
+    if (im.rank[i] < limit) sample.push_back(i);
+  const int64_t s = static_cast<int64_t>(sample.size());
+  // product[i][j] = bandwidth^2 - |x_i - x_j|^2, expanded as cluster.py's batched product; the
+  // sample's columns (2 x_j, bandwidth^2 - |x_j|^2) in structure-of-arrays layout so that a row
+  // vectorizes.
+  std::vector<scalar_t> doubled(static_cast<size_t>(c.dim * s)), margin(s);
+  for (int64_t j = 0; j < s; ++j) {
+    for (int64_t e = 0; e < c.dim; ++e) doubled[e * s + j] = scalar_t(2) * im.row(sample[j], c.dim)[e];
+    margin[j] = c.bandwidth_sq - im.squared[sample[j]];
+  }
+  std::vector<scalar_t> product(static_cast<size_t>(s * s), scalar_t(0));
+  for (int64_t i = 0; i < s; ++i) {
+    const scalar_t* xi = im.row(sample[i], c.dim);
+    scalar_t* row = product.data() + i * s;
+    for (int64_t e = 0; e < c.dim; ++e) {
+      const scalar_t xe = xi[e];
+      const scalar_t* column = doubled.data() + e * s;
+      for (int64_t j = 0; j < s; ++j) row[j] += xe * column[j];
+    }
+    const scalar_t squared = im.squared[sample[i]];
+    for (int64_t j = 0; j < s; ++j) row[j] = (row[j] - squared) + margin[j];
+  }
+  const scalar_t scale = static_cast<scalar_t>(im.n) / static_cast<scalar_t>(std::max<int64_t>(s, 1));
+  std::vector<scalar_t> density(s);
+  std::vector<char> candidate(s);
+  for (int64_t i = 0; i < s; ++i) {
+    int64_t inside = 0;
+    for (int64_t j = 0; j < s; ++j) inside += product[i * s + j] >= 0;
+    density[i] = static_cast<scalar_t>(inside) * scale;
+    candidate[i] = density[i] >= c.min_density;
+  }
+  auto denser = [&](int64_t j, int64_t i) {  // (density, priority) of j above i's
+    return density[j] > density[i] || (density[j] == density[i] && im.priority[sample[j]] > im.priority[sample[i]]);
+  };
+  std::vector<int64_t> peaks;
+  for (int64_t i = 0; i < s; ++i) {
+    if (!candidate[i]) continue;
+    bool beaten = false;
+    for (int64_t j = 0; j < s && !beaten; ++j)
+      beaten = candidate[j] && product[i * s + j] >= c.peak_threshold && denser(j, i);
+    if (!beaten) peaks.push_back(i);
+  }
+  std::sort(peaks.begin(), peaks.end(), [&](int64_t a, int64_t b) { return denser(a, b); });
+  if (static_cast<int64_t>(peaks.size()) > c.most_seeds) peaks.resize(c.most_seeds);
+  for (auto& p : peaks) p = sample[p];
+  return peaks;
+}
+
+// The searched points (rank < search_points) in structure-of-arrays layout, so that the window
+// test of a centre against all of them vectorizes.
+template <typename scalar_t>
+struct SearchPoints {
+  int64_t n = 0;
+  std::vector<scalar_t> doubled;        // (dim, n): 2 x
+  std::vector<scalar_t> minus_squared;  // (n,): -|x|^2
+  std::vector<int64_t> index;           // (n,): the point in the image
+};
+
+template <typename scalar_t>
+SearchPoints<scalar_t> search_points(const Image<scalar_t>& im, const SearchConfig<scalar_t>& c) {
+  SearchPoints<scalar_t> sp;
+  for (int64_t i = 0; i < im.n; ++i)
+    if (im.rank[i] < c.search_points) sp.index.push_back(i);
+  sp.n = static_cast<int64_t>(sp.index.size());
+  sp.doubled.resize(static_cast<size_t>(c.dim * sp.n));
+  sp.minus_squared.resize(sp.n);
+  for (int64_t p = 0; p < sp.n; ++p) {
+    const scalar_t* x = im.row(sp.index[p], c.dim);
+    for (int64_t e = 0; e < c.dim; ++e) sp.doubled[e * sp.n + p] = scalar_t(2) * x[e];
+    sp.minus_squared[p] = -im.squared[sp.index[p]];
+  }
+  return sp;
+}
+
+// _mean_shift_many for one centre: flat-kernel mean shift over the searched points until a step
+// moves it no more (a fixed point: the same window gives the same mean) or `steps` steps; returns
+// the points in its final window. Window sums in double.
+template <typename scalar_t>
+int64_t mean_shift(const Image<scalar_t>& im, const SearchPoints<scalar_t>& sp, const SearchConfig<scalar_t>& c,
+                   std::vector<scalar_t>& centre, std::vector<scalar_t>& inside) {
+  std::vector<double> sums(c.dim);
+  std::vector<scalar_t> shifted(c.dim);
+  int64_t count = 0;
+  for (int64_t step = 0;; ++step) {
+    const scalar_t limit = dot(centre.data(), centre.data(), c.dim) - c.bandwidth_sq;
+    std::copy(sp.minus_squared.begin(), sp.minus_squared.end(), inside.begin());
+    for (int64_t e = 0; e < c.dim; ++e) {
+      const scalar_t ce = centre[e];
+      const scalar_t* column = sp.doubled.data() + e * sp.n;
+      for (int64_t p = 0; p < sp.n; ++p) inside[p] += ce * column[p];
+    }
+    count = 0;
+    std::fill(sums.begin(), sums.end(), 0.0);
+    for (int64_t p = 0; p < sp.n; ++p) {
+      if (!(inside[p] >= limit)) continue;
+      ++count;
+      const scalar_t* x = im.row(sp.index[p], c.dim);
+      for (int64_t e = 0; e < c.dim; ++e) sums[e] += x[e];
+    }
+    if (step == c.steps) break;
+    const double divisor = static_cast<double>(std::max<int64_t>(count, 1));
+    for (int64_t e = 0; e < c.dim; ++e) shifted[e] = static_cast<scalar_t>(sums[e] / divisor);
+    if (shifted == centre) break;
+    centre = shifted;
+  }
+  return count;
+}
+
+// _file_modes: the modes in descending window count (ties: seed order) become instances unless an
+// earlier new mode lies within delta_d (join), or with join_density within 2 delta_d and
+// satellite_ratio times denser (satellite), or two earlier new modes each bridge_ratio times denser
+// have the mode within the window of their segment (bridge). The first `capacity` new modes are
+// kept. Distances from the Gram matrix, as cluster.py.
+template <typename scalar_t>
+std::vector<std::vector<scalar_t>> file_modes(const std::vector<std::vector<scalar_t>>& modes,
+                                              const std::vector<int64_t>& counts, const SearchConfig<scalar_t>& c) {
+  const int64_t s = static_cast<int64_t>(modes.size());
+  std::vector<int64_t> order(s);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return counts[a] > counts[b]; });
+  std::vector<scalar_t> gram(static_cast<size_t>(s * s));
+  for (int64_t i = 0; i < s; ++i)
+    for (int64_t j = 0; j < s; ++j) gram[i * s + j] = dot(modes[order[i]].data(), modes[order[j]].data(), c.dim);
+  auto g = [&](int64_t i, int64_t j) { return gram[i * s + j]; };
+  auto distance_sq = [&](int64_t i, int64_t j) { return (g(i, i) + g(j, j)) - scalar_t(2) * g(i, j); };
+  auto count = [&](int64_t i) { return static_cast<scalar_t>(counts[order[i]]); };
+  auto on_bridge = [&](int64_t i, int64_t k, int64_t j) {  // mode j near the segment from mode i to mode k
+    const scalar_t product = ((g(k, j) - g(i, j)) - g(i, k)) + g(i, i);
+    const scalar_t along = product / std::max(distance_sq(i, k), std::numeric_limits<scalar_t>::min());
+    const scalar_t off_sq = distance_sq(i, j) - along * product;
+    return along > 0 && along < 1 && off_sq <= c.bandwidth_sq;
+  };
+  std::vector<int64_t> found;
+  std::vector<std::vector<scalar_t>> centres;
+  for (int64_t j = 0; j < s && static_cast<int64_t>(centres.size()) < c.capacity; ++j) {
+    bool joins = false;
+    for (int64_t i : found) {
+      const scalar_t d2 = distance_sq(i, j);
+      joins = d2 <= c.merge_sq ||
+              (c.join_density && d2 <= c.satellite_sq && count(i) >= c.satellite_ratio * count(j));
+      if (joins) break;
+    }
+    if (!joins && c.join_density) {
+      for (size_t a = 0; a < found.size() && !joins; ++a) {
+        if (!(count(found[a]) >= c.bridge_ratio * count(j))) continue;
+        for (size_t b = 0; b < found.size() && !joins; ++b)
+          joins = a != b && count(found[b]) >= c.bridge_ratio * count(j) && on_bridge(found[a], found[b], j);
+      }
+    }
+    if (joins) continue;
+    found.push_back(j);
+    centres.push_back(modes[order[j]]);
+  }
+  return centres;
+}
+
+// 2 x.c - |c|^2 (= |x|^2 - |x - c|^2: larger is nearer) of every point to every centre, (n, K).
+template <typename scalar_t>
+void closeness(const Image<scalar_t>& im, const std::vector<std::vector<scalar_t>>& centres, int64_t dim,
+               std::vector<scalar_t>& out) {
+  const int64_t k_count = static_cast<int64_t>(centres.size());
+  std::vector<scalar_t> doubled(static_cast<size_t>(k_count * dim)), minus_squared(k_count);
+  for (int64_t k = 0; k < k_count; ++k) {
+    for (int64_t e = 0; e < dim; ++e) doubled[k * dim + e] = scalar_t(2) * centres[k][e];
+    minus_squared[k] = -dot(centres[k].data(), centres[k].data(), dim);
+  }
+  out.resize(static_cast<size_t>(im.n * k_count));
+  for (int64_t p = 0; p < im.n; ++p)
+    for (int64_t k = 0; k < k_count; ++k) out[p * k_count + k] = dot(im.row(p, dim), &doubled[k * dim], dim) + minus_squared[k];
+}
+
+// The nearest allowed centre of point p (first of equals), -1 when none is allowed.
+template <typename scalar_t>
+int64_t nearest_allowed(const scalar_t* row, const std::vector<char>& allowed) {
+  int64_t best = -1;
+  for (int64_t k = 0; k < static_cast<int64_t>(allowed.size()); ++k)
+    if (allowed[k] && (best < 0 || row[k] > row[best])) best = k;
+  return best;
+}
+
+template <typename scalar_t>
+std::vector<int64_t> slot_sizes(const std::vector<int64_t>& slot, int64_t k_count) {
+  std::vector<int64_t> sizes(k_count, 0);
+  for (int64_t s : slot)
+    if (s >= 0) ++sizes[s];
+  return sizes;
+}
+
+// _assign_to_nearest: every point to its nearest mode; modes with fewer than min_size points in
+// their window or nearest to them dropped (their points to the nearest kept mode); then one Lloyd
+// step (kept centres to their points' mean, every point to the nearest moved centre). Leaves
+// `near` = the closeness to the moved centres, `kept` without centres left empty.
+template <typename scalar_t>
+void assign_to_nearest(const Image<scalar_t>& im, const SearchConfig<scalar_t>& c,
+                       std::vector<std::vector<scalar_t>>& centres, std::vector<int64_t>& slot, std::vector<char>& kept,
+                       std::vector<scalar_t>& near) {
+  const int64_t k_count = static_cast<int64_t>(centres.size());
+  const int64_t least = std::max<int64_t>(c.min_size, 1);
+  closeness(im, centres, c.dim, near);
+  std::vector<int64_t> in_window(k_count, 0);
+  std::vector<char> all(k_count, 1);
+  slot.assign(im.n, -1);
+  for (int64_t p = 0; p < im.n; ++p) {
+    const scalar_t* row = &near[p * k_count];
+    const scalar_t edge = im.squared[p] - c.bandwidth_sq;
+    for (int64_t k = 0; k < k_count; ++k) in_window[k] += row[k] >= edge;
+    slot[p] = nearest_allowed(row, all);
+  }
+  kept.assign(k_count, 0);
+  for (int64_t k = 0; k < k_count; ++k) kept[k] = in_window[k] >= least;
+  std::vector<int64_t> nearest_kept(k_count, 0);
+  for (int64_t s : slot)
+    if (s >= 0 && kept[s]) ++nearest_kept[s];
+  for (int64_t k = 0; k < k_count; ++k) kept[k] = kept[k] && nearest_kept[k] >= least;
+  for (int64_t p = 0; p < im.n; ++p) slot[p] = nearest_allowed(&near[p * k_count], kept);
+  // The Lloyd step.
+  std::vector<double> sums(static_cast<size_t>(k_count * c.dim), 0.0);
+  for (int64_t p = 0; p < im.n; ++p) {
+    if (slot[p] < 0) continue;
+    const scalar_t* x = im.row(p, c.dim);
+    for (int64_t e = 0; e < c.dim; ++e) sums[slot[p] * c.dim + e] += x[e];
+  }
+  const std::vector<int64_t> sizes = slot_sizes<scalar_t>(slot, k_count);
+  for (int64_t k = 0; k < k_count; ++k)
+    if (sizes[k] > 0)
+      for (int64_t e = 0; e < c.dim; ++e)
+        centres[k][e] = static_cast<scalar_t>(sums[k * c.dim + e] / static_cast<double>(sizes[k]));
+  closeness(im, centres, c.dim, near);
+  for (int64_t p = 0; p < im.n; ++p) slot[p] = nearest_allowed(&near[p * k_count], kept);
+  const std::vector<int64_t> moved = slot_sizes<scalar_t>(slot, k_count);
+  for (int64_t k = 0; k < k_count; ++k) kept[k] = kept[k] && moved[k] > 0;
+}
+
+// _neighbour_vote: a point whose nearest kept centre is not clearly nearer than the second
+// (squared ratio >= ambiguous_sq) takes the slot most common among its `neighbours` nearest
+// searched points (fewest slot first among equals), twice; each round reads the slots of the
+// round before.
+template <typename scalar_t>
+void neighbour_vote(const Image<scalar_t>& im, const SearchConfig<scalar_t>& c, std::vector<int64_t>& slot,
+                    std::vector<char>& kept, const std::vector<scalar_t>& near) {
+  const int64_t k_count = static_cast<int64_t>(kept.size());
+  std::vector<int64_t> asking;
+  for (int64_t p = 0; p < im.n; ++p) {
+    const scalar_t* row = &near[p * k_count];
+    const int64_t best = nearest_allowed(row, kept);
+    if (best < 0) continue;
+    scalar_t second = -std::numeric_limits<scalar_t>::infinity();
+    for (int64_t k = 0; k < k_count; ++k)
+      if (kept[k] && k != best) second = std::max(second, row[k]);
+    const scalar_t nearest_sq = im.squared[p] - row[best];
+    const scalar_t second_sq = im.squared[p] - second;
+    if (std::isfinite(second_sq) && nearest_sq >= c.ambiguous_sq * second_sq) asking.push_back(p);
+  }
+  if (asking.empty()) return;
+  std::vector<int64_t> reference;
+  for (int64_t i = 0; i < im.n; ++i)
+    if (im.rank[i] < c.search_points) reference.push_back(i);
+  const int64_t r_count = static_cast<int64_t>(reference.size());
+  const int64_t k = std::min<int64_t>(c.neighbours, r_count);
+  std::vector<scalar_t> minus_doubled(static_cast<size_t>(r_count * c.dim));
+  for (int64_t r = 0; r < r_count; ++r)
+    for (int64_t e = 0; e < c.dim; ++e) minus_doubled[r * c.dim + e] = scalar_t(-2) * im.row(reference[r], c.dim)[e];
+  // |r|^2 - 2 x.r ranks the reference points by distance to x.
+  std::vector<int64_t> voters(asking.size() * k);
+  std::vector<std::pair<scalar_t, int64_t>> distance(r_count);
+  for (size_t a = 0; a < asking.size(); ++a) {
+    const scalar_t* x = im.row(asking[a], c.dim);
+    for (int64_t r = 0; r < r_count; ++r)
+      distance[r] = {dot(x, &minus_doubled[r * c.dim], c.dim) + im.squared[reference[r]], r};
+    std::partial_sort(distance.begin(), distance.begin() + k, distance.end());
+    for (int64_t v = 0; v < k; ++v) voters[a * k + v] = reference[distance[v].second];
+  }
+  std::vector<int64_t> votes(k_count), decided(asking.size());
+  for (int round = 0; round < 2; ++round) {
+    for (size_t a = 0; a < asking.size(); ++a) {
+      std::fill(votes.begin(), votes.end(), 0);
+      for (int64_t v = 0; v < k; ++v) ++votes[std::max<int64_t>(slot[voters[a * k + v]], 0)];
+      decided[a] = std::max_element(votes.begin(), votes.end()) - votes.begin();
+    }
+    for (size_t a = 0; a < asking.size(); ++a) slot[asking[a]] = decided[a];
+  }
+  const std::vector<int64_t> sizes = slot_sizes<scalar_t>(slot, k_count);
+  for (int64_t s = 0; s < k_count; ++s) kept[s] = kept[s] && sizes[s] > 0;
+}
+
+// _number_instances: ids 1.. in slot order of the kept centres, and each instance's fraction of
+// points within delta_v of its centre.
+template <typename scalar_t>
+int64_t number_instances(const Image<scalar_t>& im, const SearchConfig<scalar_t>& c,
+                         const std::vector<std::vector<scalar_t>>& centres, const std::vector<int64_t>& slot,
+                         const std::vector<char>& kept, int64_t* ids, float* scores) {
+  const int64_t k_count = static_cast<int64_t>(kept.size());
+  std::vector<int64_t> new_id(k_count, 0), totals(k_count, 0), hits(k_count, 0);
+  int64_t next = 0;
+  for (int64_t k = 0; k < k_count; ++k)
+    if (kept[k]) new_id[k] = ++next;
+  for (int64_t p = 0; p < im.n; ++p) {
+    ids[p] = slot[p] >= 0 ? new_id[slot[p]] : 0;
+    if (slot[p] < 0) continue;
+    const scalar_t* x = im.row(p, c.dim);
+    scalar_t d2 = 0;
+    for (int64_t e = 0; e < c.dim; ++e) d2 += (x[e] - centres[slot[p]][e]) * (x[e] - centres[slot[p]][e]);
+    ++totals[slot[p]];
+    hits[slot[p]] += d2 <= c.delta_v_sq;
+  }
+  for (int64_t k = 0; k < k_count; ++k)
+    if (kept[k])
+      scores[new_id[k] - 1] =
+          static_cast<float>(static_cast<scalar_t>(hits[k]) / std::max<scalar_t>(static_cast<scalar_t>(totals[k]), 1));
+  return next;
+}
+
+template <typename scalar_t>
+int64_t cluster_image(Image<scalar_t>& im, const SearchConfig<scalar_t>& c, int64_t* ids, float* scores) {
+  im.squared.resize(im.n);
+  for (int64_t p = 0; p < im.n; ++p) im.squared[p] = dot(im.row(p, c.dim), im.row(p, c.dim), c.dim);
+  const std::vector<int64_t> seeds = density_peaks(im, c);
+  const SearchPoints<scalar_t> sp = search_points(im, c);
+  std::vector<std::vector<scalar_t>> modes;
+  std::vector<int64_t> counts;
+  std::vector<scalar_t> inside(sp.n);
+  for (int64_t seed : seeds) {
+    std::vector<scalar_t> centre(im.row(seed, c.dim), im.row(seed, c.dim) + c.dim);
+    counts.push_back(mean_shift(im, sp, c, centre, inside));
+    modes.push_back(std::move(centre));
+  }
+  std::vector<std::vector<scalar_t>> centres = file_modes(modes, counts, c);
+  std::vector<int64_t> slot;
+  std::vector<char> kept;
+  std::vector<scalar_t> near;
+  assign_to_nearest(im, c, centres, slot, kept, near);
+  if (c.neighbours > 0) neighbour_vote(im, c, slot, kept, near);
+  return number_instances(im, c, centres, slot, kept, ids, scores);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_parallel_cpu(
+    const at::Tensor& points, const at::Tensor& points_per_image, const at::Tensor& priority, const at::Tensor& rank,
+    int64_t search_points, int64_t density_samples, int64_t most_seeds, int64_t min_density, int64_t mean_shift_steps,
+    int64_t max_instances, int64_t min_size, int64_t neighbour_vote_count, bool join_density, double bandwidth_sq,
+    double merge_sq, double delta_v, double peak_radius, double satellite_ratio, double bridge_ratio,
+    double ambiguous_ratio) {
+  TORCH_CHECK(points.dim() == 2 && (points.scalar_type() == at::kFloat || points.scalar_type() == at::kDouble),
+              "points: expected a float32 or float64 tensor of shape (M, E), got ", points.scalar_type(), " of shape ",
+              points.sizes());
+  const int64_t m = points.size(0);
+  TORCH_CHECK(points_per_image.dim() == 1 && points_per_image.scalar_type() == at::kLong,
+              "points_per_image: expected an int64 tensor of shape (B,), got ", points_per_image.scalar_type(),
+              " of shape ", points_per_image.sizes());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"priority", priority}, {"rank", rank}})
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == m && t.scalar_type() == at::kLong, name,
+                ": expected an int64 tensor of shape (", m, ",) (one per point), got ", t.scalar_type(), " of shape ",
+                t.sizes());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"points", points},
+                                {"points_per_image", points_per_image}, {"priority", priority}, {"rank", rank}})
+    TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
+  TORCH_CHECK(search_points >= 1, "search_points: expected >= 1, got ", search_points);
+  TORCH_CHECK(density_samples >= 1, "density_samples: expected >= 1, got ", density_samples);
+  TORCH_CHECK(most_seeds >= 1, "most_seeds: expected >= 1, got ", most_seeds);
+  TORCH_CHECK(mean_shift_steps >= 0, "mean_shift_steps: expected >= 0, got ", mean_shift_steps);
+  TORCH_CHECK(max_instances >= 1, "max_instances: expected >= 1, got ", max_instances);
+  TORCH_CHECK(min_size >= 0, "min_size: expected >= 0, got ", min_size);
+  TORCH_CHECK(neighbour_vote_count >= 0, "neighbour_vote: expected >= 0, got ", neighbour_vote_count);
+  TORCH_CHECK(bandwidth_sq > 0 && std::isfinite(bandwidth_sq), "bandwidth_sq: expected a finite value > 0, got ",
+              bandwidth_sq);
+  TORCH_CHECK(merge_sq >= 0 && std::isfinite(merge_sq), "merge_sq: expected a finite value >= 0, got ", merge_sq);
+  TORCH_CHECK(delta_v > 0, "delta_v: expected > 0, got ", delta_v);
+  const auto counts = points_per_image.contiguous();
+  const int64_t* count_p = counts.data_ptr<int64_t>();
+  const int64_t batch = counts.size(0);
+  std::vector<int64_t> offset(batch + 1, 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(count_p[b] >= 0, "points_per_image: expected counts >= 0, got ", count_p[b], " for image ", b);
+    offset[b + 1] = offset[b] + count_p[b];
+  }
+  TORCH_CHECK(offset[batch] == m, "points_per_image: expected counts summing to the ", m, " points, got ",
+              offset[batch]);
+  const auto x = points.contiguous();
+  const auto prio = priority.contiguous();
+  const auto rk = rank.contiguous();
+  auto ids = at::zeros({m}, points.options().dtype(at::kLong));
+  auto scores = at::zeros({batch, max_instances}, points.options().dtype(at::kFloat));
+  auto num_instances = at::zeros({batch}, points.options().dtype(at::kLong));
+  const int64_t dim = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "discloss_cluster_parallel_cpu", [&] {
+    SearchConfig<scalar_t> c{};
+    c.dim = dim;
+    c.search_points = search_points;
+    c.density_samples = density_samples;
+    c.most_seeds = most_seeds;
+    c.steps = mean_shift_steps;
+    c.capacity = max_instances;
+    c.min_size = min_size;
+    c.neighbours = neighbour_vote_count;
+    c.join_density = join_density;
+    c.min_density = static_cast<scalar_t>(min_density);
+    c.bandwidth_sq = static_cast<scalar_t>(bandwidth_sq);
+    c.peak_threshold = static_cast<scalar_t>((1.0 - peak_radius * peak_radius) * bandwidth_sq);
+    c.merge_sq = static_cast<scalar_t>(merge_sq);
+    c.satellite_sq = static_cast<scalar_t>(4.0 * merge_sq);
+    c.satellite_ratio = static_cast<scalar_t>(satellite_ratio);
+    c.bridge_ratio = static_cast<scalar_t>(bridge_ratio);
+    c.ambiguous_sq = static_cast<scalar_t>(ambiguous_ratio * ambiguous_ratio);
+    c.delta_v_sq = static_cast<scalar_t>(delta_v * delta_v);
+    const scalar_t* x_p = x.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
+      for (int64_t b = first; b < last; ++b) {
+        Image<scalar_t> im{x_p + offset[b] * dim, prio.data_ptr<int64_t>() + offset[b],
+                           rk.data_ptr<int64_t>() + offset[b], count_p[b], {}};
+        num_instances.data_ptr<int64_t>()[b] =
+            cluster_image(im, c, ids.data_ptr<int64_t>() + offset[b], scores.data_ptr<float>() + b * max_instances);
+      }
+    });
+  });
+  return {ids, scores, num_instances};
+}
+
+}  // namespace
+}  // namespace cpu
+
+TORCH_LIBRARY_IMPL(discloss, CPU, m) { m.impl("cluster_parallel", &cpu::cluster_parallel_cpu); }
+
+}  // namespace discloss
