@@ -407,3 +407,40 @@ def test_inf_mean_gradient_nan_where_the_reference_has_it(norm):
     grad = run(x.to(CUDA), labels.to(CUDA), **kw)[1]
     ref_grad = reference64(x, labels, **kw)[1]
     assert torch.equal(torch.isnan(grad.cpu()), torch.isnan(ref_grad))
+
+
+def radial_edge_image(dtype, *, C, E, tiles, seed=0):
+    """One image (1, E, tiles + C, 256) whose unlabeled pixels all lie on
+    radial segments: row t < tiles runs outward from distance delta_d (1 +
+    s), |s| <= 4e-7 (a few roundings), along a random direction through
+    mean near[t]. On such a line the ball is tight (||c - mu|| - rho is the
+    near end's distance), so the ball's rounding margin decides whether the
+    tile's own mean is ruled out; and since no other pixel reaches the push,
+    a wrongly skipped edge pixel changes its cluster's sums."""
+    g = torch.Generator().manual_seed(seed)
+    means = spread_means(g, C, E, 0.0)
+    x = torch.empty(tiles + C, 256, E, dtype=torch.float64)
+    labels = torch.zeros(tiles + C, 256, dtype=torch.long)
+    near = torch.randint(0, C, (tiles,), generator=g)
+    s = 4e-7 * (2 * torch.rand(tiles, generator=g, dtype=torch.float64) - 1)
+    d = unit(g, tiles, E)
+    for t in range(tiles):
+        r = DELTA_D * (1 + s[t]) + torch.linspace(0, 0.3 * DELTA_D, 256, dtype=torch.float64)
+        x[t] = means[near[t]] + r[:, None] * d[t]
+    for k in range(C):
+        x[tiles + k] = means[k]
+        labels[tiles + k] = k + 1
+    return x.permute(2, 0, 1).unsqueeze(0).to(dtype).contiguous(), labels.unsqueeze(0)
+
+
+@on_simulator_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("E", [5, 16])
+def test_push_radial_edge_tiles_bitwise(dtype, E):
+    C = 3
+    x, labels = radial_edge_image(dtype, C=C, E=E, tiles=160, seed=E)
+    (out, counts, full_out) = pruned_and_full(lambda: raw_forward(x, labels, C + 1, norm=2, push=1.0))
+    for name, i in [("push", 3), ("push_grad_sums", 7)]:
+        assert_bitwise(out[i], full_out[i], name)
+    assert float(out[3].sum()) > 0  # some edge pixels lie inside the hinge
+    assert counts["push_tiles"] >= 160 * (C - 1), counts
