@@ -249,16 +249,31 @@ DISCLOSS_HD acc_t scaled_l2(int64_t E, Component component) {
 
 // ---- pairs of means -------------------------------------------------------
 
-// ||a - b|| over E components (strided by 1); ||a|| when b is null.
+// ||a - b|| over E components (strided by 1); ||a|| when b is null. With
+// a bound far (pair_far_bound), +inf as soon as the norm terms summed so
+// far reach it, the rest unread: the full sum, a sum of non-negative
+// terms, would be at least as large, so the hinge [2 delta_d - r]+ is 0
+// either way. The sums are those of the full computation in the same
+// order, so a pair that does not stop early gets the same bits. far = NaN
+// never stops. Only for means known to be finite: a NaN in an unread
+// component would be lost.
 template <typename acc_t>
-DISCLOSS_HD acc_t mean_distance(const acc_t* a, const acc_t* b, int64_t E, int norm) {
+DISCLOSS_HD acc_t mean_distance_or_far(const acc_t* a, const acc_t* b, int64_t E, int norm, acc_t far) {
   acc_t acc = 0;
-  for (int64_t e = 0; e < E; ++e) acc += norm_term<acc_t>(b ? a[e] - b[e] : a[e], norm);
+  for (int64_t e = 0; e < E; ++e) {
+    acc += norm_term<acc_t>(b ? a[e] - b[e] : a[e], norm);
+    if (acc >= far) return acc_t(INFINITY);
+  }
   const acc_t r = finish_norm(acc, norm);
   if (norm == 2 && l2_out_of_range(r)) {
     return scaled_l2<acc_t>(E, [&](int64_t e) { return b ? a[e] - b[e] : a[e]; });
   }
   return r;
+}
+
+template <typename acc_t>
+DISCLOSS_HD acc_t mean_distance(const acc_t* a, const acc_t* b, int64_t E, int norm) {
+  return mean_distance_or_far(a, b, E, norm, acc_t(NAN));
 }
 
 // grad[e] += scale * d(p^2)/d a[e] for the push hinge between means a and b.
@@ -270,6 +285,112 @@ DISCLOSS_HD void add_push_grad(acc_t* grad, const acc_t* a, const acc_t* b, int6
   if (p == acc_t(0)) return;  // a NaN p goes on and reaches the gradient
   acc_t coef = -2 * p * scale;
   for (int64_t e = 0; e < E; ++e) grad[e] += coef * norm_grad(a[e] - b[e], r, norm);
+}
+
+// ---- bounds that rule out zero hinge terms ------------------------------------
+// The unlabeled push and the pairs of dist are hinges that vanish beyond a
+// distance; the kernels skip work whose every term would be 0 by tests
+// whose margins cover the rounding of both the test and the exact sums.
+// A term the tests cannot rule out is computed exactly as before.
+
+// Summed norm terms at or above this bound give q = 0. L1: the sum is r,
+// and r >= delta_d makes delta_d - r <= 0 exactly. L2: the sum is r^2, and
+// r^2 >= fl(delta_d^2) (1 + 2^-20) > delta_d^2 makes the correctly rounded
+// sqrt >= delta_d; the range fix only refines an r that overflowed, and
+// then the true r is also >= delta_d (the bound is finite). NaN (never
+// skip) where delta_d^2 is not a normal number.
+template <typename acc_t>
+DISCLOSS_HD acc_t push_skip_bound(acc_t delta_d, int norm) {
+  if (norm == 1) return delta_d;
+  const acc_t b = delta_d * delta_d * (acc_t(1) + acc_t(1) / acc_t(1 << 20));
+  const bool normal = b >= acc_t(1e-30) && b - b == acc_t(0);
+  return normal ? b : acc_t(NAN);
+}
+
+// The CPU push (cpu/kernels.h) has three tests under L2 that rule out
+// (cluster, lanes) blocks before the norm terms are summed, each a lower
+// bound on ||x - mu|| with a rounding margin kappa = 4(E + 2)u, u the unit
+// roundoff (at least twice what the sums below can be off by). First the
+// norms: ||x - mu|| >= | ||x|| - ||mu|| |, a few operations per pair,
+// decisive when pixels and means differ in norm. Then the lanes' ball
+// (centre c, radius rho): ||x - mu|| >= ||c - mu|| - rho, E operations per
+// mean for all the lanes, decisive when the lanes' pixels lie together (an
+// unlabeled object) away from the mean. Then the Gram test, one FMA per
+// component and pair, decisive whenever the block is out of reach. A block
+// that passes all three is summed exactly and skipped or not by its sums:
+// the tests only save work. (The CUDA push uses the ball alone, per tile:
+// push_ball_test.)
+//
+// The Gram test: with S = ||x||^2 + ||mu||^2 and dot = x.mu as
+// computed (components in order, each sum off by at most gamma_E S in
+// total), t = S * keep - 2 dot <= (true r^2)(1 + u) when keep = 1 - 4(E +
+// 2)u, u the unit roundoff; the exact sum of run_norms is at least (true
+// r^2)(1 - gamma_E). So t >= bound (1 + 4(E + 2)u), t finite, implies that
+// sum >= bound: the block would be skipped by the exact test too.
+//
+// The norm test: ||x|| and ||mu|| as computed are each within (E / 2 + 2)u
+// of the truth (relative), so t = | ||x|| - ||mu|| | - kappa (||x|| + ||mu||)
+// <= the true difference; t >= sqrt(bound (1 + kappa)) (1 + kappa) makes
+// the true r^2 >= bound (1 + kappa), the Gram test's bound. The ball test
+// has the same form with ||c - mu|| and rho (each a sum of E squares).
+// All three are off when the margin is not small or the exact test is off.
+template <typename acc_t>
+struct PushTests {
+  acc_t keep, gram_bound;   // Gram test
+  acc_t kappa, norm_bound;  // norm test
+  bool on;                  // off under L1, or when the margin is not small or the exact test is off
+};
+template <typename acc_t>
+DISCLOSS_HD PushTests<acc_t> push_tests(acc_t exact_bound, int64_t E, int norm) {
+  const acc_t u = sizeof(acc_t) == 4 ? acc_t(5.9604644775390625e-08) : acc_t(1.1102230246251565e-16);
+  const acc_t kappa = acc_t(4) * acc_t(E + 2) * u;
+  if (norm != 2 || !(kappa < acc_t(0.25)) || exact_bound != exact_bound) return {0, 0, 0, 0, false};
+  const acc_t gram_bound = exact_bound * (acc_t(1) + kappa);
+  return {acc_t(1) - kappa, gram_bound, kappa, std::sqrt(gram_bound) * (acc_t(1) + kappa), true};
+}
+
+// The ball test of the CUDA push, L1 and L2: a set of pixels within rho of
+// a centre c (rho and dc = ||c - mu|| as computed) lies at least delta_d
+// from mu, so that every q is 0 as the exact code computes it, when
+// dc - rho - kappa (dc + rho) >= bound. L2: push_tests' norm test bound
+// and margin (above). L1: dc and rho as computed are within (E + 1)u of
+// the truth (relative), so the test makes the true distance >= delta_d (1 +
+// kappa)^2 / (1 + kappa) and the exact sum, off by at most gamma_E, >=
+// delta_d. Off (on = false) when the margin is not small or delta_d is not
+// a normal number (below 1e-30, rounding is no longer relative). A NaN or
+// inf in dc or rho fails the test.
+template <typename acc_t>
+struct BallTest {
+  acc_t kappa, bound;
+  bool on;
+};
+template <typename acc_t>
+DISCLOSS_HD BallTest<acc_t> push_ball_test(acc_t delta_d, int64_t E, int norm) {
+  if (norm == 2) {
+    const PushTests<acc_t> t = push_tests(push_skip_bound(delta_d, 2), E, 2);
+    return {t.kappa, t.norm_bound, t.on};
+  }
+  const acc_t u = sizeof(acc_t) == 4 ? acc_t(5.9604644775390625e-08) : acc_t(1.1102230246251565e-16);
+  const acc_t kappa = acc_t(4) * acc_t(E + 2) * u;
+  const bool on = kappa < acc_t(0.25) && delta_d >= acc_t(1e-30) && delta_d - delta_d == acc_t(0);
+  return {kappa, delta_d * (acc_t(1) + kappa) * (acc_t(1) + kappa), on};
+}
+template <typename acc_t>
+DISCLOSS_HD bool ball_rules_out(acc_t dc, acc_t rho, const BallTest<acc_t>& t) {
+  return t.on && dc - rho - t.kappa * (dc + rho) >= t.bound;
+}
+
+// Pairs of means: norm terms summed (in component order) to at least this
+// make ||a - b|| >= 2 delta_d as mean_distance computes it, so p = 0
+// (mean_distance_or_far). L1: the sum is r, and 2 delta_d - r <= 0
+// exactly. L2: push_skip_bound's argument with 2 delta_d, times (1 +
+// kappa) (push_tests' Gram bound) so that the range fix, which recomputes
+// an out-of-range r scaled, also lands at or above 2 delta_d. NaN: never.
+template <typename acc_t>
+DISCLOSS_HD acc_t pair_far_bound(acc_t delta_d, int64_t E, int norm) {
+  if (norm == 1) return acc_t(2) * delta_d;
+  const PushTests<acc_t> t = push_tests(push_skip_bound(acc_t(2) * delta_d, 2), E, 2);
+  return t.on ? t.gram_bound : acc_t(NAN);
 }
 
 }  // namespace discloss

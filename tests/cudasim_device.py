@@ -133,6 +133,32 @@ def reset_launch_log():
     torch.ops.discloss_cudasim.reset_launch_log()
 
 
+@contextlib.contextmanager
+def pruning(enabled):
+    """The kernels' pruning (runtime.cuh pruning_enabled) on or off while
+    active: the same kernels computing every term, to compare bitwise."""
+    load()
+    torch.ops.discloss_cudasim.set_pruning(enabled)
+    try:
+        yield
+    finally:
+        torch.ops.discloss_cudasim.set_pruning(True)
+
+
+def skipped():
+    """{"push_tiles": (tile, cluster) pairs of the push ruled out, "pairs":
+    pairs of means whose distance stopped early} since the last
+    reset_skipped()."""
+    load()
+    push_tiles, pairs = torch.ops.discloss_cudasim.skipped()
+    return {"push_tiles": push_tiles, "pairs": pairs}
+
+
+def reset_skipped():
+    load()
+    torch.ops.discloss_cudasim.reset_skipped()
+
+
 CUDA_SOURCES = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
 
 

@@ -390,19 +390,8 @@ template <typename acc_t>
 constexpr int64_t kPushLanes = 64 / int64_t(sizeof(acc_t));  // one cache line
 constexpr int kPushGroup = 4;
 
-// Summed norm terms at or above this bound give q = 0. L1: the sum is r,
-// and r >= delta_d makes delta_d - r <= 0 exactly. L2: the sum is r^2, and
-// r^2 >= fl(delta_d^2) (1 + 2^-20) > delta_d^2 makes the correctly rounded
-// sqrt >= delta_d; the range fix only refines an r that overflowed, and
-// then the true r is also >= delta_d (the bound is finite). NaN (never
-// skip) where delta_d^2 is not a normal number.
-template <typename acc_t>
-static inline acc_t push_skip_bound(acc_t delta_d, int norm) {
-  if (norm == 1) return delta_d;
-  const acc_t b = delta_d * delta_d * (acc_t(1) + acc_t(1) / acc_t(1 << 20));
-  const bool normal = b >= acc_t(1e-30) && b - b == acc_t(0);
-  return normal ? b : acc_t(NAN);
-}
+// The exact test's bound (push_skip_bound) and the three tests' margins
+// (push_tests) are in math.h, shared with the CUDA push.
 
 // U[e * kPushStride + u] = x_e at segment position at[u], u < n; the lanes
 // up to the next multiple of kPushLanes are zeroed (computed, never used).
@@ -426,46 +415,6 @@ static inline void gather_pixels(const scalar_t* x, const PixelLayout& L, PixelO
   acc_t* norm = sq + kPushStride;
 #pragma omp simd
   for (int64_t u = 0; u < padded; ++u) norm[u] = std::sqrt(sq[u]);
-}
-
-// Three tests under L2 rule out (cluster, lanes) blocks before the norm
-// terms are summed, each a lower bound on ||x - mu|| with a rounding margin
-// kappa = 4(E + 2)u, u the unit roundoff (at least twice what the sums
-// below can be off by). First the norms: ||x - mu|| >= | ||x|| - ||mu|| |,
-// a few operations per pair, decisive when pixels and means differ in
-// norm. Then the lanes' ball (centre c, radius rho): ||x - mu|| >= ||c -
-// mu|| - rho, E operations per mean for all the lanes, decisive when the
-// lanes' pixels lie together (an unlabeled object) away from the mean.
-// Then the Gram test, one FMA per component and pair, decisive whenever
-// the block is out of reach. A block that passes all three is summed
-// exactly and skipped or not by its sums: the tests only save work.
-//
-// The Gram test: with S = ||x||^2 + ||mu||^2 and dot = x.mu as
-// computed (components in order, each sum off by at most gamma_E S in
-// total), t = S * keep - 2 dot <= (true r^2)(1 + u) when keep = 1 - 4(E +
-// 2)u, u the unit roundoff; the exact sum of run_norms is at least (true
-// r^2)(1 - gamma_E). So t >= bound (1 + 4(E + 2)u), t finite, implies that
-// sum >= bound: the block would be skipped by the exact test too.
-//
-// The norm test: ||x|| and ||mu|| as computed are each within (E / 2 + 2)u
-// of the truth (relative), so t = | ||x|| - ||mu|| | - kappa (||x|| + ||mu||)
-// <= the true difference; t >= sqrt(bound (1 + kappa)) (1 + kappa) makes
-// the true r^2 >= bound (1 + kappa), the Gram test's bound. The ball test
-// has the same form with ||c - mu|| and rho (each a sum of E squares).
-// All three are off when the margin is not small or the exact test is off.
-template <typename acc_t>
-struct PushTests {
-  acc_t keep, gram_bound;   // Gram test
-  acc_t kappa, norm_bound;  // norm test
-  bool on;                  // off under L1, or when the margin is not small or the exact test is off
-};
-template <typename acc_t>
-static inline PushTests<acc_t> push_tests(acc_t exact_bound, int64_t E, int norm) {
-  const acc_t u = sizeof(acc_t) == 4 ? acc_t(5.9604644775390625e-08) : acc_t(1.1102230246251565e-16);
-  const acc_t kappa = acc_t(4) * acc_t(E + 2) * u;
-  if (norm != 2 || !(kappa < acc_t(0.25)) || exact_bound != exact_bound) return {0, 0, 0, 0, false};
-  const acc_t gram_bound = exact_bound * (acc_t(1) + kappa);
-  return {acc_t(1) - kappa, gram_bound, kappa, std::sqrt(gram_bound) * (acc_t(1) + kappa), true};
 }
 
 // acc[g][v] += term(x, mu[g][e]) over the components e in order, x the

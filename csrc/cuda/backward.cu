@@ -23,9 +23,15 @@ namespace {
 // (push_grad not null), the push's mean path -push_coef[b] * V^push joins
 // mean_coef (before the division by n, like -var_coef * V), and the block of
 // slot 0 of image b writes push_coef[b] = grad_push * scale * w / (C N_U),
-// the weight of d(q^2)/dx for the image's unlabeled pixels. Reads means,
-// counts (B, K + 1), hinge_grad_sums and push_grad_sums through the cache;
-// writes var_coef, mean_coef and push_coef once.
+// the weight of d(q^2)/dx for the image's unlabeled pixels. Paper, with far
+// (finalize.cu pair_far_kernel) not null: a pair's distance stops at the
+// component where its partial sum reaches far[b] (its hinge and
+// coefficient are 0 either way, as in the finalize), so most pairs of
+// means spread more than 2 delta_d apart read one or two components of the
+// other mean instead of E; the pairs that go added nothing, so the row keeps
+// its bits. Reads means, counts (B, K + 1), hinge_grad_sums,
+// push_grad_sums and far through the cache (the other means up to C E times
+// per row, from L1/L2); writes var_coef, mean_coef and push_coef once.
 template <typename acc_t>
 __device__ __forceinline__ acc_t image_push_coef(const LossConfig& c, const acc_t* grad_push, bool per_image,
                                                  int64_t b, int64_t B, int64_t C, int64_t n_unlabeled) {
@@ -40,7 +46,8 @@ __global__ void __launch_bounds__(kCoefThreads)
                              const acc_t* __restrict__ grad_push, bool per_image, const acc_t* __restrict__ means,
                              const int64_t* __restrict__ counts, const acc_t* __restrict__ hinge_grad,
                              const acc_t* __restrict__ push_grad, const int* __restrict__ present,
-                             const int* __restrict__ num_present, acc_t* __restrict__ var_coef, acc_t* mean_coef,
+                             const int* __restrict__ num_present, const acc_t* __restrict__ far,
+                             acc_t* __restrict__ var_coef, acc_t* mean_coef,
                              acc_t* __restrict__ push_coef) {
   DISCLOSS_SHARED_ARRAY(acc_t, sh_pair_coef, kCoefThreads);
   DISCLOSS_SHARED_ARRAY(int, sh_pair_slot, kCoefThreads);
@@ -76,6 +83,7 @@ __global__ void __launch_bounds__(kCoefThreads)
     const int* P = paper ? present + b * K : nullptr;
     const acc_t* mu_b = means + b * K * E;
     const acc_t* mu = mu_b + k * E;
+    const acc_t far_b = far != nullptr ? far[b] : acc_t(NAN);
     if (threadIdx.x == 0) {
       const int64_t gi = per_image ? b : 0;
       int64_t slot_total = 0;
@@ -108,7 +116,7 @@ __global__ void __launch_bounds__(kCoefThreads)
         if (i < C) {
           l = P ? P[i] : static_cast<int>(i);
           if (l != k) {
-            dist = mean_distance(mu, mu_b + int64_t(l) * E, E, norm);
+            dist = mean_distance_or_far(mu, mu_b + int64_t(l) * E, E, norm, far_b);
             const acc_t p = push_hinge(dist, delta_d);
             // d(p^2)/d mu_k = -2 p wd * d||mu_k - mu_l|| / d mu_k, the norm's
             // gradient taken as (mu_k - mu_l) / r per component as on CPU
@@ -256,6 +264,7 @@ void write_gradient(const at::Tensor& x, const at::Tensor& lab, at::Tensor& grad
   at::Tensor push_coef = at::empty({with_push ? B : 0}, acc_opts);
   const bool unit = L.ndim == 1 && L.x_strides[0] == 1 && L.label_strides[0] == 1 && L.grad_strides[0] == 1;
   const auto present = compact_present(counts_c, c, B, stream);
+  const at::Tensor far = pair_far_bounds(c, B, E, means_c, present, stream);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "discloss_backward_cuda", [&] {
     using acc_t = typename Elem<scalar_t>::acc;
@@ -264,7 +273,8 @@ void write_gradient(const at::Tensor& x, const at::Tensor& lab, at::Tensor& grad
         c, B, E, gv.data_ptr<acc_t>(), gd.data_ptr<acc_t>(), gr.data_ptr<acc_t>(), gp.data_ptr<acc_t>(),
         c.reduction == Reduction::None, means_c.data_ptr<acc_t>(), counts_c.data_ptr<int64_t>(), hg.data_ptr<acc_t>(),
         with_push ? pg.data_ptr<acc_t>() : nullptr, paper ? present.first.data_ptr<int>() : nullptr,
-        paper ? present.second.data_ptr<int>() : nullptr, var_coef.data_ptr<acc_t>(), mean_coef.data_ptr<acc_t>(),
+        paper ? present.second.data_ptr<int>() : nullptr, far.defined() ? far.data_ptr<acc_t>() : nullptr,
+        var_coef.data_ptr<acc_t>(), mean_coef.data_ptr<acc_t>(),
         with_push ? push_coef.data_ptr<acc_t>() : nullptr);
 
     const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(N, kGradThreads), 1 << 30)),

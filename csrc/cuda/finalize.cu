@@ -42,6 +42,31 @@ __global__ void __launch_bounds__(kCompactThreads)
   }
 }
 
+// ---- the pairs' early exit (paper normalisation) -------------------------------------
+// One block per image (grid-stride): far[b] = math.h pair_far_bound when
+// every component of every present mean of image b is finite, else NaN.
+// The pair loops of the finalize and of the backward coefficients stop a
+// pair's distance once its partial sum reaches far[b] (mean_distance_or_far):
+// with a non-finite mean somewhere, a NaN in a component not read would be
+// lost, so nothing stops early. Reads the present means once; writes far.
+template <typename acc_t>
+__global__ void __launch_bounds__(kCompactThreads)
+    pair_far_kernel(const acc_t* __restrict__ means, const int* __restrict__ present,
+                    const int* __restrict__ num_present, int64_t B, int64_t K, int64_t E, acc_t bound,
+                    acc_t* __restrict__ far) {
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    const int64_t C = num_present[b];
+    bool finite = true;
+    for (int64_t idx = threadIdx.x; idx < C * E; idx += blockDim.x) {
+      const int64_t i = idx / E, e = idx - i * E;
+      const acc_t v = means[(b * K + present[b * K + i]) * E + e];
+      finite = finite && v - v == acc_t(0);
+    }
+    const bool any_non_finite = __syncthreads_or(!finite);
+    if (threadIdx.x == 0) far[b] = any_non_finite ? acc_t(NAN) : bound;
+  }
+}
+
 // ---- finalize (forward) ------------------------------------------------------------
 // Block (b, t) of B * tiles (paper), block t of tiles (chainer). Each block
 // sums its share of: var (weighted hinge sums of the clusters present; chainer:
@@ -50,15 +75,22 @@ __global__ void __launch_bounds__(kCompactThreads)
 // t + tiles, ...; chainer, all slot pairs of all images) and, with the
 // unlabeled push (push_sums not null), the push sums of the clusters present.
 // It writes 4 partials; the last block adds them in block order, applies the
-// weights and the reduction and writes var, dist, reg, push. Reads means,
-// counts (B, K + 1), hinge and push sums through the cache (means O(C^2 E)
-// times over the pairs, from L1/L2).
+// weights and the reduction and writes var, dist, reg, push. Paper, with
+// far (pair_far_kernel) not null: a pair's distance stops at the component
+// where its partial sum reaches far[b], a pair whose hinge is 0 either way,
+// so d gets the same bits (the pairs that go would add +0); for means
+// spread more than 2 delta_d apart most pairs read one or two components
+// instead of E. A data-dependent trip count per thread, no barrier inside:
+// deterministic. Reads means, counts (B, K + 1), hinge and push sums and
+// far through the cache (means up to O(C^2 E) times over the pairs, from
+// L1/L2).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_forward_kernel(const LossConfig c, int64_t B, int64_t E, int64_t tiles, const acc_t* __restrict__ means,
                             const int64_t* __restrict__ counts, const acc_t* __restrict__ hinge,
                             const acc_t* __restrict__ push_sums, const int* __restrict__ present,
-                            const int* __restrict__ num_present, acc_t* __restrict__ partials,
+                            const int* __restrict__ num_present, const acc_t* __restrict__ far,
+                            acc_t* __restrict__ partials,
                             unsigned* __restrict__ tickets, scalar_t* __restrict__ var_out,
                             scalar_t* __restrict__ dist_out, scalar_t* __restrict__ reg_out,
                             scalar_t* __restrict__ push_out) {
@@ -82,10 +114,13 @@ __global__ void __launch_bounds__(kFinalizeThreads)
       if (push_sums != nullptr) u += push_sums[b * K + k];
       r += mean_distance<acc_t>(mu + k * E, nullptr, E, norm);  // ||mu_k||, range-safe
     }
+    const acc_t far_b = far != nullptr ? far[b] : acc_t(NAN);
     for (int64_t i = t; i < C; i += tiles) {
       const acc_t* mi = mu + int64_t(P[i]) * E;
       for (int64_t j = i + 1 + threadIdx.x; j < C; j += blockDim.x) {
-        const acc_t p = push_hinge(mean_distance(mi, mu + int64_t(P[j]) * E, E, norm), delta_d);
+        const acc_t r = mean_distance_or_far(mi, mu + int64_t(P[j]) * E, E, norm, far_b);
+        if (r == acc_t(INFINITY) && far_b == far_b) DISCLOSS_COUNT_SKIPPED(Pairs, 1);
+        const acc_t p = push_hinge(r, delta_d);
         d += p * p;
       }
     }
@@ -187,6 +222,20 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 }
 }  // namespace
 
+// far (B,) for the pair loops (paper, pruning on and B > 0), else undefined.
+at::Tensor pair_far_bounds(const LossConfig& c, int64_t B, int64_t E, const at::Tensor& means,
+                           const std::pair<at::Tensor, at::Tensor>& present, cudaStream_t stream) {
+  if (c.normalization != Normalization::Paper || B == 0 || !pruning_enabled()) return at::Tensor();
+  at::Tensor far = at::empty({B}, means.options());
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(B, 65535));
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "discloss_pair_far_cuda", [&] {
+    DISCLOSS_LAUNCH(pair_far_kernel<scalar_t>, kCompactThreads, grid, kCompactThreads, 0, stream)(
+        means.data_ptr<scalar_t>(), present.first.data_ptr<int>(), present.second.data_ptr<int>(), B,
+        c.num_slots, E, pair_far_bound<scalar_t>(scalar_t(c.delta_d), E, c.norm), far.data_ptr<scalar_t>());
+  });
+  return far;
+}
+
 // present/num_present of the paper normalisation (empty tensors for chainer).
 std::pair<at::Tensor, at::Tensor> compact_present(const at::Tensor& counts, const LossConfig& c, int64_t B,
                                                   cudaStream_t stream) {
@@ -213,13 +262,15 @@ void finalize_forward(const LossConfig& c, int64_t B, int64_t E, const at::Tenso
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "embeddings: batch too large for one launch (", B, ")");
   at::Tensor partials = at::empty({blocks, 4}, means.options());
   at::Tensor tickets = at::zeros({1}, counts.options().dtype(at::kInt));
+  const at::Tensor far = pair_far_bounds(c, B, E, means, present, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, var.scalar_type(), "discloss_finalize_cuda", [&] {
     using acc_t = typename Elem<scalar_t>::acc;
     DISCLOSS_LAUNCH(finalize_forward_kernel<scalar_t, acc_t>, kFinalizeThreads, static_cast<unsigned>(blocks),
                     kFinalizeThreads, 0, stream)(
         c, B, E, tiles, means.data_ptr<acc_t>(), counts.data_ptr<int64_t>(), hinge.data_ptr<acc_t>(),
         with_push ? push_sums.data_ptr<acc_t>() : nullptr, paper ? present.first.data_ptr<int>() : nullptr,
-        paper ? present.second.data_ptr<int>() : nullptr, partials.data_ptr<acc_t>(),
+        paper ? present.second.data_ptr<int>() : nullptr, far.defined() ? far.data_ptr<acc_t>() : nullptr,
+        partials.data_ptr<acc_t>(),
         reinterpret_cast<unsigned*>(tickets.data_ptr<int>()), var.data_ptr<scalar_t>(), dist.data_ptr<scalar_t>(),
         reg.data_ptr<scalar_t>(), push.data_ptr<scalar_t>());
   });

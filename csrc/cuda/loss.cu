@@ -8,15 +8,19 @@
 //             pass 1 slot_sums_kernel<sums>  [finish_means_kernel]
 //             [compact_present_kernel]  pass 2 slot_sums_kernel<hinge>
 //             [sum_partials_kernel x2]  [pass 2b unlabeled_push_kernel
-//             [sum_partials_kernel x2]]  finalize_forward_kernel
-//   backward  [compact_present_kernel]  slot_coefficients_kernel  write_grad_kernel
+//             [sum_partials_kernel x2]]  [pair_far_kernel]
+//             finalize_forward_kernel
+//   backward  [compact_present_kernel  pair_far_kernel]
+//             slot_coefficients_kernel  write_grad_kernel
 //
 // Bracketed launches depend on the path (sums.cu), the normalisation and the
 // unlabeled push; compaction of the clusters present is for the paper
-// normalisation only. It is its own small launch (one block per image, an
-// ordered block scan over the K counts) because the push sums and every
-// block of the finalize need its image's list, and a grid-wide barrier inside
-// one launch would need a cooperative launch.
+// normalisation only, and so is pair_far_kernel (a per-image bound where the
+// pair loops may stop a pair's distance early; finalize.cu). Compaction is
+// its own small launch (one block per image, an ordered block scan over the
+// K counts) because the push sums and every block of the finalize need its
+// image's list, and a grid-wide barrier inside one launch would need a
+// cooperative launch.
 // A training step reads the embeddings three times (pass 1, pass 2, pass 3)
 // and writes the gradient once; the unlabeled push (off by default) adds a
 // read of the labels and of the unlabeled pixels' x (pass 2b, its own

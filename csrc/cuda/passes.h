@@ -42,6 +42,12 @@ void unlabeled_push_sums(const at::Tensor& x, const at::Tensor& lab, const Pixel
 std::pair<at::Tensor, at::Tensor> compact_present(const at::Tensor& counts, const LossConfig& c, int64_t B,
                                                   cudaStream_t stream);
 
+// finalize.cu: far (B,), where the pair loops may stop a pair's distance
+// (math.h pair_far_bound; NaN for an image with a non-finite mean), for the
+// paper normalisation with pruning on; undefined otherwise (no early exit).
+at::Tensor pair_far_bounds(const LossConfig& c, int64_t B, int64_t E, const at::Tensor& means,
+                           const std::pair<at::Tensor, at::Tensor>& present, cudaStream_t stream);
+
 // finalize.cu: the weighted, reduced terms var, dist, reg, push (push_sums
 // undefined without the push).
 void finalize_forward(const LossConfig& c, int64_t B, int64_t E, const at::Tensor& means, const at::Tensor& counts,

@@ -88,6 +88,27 @@ __device__ __forceinline__ T block_sum(T v, T* scratch) {
   return total;
 }
 
+// Maximum over the block, valid in every thread; NaN when any thread's v is
+// NaN (a max that dropped it would let the push's ball skip a NaN pixel).
+// `scratch` holds 32 elements. Every thread of the block must call it; it
+// synchronises the block twice.
+template <typename T>
+__device__ __forceinline__ T block_max_nan(T v, T* scratch) {
+  const int warp = static_cast<int>(threadIdx.x >> 5);
+  const int warps = static_cast<int>((blockDim.x + 31u) >> 5);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const T other = __shfl_xor_sync(kFullMask, v, offset);
+    v = (other > v || other != other) ? other : v;
+  }
+  if (lane_id() == 0) scratch[warp] = v;
+  __syncthreads();
+  T m = scratch[0];
+  for (int w = 1; w < warps; ++w) m = (scratch[w] > m || scratch[w] != scratch[w]) ? scratch[w] : m;
+  __syncthreads();  // scratch is reused
+  return m;
+}
+
 // Exclusive prefix sum of v over the threads of the block, in thread order;
 // *total receives the block's sum in every thread. `scratch` holds 33 ints.
 // Every thread must call it; it synchronises the block three times.

@@ -16,6 +16,12 @@
 //   DISCLOSS_NOINLINE                       __noinline__
 //   DISCLOSS_REGISTER_KERNELS(m) { ... }    TORCH_LIBRARY_IMPL(discloss, CUDA, m)
 //   sm_count(), device_memory_bytes(), current_stream(), DeviceGuard
+//   pruning_enabled()                       true: the kernels skip work whose
+//       terms are all 0 (math.h, bounds); the simulator can switch it off so
+//       that the tests compare both results bitwise
+//   DISCLOSS_COUNT_SKIPPED(what, n)         nothing; on the simulator, adds n
+//       to its counter `what` (PushTiles, Pairs), so that the tests see the
+//       skipping happen
 #pragma once
 
 #ifndef DISCLOSS_CUDA_SIM
@@ -49,6 +55,8 @@ inline double device_memory_bytes() {
 }
 inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
 using DeviceGuard = c10::cuda::CUDAGuard;
+inline bool pruning_enabled() { return true; }
+#define DISCLOSS_COUNT_SKIPPED(what, n) ((void)0)
 
 template <typename... Params>
 struct Launch {
@@ -83,6 +91,8 @@ inline cudaStream_t current_stream() { return nullptr; }
 struct DeviceGuard {
   explicit DeviceGuard(const at::Device&) {}
 };
+inline bool pruning_enabled() { return ::cudasim::config().prune; }
+#define DISCLOSS_COUNT_SKIPPED(what, n) ::cudasim::count_skipped(::cudasim::Skipped::what, (n))
 
 template <typename... Params>
 struct Launch {

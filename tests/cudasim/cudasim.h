@@ -68,8 +68,16 @@ struct Config {
   double total_memory = 8.0 * (1ull << 30);  // totalGlobalMem the launchers see
   Order order = Order::Forward;              // of the blocks and of the fibers
   uint64_t seed = 0;                         // of the random order
+  bool prune = true;                         // pruning_enabled() the launchers see
 };
 Config& config();
+
+// Work the kernels skipped (DISCLOSS_COUNT_SKIPPED): (tile, cluster) pairs
+// of the unlabeled push, pairs of means of dist.
+enum class Skipped : int { PushTiles = 0, Pairs = 1 };
+void count_skipped(Skipped what, int64_t n);
+int64_t skipped(Skipped what);
+void reset_skipped();
 
 // "kernel@file:line" -> launches since the last reset.
 std::vector<std::pair<std::string, int64_t>> launch_log();

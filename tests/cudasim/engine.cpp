@@ -6,6 +6,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <map>
 #include <memory>
@@ -409,6 +410,16 @@ void check_launch(const LaunchInfo& info) {
 Config& config() {
   static Config c;
   return c;
+}
+
+namespace {
+std::atomic<int64_t> g_skipped[2];
+}  // namespace
+
+void count_skipped(Skipped what, int64_t n) { g_skipped[static_cast<int>(what)] += n; }
+int64_t skipped(Skipped what) { return g_skipped[static_cast<int>(what)].load(); }
+void reset_skipped() {
+  for (auto& s : g_skipped) s = 0;
 }
 
 std::vector<std::pair<std::string, int64_t>> launch_log() {

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <sstream>
+#include <vector>
 
 #include "../../csrc/schemas.h"
 #include "cudasim.h"
@@ -36,6 +37,15 @@ std::string launch_log() {
 
 void reset_launch_log() { cudasim::reset_launch_log(); }
 
+void set_pruning(bool enabled) { cudasim::config().prune = enabled; }
+
+// [push (tile, cluster) pairs, pairs of means] skipped since the last reset.
+std::vector<int64_t> skipped() {
+  return {cudasim::skipped(cudasim::Skipped::PushTiles), cudasim::skipped(cudasim::Skipped::Pairs)};
+}
+
+void reset_skipped() { cudasim::reset_skipped(); }
+
 }  // namespace
 
 TORCH_LIBRARY(discloss_cudasim, m) {
@@ -43,4 +53,7 @@ TORCH_LIBRARY(discloss_cudasim, m) {
   m.def("configure(int sm_count, str order, int seed) -> ()", &configure);
   m.def("launch_log() -> str", &launch_log);
   m.def("reset_launch_log() -> ()", &reset_launch_log);
+  m.def("set_pruning(bool enabled) -> ()", &set_pruning);
+  m.def("skipped() -> int[]", &skipped);
+  m.def("reset_skipped() -> ()", &reset_skipped);
 }
