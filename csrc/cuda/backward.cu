@@ -137,8 +137,14 @@ __global__ void __launch_bounds__(kCoefThreads)
           acc_t s = push[cell];
           for (int64_t jj = part; jj < count; jj += parts) {
             const acc_t cf = sh_pair_coef[jj];
-            if (cf != acc_t(0)) {
-              s += cf * norm_grad(me - mu_b[int64_t(sh_pair_slot[jj]) * E + e], sh_pair_dist[jj], norm);
+            const acc_t r = sh_pair_dist[jj];
+            // A pair with p = 0 at a distance that is not finite (a mean with
+            // an inf or NaN component; the early exit is off then, far_b
+            // NaN) still adds 0 * (mu_k - mu_l) / r: NaN in the components
+            // where mu_k - mu_l is not finite, as the reference's autograd
+            // and the CPU kernels give.
+            if (cf != acc_t(0) || (far_b != far_b && !(r - r == acc_t(0)))) {
+              s += cf * norm_grad(me - mu_b[int64_t(sh_pair_slot[jj]) * E + e], r, norm);
             }
           }
           push[cell] = s;
