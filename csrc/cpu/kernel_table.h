@@ -113,6 +113,13 @@ struct ChunkKernels {
   // p_il^2)/dmu_i[e]. Accumulation type throughout.
   void (*pair_rows)(const PairArgs&, int64_t i0, int64_t i1, void* out);
   void (*pair_grads)(const PairArgs&, int64_t i0, int64_t i1, double scale, void* grads);
+  // The slot map's first look at an image (loss.cpp slot_map_cpu): nonzero
+  // when one of its n labels (stride apart) is neither in [0, K) nor
+  // ignore_index, i.e. the identity map does not serve. Here and not in
+  // loss.cpp so that it is compiled per ISA: the baseline one has no 64-bit
+  // vector compare.
+  int64_t (*labels_outside_identity)(const void* labels, LabelKind kind, int64_t n, int64_t stride,
+                                     const LossConfig& c);
 };
 
 namespace generic {

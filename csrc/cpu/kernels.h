@@ -1025,11 +1025,35 @@ static void pair_grads(const PairArgs& a, int64_t i0, int64_t i1, double scale_d
   });
 }
 
+// ---- the slot map's check -------------------------------------------------------
+// One vector loop over the labels (kUnit: contiguous; a run-time stride
+// would need a gather per vector, so that copy stays scalar).
+template <bool kUnit, typename label_t>
+static inline int64_t outside_identity(const label_t* lab, int64_t n, int64_t stride, const LossConfig& c) {
+  const int64_t K = c.num_slots;
+  const bool has_ignore = c.has_ignore;
+  const int64_t ignore = c.ignore_index;
+  int64_t outside = 0;
+#pragma omp simd reduction(| : outside)
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t v = int64_t(lab[kUnit ? j : j * stride]);
+    outside |= int64_t(!((v >= 0) & (v < K)) & !(has_ignore & (v == ignore)));
+  }
+  return outside;
+}
+
+static int64_t labels_outside_identity(const void* labels, LabelKind kind, int64_t n, int64_t stride,
+                                       const LossConfig& c) {
+  return with_labels(kind, labels, 0, [&](const auto* lab) {
+    return stride == 1 ? outside_identity<true>(lab, n, stride, c) : outside_identity<false>(lab, n, stride, c);
+  });
+}
+
 template <typename scalar_t>
 static ChunkKernels kernels_for() {
   using acc_t = typename AccOf<scalar_t>::type;
   return {&cluster_sums<scalar_t>, &hinge_sums<scalar_t>, &write_grad<scalar_t>, &pair_rows<acc_t>,
-          &pair_grads<acc_t>};
+          &pair_grads<acc_t>, &labels_outside_identity};
 }
 
 ChunkKernels chunk_kernels(ScalarKind kind) {

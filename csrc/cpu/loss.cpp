@@ -520,13 +520,10 @@ int64_t image_slot_map(const label_t* lab, int64_t n, int64_t stride, const Loss
   const int64_t K = c.num_slots;
   const bool has_ignore = c.has_ignore;
   const int64_t ignore = c.ignore_index;
-  int64_t outside = 0;
-#pragma omp simd reduction(| : outside)
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t v = int64_t(lab[j * stride]);
-    outside |= int64_t(!((v >= 0) & (v < K)) & !(has_ignore & (v == ignore)));
+  const ChunkKernels& kern = chunk_kernels_for(at::kFloat);  // the check is the same in every table
+  if (!kern.labels_outside_identity(lab, label_kind(c10::CppTypeToScalarType<label_t>::value), n, stride, c)) {
+    return -1;
   }
-  if (!outside) return -1;
   // Distinct ids, looked up once per run of equal labels; stops past K.
   std::unordered_set<int64_t> seen;
   seen.reserve(static_cast<size_t>(std::min<int64_t>(K, 1 << 16)) * 2);
