@@ -21,6 +21,7 @@ import re
 import sys
 from collections import Counter
 
+import pytest
 import torch
 
 HAVE_GPU = torch.cuda.is_available()
@@ -183,3 +184,14 @@ def launch_sites_run():
 def sync():
     if HAVE_GPU:
         torch.cuda.synchronize()
+
+
+@pytest.fixture(autouse=True)
+def cuda_device():
+    """The CUDA kernels serve the ops: on the GPU, or on the simulator. A test
+    module that imports this fixture runs all its tests so."""
+    if not ON_SIMULATOR:
+        yield
+        return
+    with activate():
+        yield

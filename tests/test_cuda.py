@@ -24,6 +24,7 @@ import torch
 import discloss
 from discloss.chainer import discriminative_margin_based_clustering_loss as chainer_loss
 from cudasim_device import DEVICE as CUDA
+from cudasim_device import cuda_device  # noqa: F401 (autouse: every test here runs the CUDA kernels)
 from cudasim_device import ON_SIMULATOR, sync
 from cudasim_device import to_cpu_reference as cpu_reference
 from helpers import (LABEL_DTYPES, assert_close, assert_grad_close, blob_labels, loop_reference64, reference64,
@@ -37,16 +38,6 @@ huge_k = pytest.mark.skipif(ON_SIMULATOR, reason="K = 65536 takes minutes on the
                             "reaches the same kernel paths there")
 
 
-@pytest.fixture(autouse=True)
-def cuda_device():
-    """The CUDA kernels serve the ops: on the GPU, or on the simulator."""
-    if not ON_SIMULATOR:
-        yield
-        return
-    import cudasim_device
-
-    with cudasim_device.activate():
-        yield
 
 
 @contextlib.contextmanager

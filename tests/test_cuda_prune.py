@@ -24,6 +24,7 @@ import torch
 
 import discloss
 from cudasim_device import DEVICE as CUDA
+from cudasim_device import cuda_device  # noqa: F401 (autouse: every test here runs the CUDA kernels)
 from cudasim_device import ON_SIMULATOR
 from cudasim_device import to_cpu_reference as cpu_reference
 from helpers import assert_close, assert_grad_close, reference64
@@ -35,16 +36,6 @@ on_simulator_only = pytest.mark.skipif(
 DELTA_D = 1.5
 
 
-@pytest.fixture(autouse=True)
-def cuda_device():
-    """The CUDA kernels serve the ops: on the GPU, or on the simulator."""
-    if not ON_SIMULATOR:
-        yield
-        return
-    import cudasim_device
-
-    with cudasim_device.activate():
-        yield
 
 
 def run(x, labels, **kw):
