@@ -567,7 +567,7 @@ def _valleys(modes, counts, valid, distance_sq, points, image, points_per_image,
     still finds two modes, but the margin and bridge rules would join them;
     between two modes of one instance (a crowd of its boundary pixels) the
     density does not dip. One batched window test of the probes of all
-    tested pairs (two host synchronisations).
+    tested pairs (three host synchronisations: the pairs, and the sizes of two padded tensors).
     """
     batch, count, dim = modes.shape
     earlier = torch.arange(count, device=modes.device)
