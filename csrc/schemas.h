@@ -66,7 +66,8 @@ inline void define_ops(torch::Library& m) {
       "cluster_parallel(Tensor points, Tensor points_per_image, Tensor priority, Tensor rank, int search_points, "
       "int density_samples, int most_seeds, int min_density, int mean_shift_steps, int max_instances, int min_size, "
       "int neighbour_vote, bool join_density, float bandwidth_sq, float merge_sq, float delta_v, float peak_radius, "
-      "float satellite_ratio, float bridge_ratio, float ambiguous_ratio) "
+      "float satellite_ratio, float bridge_ratio, float ambiguous_ratio, float valley_ratio, float valley_radius_sq, "
+      "float valley_count_ratio) "
       "-> (Tensor ids, Tensor scores, Tensor num_instances)");
 }
 

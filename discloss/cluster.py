@@ -65,6 +65,13 @@ _PEAK_RADIUS = 0.7
 # the distance to the second is ambiguous (3-7% of the pixels of the
 # synthetic touching sets).
 _AMBIGUOUS_RATIO = 0.6
+# search="parallel" with join="density": a mode does not join an earlier mode within 2*delta_d
+# (as its duplicate, satellite or bridge end) when a density valley lies between them: fewer
+# points within _VALLEY_RADIUS * delta_v of a point a quarter, half or three quarters of the way
+# than _VALLEY_RATIO times as many as within that radius of either mode (0: no valley test).
+_VALLEY_RATIO = 0.3
+_VALLEY_RADIUS = 1.0
+_VALLEY_COUNT_RATIO = 1.8
 # search="parallel" on CPU tensors: the fused C++ op (discloss::cluster_parallel) instead of the
 # torch-op path, which stays for CUDA tensors and as the reference the tests compare it with.
 _FUSED_CPU_SEARCH = True
@@ -546,7 +553,55 @@ def _mean_shift_many(points, image, points_per_image, centres, valid, bandwidth_
     return centres, counts
 
 
-def _file_modes(modes, counts, valid, merge_sq, bandwidth_sq, join_density, capacity):
+def _valleys(modes, counts, valid, distance_sq, points, image, points_per_image, radius_sq, reach_sq):
+    """valley[b, i, j] (i before j in the filing order): a density valley separates modes i and j.
+
+    Only pairs within sqrt(reach_sq) whose window counts are comparable (the
+    earlier one less than _VALLEY_COUNT_RATIO times the later one's: a mode
+    much sparser than its neighbour is a satellite, whatever lies between)
+    are tested. The test counts the points within sqrt(radius_sq) of each
+    mode and of the probes a quarter, half and three quarters of the way from
+    mode i to mode j: a valley is a probe with fewer than _VALLEY_RATIO times
+    the smaller of the two modes' counts. Where two instances' embeddings
+    overlap (an undertrained network's means 1.3-1.7 apart) mean shift
+    still finds two modes, but the margin and bridge rules would join them;
+    between two modes of one instance (a crowd of its boundary pixels) the
+    density does not dip. One batched window test of the probes of all
+    tested pairs (three host synchronisations: the pairs, and the sizes of two padded tensors).
+    """
+    batch, count, dim = modes.shape
+    earlier = torch.arange(count, device=modes.device)
+    earlier = earlier.unsqueeze(1) < earlier.unsqueeze(0)
+    tested = (earlier & (distance_sq <= reach_sq) & valid.unsqueeze(2) & valid.unsqueeze(1)
+              & (counts.unsqueeze(2) < _VALLEY_COUNT_RATIO * counts.unsqueeze(1)))
+    pair_image, first, second = tested.nonzero(as_tuple=True)  # one synchronisation; grouped by image
+    valley = torch.zeros_like(tested)
+    if pair_image.numel() == 0:
+        return valley
+    start, end = modes[pair_image, first], modes[pair_image, second]
+    # Per pair: the two modes, then the three probes, as in csrc/cpu/cluster.cpp.
+    probes = torch.stack([start, end] + [start + t * (end - start) for t in (0.25, 0.5, 0.75)], dim=1)
+    probe_image = pair_image.repeat_interleave(5)
+    probe_count = torch.bincount(probe_image, minlength=batch)
+    most = int(points_per_image.max())  # one synchronisation
+    most_probes = int(probe_count.max())
+    ones = _padded(torch.ones_like(points[:, 0]), image, points_per_image, most).unsqueeze(2)  # 0 at padding
+    doubled = (2.0 * _padded(points, image, points_per_image, most)).transpose(1, 2)  # (B, E, most)
+    minus_squared = -_padded((points * points).sum(dim=1), image, points_per_image, most).unsqueeze(1)
+    flat = probes.flatten(0, 1)
+    rows = _padded(flat, probe_image, probe_count, most_probes)  # (B, most_probes, E)
+    # |x - p|^2 <= r^2  <=>  2 x.p - |x|^2 >= |p|^2 - r^2, as the mean shift's window test.
+    limit = (rows * rows).sum(dim=2, keepdim=True) - radius_sq
+    inside = torch.ge(torch.baddbmm(minus_squared, rows, doubled), limit).to(points.dtype)
+    within = torch.bmm(inside, ones).squeeze(2)  # (B, most_probes)
+    within = _at(within.unsqueeze(2), probe_image, _position_in_image(probe_image, probe_count)).reshape(-1, 5)
+    ends = torch.minimum(within[:, 0], within[:, 1])
+    valley[pair_image, first, second] = within[:, 2:].amin(dim=1) < _VALLEY_RATIO * ends
+    return valley
+
+
+def _file_modes(modes, counts, valid, merge_sq, bandwidth_sq, join_density, capacity, valley_points=None,
+                valley_radius_sq=None):
     """Which modes are instances, filed densest first: the rule of _add_or_join_mode without a loop.
 
     A mode joins (is no new instance) when an earlier new mode lies within
@@ -572,6 +627,9 @@ def _file_modes(modes, counts, valid, merge_sq, bandwidth_sq, join_density, capa
     distance_sq = squared.unsqueeze(2) + squared.unsqueeze(1) - 2.0 * gram
     joins = earlier & (distance_sq <= merge_sq)
     bridge = None
+    valley = None
+    if join_density and valley_points is not None and _VALLEY_RATIO > 0:
+        valley = _valleys(modes, counts, valid, distance_sq, *valley_points, valley_radius_sq, 4.0 * merge_sq)
     if join_density:
         joins = joins | earlier & (distance_sq <= 4.0 * merge_sq) & (
             counts.unsqueeze(2) >= _SATELLITE_RATIO * counts.unsqueeze(1))
@@ -584,6 +642,9 @@ def _file_modes(modes, counts, valid, merge_sq, bandwidth_sq, join_density, capa
         off_sq = distance_sq.unsqueeze(2) - along * dot
         denser = earlier & (counts.unsqueeze(2) >= _BRIDGE_RATIO * counts.unsqueeze(1))  # [b, i, j]
         bridge = (along > 0) & (along < 1) & (off_sq <= bandwidth_sq) & denser.unsqueeze(2) & denser.unsqueeze(1)
+        if valley is not None:
+            joins = joins & ~valley
+            bridge = bridge & ~valley.unsqueeze(2) & ~valley.unsqueeze(1)
     new = valid
     for _ in range(count + 1):
         blocked = (joins & new.unsqueeze(2)).any(dim=1)
@@ -949,8 +1010,14 @@ def cluster_embeddings(
             once (two batched matrix products a step), and the modes are
             filed densest first by the same rule as in step 3 (within
             ``delta_d`` of a mode already filed, or with ``join="density"``
-            its satellite or on a bridge: no new instance), at most
-            ``max_iterations`` of them. No pixel is claimed or visited, so
+            its satellite or on a bridge: no new instance; with
+            ``join="density"`` a mode never joins a mode of comparable
+            window count (< 1.8x) within 2 * ``delta_d`` when a density
+            valley lies between them: fewer points within ``delta_v`` of a
+            point 1/4, 1/2 or 3/4 of the way than 0.3 times as many as
+            around either mode, as where an undertrained network leaves two
+            instances' means 1.3-1.7 apart), at most ``max_iterations`` of
+            them. No pixel is claimed or visited, so
             no loop runs per instance: 3-5x faster on CPU (at most
             2 * max_iterations peaks per image; memory O(B * peaks^3) for
             the bridge rule). On CPU tensors it runs as one fused C++ op
@@ -1047,7 +1114,7 @@ def _cluster(embeddings, foreground, *, delta_v, delta_d, min_size, bandwidth, t
             mode_points if mode_points is not None else points.shape[0], _DENSITY_SAMPLES, 2 * max_iterations,
             max(min_size, 1), mean_shift_steps, max_iterations, min_size, neighbour_vote, join == "density",
             bandwidth_sq, float(delta_d) ** 2, float(delta_v), _PEAK_RADIUS, _SATELLITE_RATIO, _BRIDGE_RATIO,
-            _AMBIGUOUS_RATIO)
+            _AMBIGUOUS_RATIO, _VALLEY_RATIO, (_VALLEY_RADIUS * float(delta_v)) ** 2, _VALLEY_COUNT_RATIO)
         labels_flat.view(-1).index_copy_(0, image * labels_flat.shape[1] + pixel, ids)
         return labels_flat.reshape((batch,) + spatial), scores[:, :int(num_instances.max())]  # one synchronisation
     # The modes are searched on all points, or on a sample of each image's
@@ -1082,7 +1149,8 @@ def _cluster(embeddings, foreground, *, delta_v, delta_d, min_size, bandwidth, t
         modes, counts = _mean_shift_many(search_points, search_image, search_count, seeds, valid, bandwidth_sq,
                                          mean_shift_steps, stop_when_converged=device.type == "cpu")
         centres, num_found = _file_modes(modes, counts, valid, float(delta_d) ** 2, bandwidth_sq, join == "density",
-                                         max_iterations)
+                                         max_iterations, (search_points, search_image, search_count),
+                                         (_VALLEY_RADIUS * float(delta_v)) ** 2)
     else:
         centres, num_found, point_label = _find_modes(
             search_points, search_image, search_count, priority, score, bandwidth_sq=bandwidth_sq,

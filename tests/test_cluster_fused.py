@@ -41,7 +41,7 @@ def reference_parallel_search(points, pixels, *, mode_points, samples, min_size,
                             min(samples, mode_points), max(min_size, 1), 2 * max_iterations)
     shifted = [reference_mean_shift(search_points, seed, window_sq, steps) for seed in seeds]
     centres = reference_file([m for m, _ in shifted], [n for _, n in shifted], DELTA_D ** 2, 2 * DELTA_D,
-                             2 * DELTA_V, max_iterations)
+                             2 * DELTA_V, max_iterations, search_points, cluster._VALLEY_RADIUS * DELTA_V)
     slots, kept = reference_assign_to_nearest(points, centres, window_sq, min_size)
     if neighbours > 0:
         slots = reference_neighbour_vote(points, slots, centres, kept, searched, neighbours)
@@ -102,6 +102,30 @@ def test_fused_search_matches_a_plain_reference(fused, monkeypatch, seed, mode_p
     assert instances >= 4  # the cases have several instances
 
 
+def close_pairs(seed, dtype, noise=0.12):
+    """(2, 3, 20, 22) embeddings of four instances in two pairs whose means are 1.4 apart (within
+    delta_d: one mode each, joined by the margin rule but for the valley between them)."""
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.tensor([[0.0, 0.0, 0.0], [1.4, 0.0, 0.0], [0.0, 4.0, 0.0], [1.4, 4.0, 0.2]], dtype=torch.float64)
+    which = torch.randint(0, 4, (2, 20, 22), generator=generator)
+    embeddings = means[which] + torch.randn(2, 20, 22, 3, generator=generator, dtype=torch.float64) * noise
+    foreground = torch.rand(2, 20, 22, generator=generator) > 0.1
+    return embeddings.permute(0, 3, 1, 2).contiguous().to(dtype), foreground
+
+
+def test_fused_search_matches_a_plain_reference_across_valleys(fused):
+    fused(True)
+    embeddings, foreground = close_pairs(0, torch.float64)
+    labels, _ = cluster_embeddings(embeddings, foreground, **PARALLEL, min_size=6, max_iterations=16)
+    for b in range(2):
+        pixels = foreground[b].flatten().nonzero(as_tuple=True)[0].tolist()
+        points = embeddings[b].flatten(1).t()[pixels].tolist()
+        expected, _ = reference_parallel_search(points, pixels, mode_points=len(points), samples=512, neighbours=16,
+                                                steps=10, max_iterations=16, min_size=6)
+        assert labels[b].flatten()[pixels].tolist() == expected
+        assert max(expected) == 4
+
+
 # ----------------------------------------------------------------------------- fused = torch ops
 
 def touching_sticks(size, sticks, seed, dtype):
@@ -131,6 +155,21 @@ def test_fused_equals_the_torch_ops_on_random_batches(fused, seed, dtype, option
     assert fused_labels.max() >= 3
     assert torch.equal(fused_labels, torch_labels)
     torch.testing.assert_close(fused_scores, torch_scores, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_equals_the_torch_ops_across_valleys(fused, monkeypatch, seed, dtype):
+    embeddings, foreground = close_pairs(seed, dtype)
+    fused_labels, fused_scores, torch_labels, torch_scores = both_paths(fused, embeddings, foreground, **PARALLEL)
+    assert torch.equal(fused_labels, torch_labels)
+    torch.testing.assert_close(fused_scores, torch_scores, rtol=0, atol=1e-6)
+    assert fused_labels.flatten(1).amax(dim=1).tolist() == [4, 4]
+    # Without the valley test each pair is one instance, in both paths.
+    monkeypatch.setattr(cluster, "_VALLEY_RATIO", 0.0)
+    fused_labels, _, torch_labels, _ = both_paths(fused, embeddings, foreground, **PARALLEL)
+    assert torch.equal(fused_labels, torch_labels)
+    assert fused_labels.flatten(1).amax(dim=1).tolist() == [2, 2]
 
 
 @pytest.mark.parametrize("case", ["empty image", "all empty", "one pixel", "one image of many"])
@@ -167,7 +206,8 @@ def raw_arguments(**changes):
                      rank=torch.arange(10) % 6, search_points=4096, density_samples=512, most_seeds=128,
                      min_density=1, mean_shift_steps=10, max_instances=64, min_size=1, neighbour_vote=16,
                      join_density=True, bandwidth_sq=1.0, merge_sq=2.25, delta_v=0.5, peak_radius=0.7,
-                     satellite_ratio=4.0, bridge_ratio=1.5, ambiguous_ratio=0.6)
+                     satellite_ratio=4.0, bridge_ratio=1.5, ambiguous_ratio=0.6, valley_ratio=0.3,
+                     valley_radius_sq=0.25, valley_count_ratio=1.8)
     arguments.update(changes)
     return list(arguments.values())
 
@@ -184,7 +224,8 @@ def test_raw_op_runs_on_valid_arguments():
     ("points_per_image", torch.tensor([6.0, 4.0])), ("priority", torch.arange(9)), ("rank", torch.zeros(10)),
     ("search_points", 0), ("density_samples", 0), ("most_seeds", 0), ("mean_shift_steps", -1),
     ("max_instances", 0), ("min_size", -1), ("neighbour_vote", -1), ("bandwidth_sq", 0.0),
-    ("bandwidth_sq", float("inf")), ("merge_sq", -1.0), ("delta_v", 0.0)])
+    ("bandwidth_sq", float("inf")), ("merge_sq", -1.0), ("delta_v", 0.0), ("valley_ratio", -0.1),
+    ("valley_radius_sq", 0.0), ("valley_radius_sq", float("inf"))])
 def test_raw_op_errors_name_the_argument(name, value):
     with pytest.raises(RuntimeError, match=name):
         torch.ops.discloss.cluster_parallel(*raw_arguments(**{name: value}))

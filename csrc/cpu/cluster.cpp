@@ -28,7 +28,7 @@ struct SearchConfig {
   int64_t dim, search_points, density_samples, most_seeds, steps, capacity, min_size, neighbours;
   bool join_density;
   scalar_t min_density, bandwidth_sq, peak_threshold, merge_sq, satellite_sq, satellite_ratio, bridge_ratio,
-      ambiguous_sq, delta_v_sq;
+      ambiguous_sq, delta_v_sq, valley_ratio, valley_radius_sq, valley_count_ratio;
 };
 
 // One image's points (n x dim, row-major, grouped by image in cluster.py) and their squared norms.
@@ -165,13 +165,45 @@ int64_t mean_shift(const Image<scalar_t>& im, const SearchPoints<scalar_t>& sp, 
   return count;
 }
 
+// _valleys for one pair: the searched points within the valley radius of mode a, of mode b and of
+// the probes a quarter, half and three quarters of the way from a to b; a valley when a probe has
+// fewer than valley_ratio times the smaller of the modes' counts. The window test as mean_shift's.
+template <typename scalar_t>
+bool valley_between(const SearchPoints<scalar_t>& sp, const SearchConfig<scalar_t>& c, const scalar_t* a,
+                    const scalar_t* b) {
+  std::vector<scalar_t> probe(c.dim), inside(sp.n);
+  auto within = [&](const scalar_t* centre) {
+    const scalar_t limit = dot(centre, centre, c.dim) - c.valley_radius_sq;
+    std::copy(sp.minus_squared.begin(), sp.minus_squared.end(), inside.begin());
+    for (int64_t e = 0; e < c.dim; ++e) {
+      const scalar_t ce = centre[e];
+      const scalar_t* column = sp.doubled.data() + e * sp.n;
+      for (int64_t p = 0; p < sp.n; ++p) inside[p] += ce * column[p];
+    }
+    int64_t count = 0;
+    for (int64_t p = 0; p < sp.n; ++p) count += inside[p] >= limit;
+    return static_cast<scalar_t>(count);
+  };
+  const scalar_t ends = std::min(within(a), within(b));
+  scalar_t lowest = std::numeric_limits<scalar_t>::infinity();
+  for (const scalar_t t : {scalar_t(0.25), scalar_t(0.5), scalar_t(0.75)}) {
+    for (int64_t e = 0; e < c.dim; ++e) probe[e] = a[e] + t * (b[e] - a[e]);
+    lowest = std::min(lowest, within(probe.data()));
+  }
+  return lowest < c.valley_ratio * ends;
+}
+
 // _file_modes: the modes in descending window count (ties: seed order) become instances unless an
 // earlier new mode lies within delta_d (join), or with join_density within 2 delta_d and
 // satellite_ratio times denser (satellite), or two earlier new modes each bridge_ratio times denser
-// have the mode within the window of their segment (bridge). The first `capacity` new modes are
-// kept. Distances from the Gram matrix, as cluster.py.
+// have the mode within the window of their segment (bridge); with join_density, a mode never joins
+// (nor bridges from) an earlier mode from which a density valley separates it (valley_between,
+// tested only within 2 delta_d and for counts less than valley_count_ratio apart; each pair at most
+// once, when a rule would use it). The first `capacity` new modes are kept. Distances from the Gram
+// matrix, as cluster.py.
 template <typename scalar_t>
-std::vector<std::vector<scalar_t>> file_modes(const std::vector<std::vector<scalar_t>>& modes,
+std::vector<std::vector<scalar_t>> file_modes(const SearchPoints<scalar_t>& sp,
+                                              const std::vector<std::vector<scalar_t>>& modes,
                                               const std::vector<int64_t>& counts, const SearchConfig<scalar_t>& c) {
   const int64_t s = static_cast<int64_t>(modes.size());
   std::vector<int64_t> order(s);
@@ -189,21 +221,32 @@ std::vector<std::vector<scalar_t>> file_modes(const std::vector<std::vector<scal
     const scalar_t off_sq = distance_sq(i, j) - along * product;
     return along > 0 && along < 1 && off_sq <= c.bandwidth_sq;
   };
+  std::vector<signed char> valleys(static_cast<size_t>(s * s), -1);  // -1: not tested yet
+  auto valley = [&](int64_t i, int64_t j) {  // i before j
+    if (!c.join_density || !(c.valley_ratio > 0)) return false;
+    signed char& known = valleys[i * s + j];
+    if (known < 0)
+      known = distance_sq(i, j) <= c.satellite_sq && count(i) < c.valley_count_ratio * count(j) &&
+              valley_between(sp, c, modes[order[i]].data(), modes[order[j]].data());
+    return known > 0;
+  };
   std::vector<int64_t> found;
   std::vector<std::vector<scalar_t>> centres;
   for (int64_t j = 0; j < s && static_cast<int64_t>(centres.size()) < c.capacity; ++j) {
     bool joins = false;
     for (int64_t i : found) {
       const scalar_t d2 = distance_sq(i, j);
-      joins = d2 <= c.merge_sq ||
-              (c.join_density && d2 <= c.satellite_sq && count(i) >= c.satellite_ratio * count(j));
+      joins = (d2 <= c.merge_sq ||
+               (c.join_density && d2 <= c.satellite_sq && count(i) >= c.satellite_ratio * count(j))) &&
+              !valley(i, j);
       if (joins) break;
     }
     if (!joins && c.join_density) {
       for (size_t a = 0; a < found.size() && !joins; ++a) {
         if (!(count(found[a]) >= c.bridge_ratio * count(j))) continue;
         for (size_t b = 0; b < found.size() && !joins; ++b)
-          joins = a != b && count(found[b]) >= c.bridge_ratio * count(j) && on_bridge(found[a], found[b], j);
+          joins = a != b && count(found[b]) >= c.bridge_ratio * count(j) && on_bridge(found[a], found[b], j) &&
+                  !valley(found[a], j) && !valley(found[b], j);
       }
     }
     if (joins) continue;
@@ -383,7 +426,7 @@ int64_t cluster_image(Image<scalar_t>& im, const SearchConfig<scalar_t>& c, int6
     counts.push_back(mean_shift(im, sp, c, centre, inside));
     modes.push_back(std::move(centre));
   }
-  std::vector<std::vector<scalar_t>> centres = file_modes(modes, counts, c);
+  std::vector<std::vector<scalar_t>> centres = file_modes(sp, modes, counts, c);
   std::vector<int64_t> slot;
   std::vector<char> kept;
   std::vector<scalar_t> near;
@@ -397,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_parallel_cpu(
     int64_t search_points, int64_t density_samples, int64_t most_seeds, int64_t min_density, int64_t mean_shift_steps,
     int64_t max_instances, int64_t min_size, int64_t neighbour_vote_count, bool join_density, double bandwidth_sq,
     double merge_sq, double delta_v, double peak_radius, double satellite_ratio, double bridge_ratio,
-    double ambiguous_ratio) {
+    double ambiguous_ratio, double valley_ratio, double valley_radius_sq, double valley_count_ratio) {
   TORCH_CHECK(points.dim() == 2 && (points.scalar_type() == at::kFloat || points.scalar_type() == at::kDouble),
               "points: expected a float32 or float64 tensor of shape (M, E), got ", points.scalar_type(), " of shape ",
               points.sizes());
@@ -423,6 +466,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_parallel_cpu(
               bandwidth_sq);
   TORCH_CHECK(merge_sq >= 0 && std::isfinite(merge_sq), "merge_sq: expected a finite value >= 0, got ", merge_sq);
   TORCH_CHECK(delta_v > 0, "delta_v: expected > 0, got ", delta_v);
+  TORCH_CHECK(valley_ratio >= 0, "valley_ratio: expected >= 0 (0: no valley test), got ", valley_ratio);
+  TORCH_CHECK(valley_radius_sq > 0 && std::isfinite(valley_radius_sq),
+              "valley_radius_sq: expected a finite value > 0, got ", valley_radius_sq);
   const auto counts = points_per_image.contiguous();
   const int64_t* count_p = counts.data_ptr<int64_t>();
   const int64_t batch = counts.size(0);
@@ -460,6 +506,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_parallel_cpu(
     c.bridge_ratio = static_cast<scalar_t>(bridge_ratio);
     c.ambiguous_sq = static_cast<scalar_t>(ambiguous_ratio * ambiguous_ratio);
     c.delta_v_sq = static_cast<scalar_t>(delta_v * delta_v);
+    c.valley_ratio = static_cast<scalar_t>(valley_ratio);
+    c.valley_radius_sq = static_cast<scalar_t>(valley_radius_sq);
+    c.valley_count_ratio = static_cast<scalar_t>(valley_count_ratio);
     const scalar_t* x_p = x.data_ptr<scalar_t>();
     at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
       for (int64_t b = first; b < last; ++b) {
