@@ -148,11 +148,12 @@ def pruning(enabled):
 
 def skipped():
     """{"push_tiles": (tile, cluster) pairs of the push ruled out, "pairs":
-    pairs of means whose distance stopped early} since the last
-    reset_skipped()."""
+    pairs of means whose distance stopped early, "push_pixels": (pixel,
+    cluster) pairs of the push's gradient whose distance stopped early}
+    since the last reset_skipped()."""
     load()
-    push_tiles, pairs = torch.ops.discloss_cudasim.skipped()
-    return {"push_tiles": push_tiles, "pairs": pairs}
+    push_tiles, pairs, push_pixels = torch.ops.discloss_cudasim.skipped()
+    return {"push_tiles": push_tiles, "pairs": pairs, "push_pixels": push_pixels}
 
 
 def reset_skipped():

@@ -62,7 +62,7 @@ def pruned_and_full(fn):
     with cudasim_device.pruning(False):
         cudasim_device.reset_skipped()
         full = fn()
-        assert cudasim_device.skipped() == {"push_tiles": 0, "pairs": 0}
+        assert cudasim_device.skipped() == {"push_tiles": 0, "pairs": 0, "push_pixels": 0}
     return pruned, counts, full
 
 
@@ -204,6 +204,8 @@ def test_push_bitwise_equal_to_the_unpruned_kernels(dtype, C, E, offset, norm):
     # its ball rules out the other C - 1 (and sometimes its own, when every
     # pixel of the tile is outside the hinge by more than the margin).
     assert counts["push_tiles"] >= tiles * (C - 1), counts
+    # Pass 3 stops the distance of each unlabeled pixel to the C - 1 far means.
+    assert counts["push_pixels"] >= tiles * x.shape[3] * (C - 1), counts
 
 
 @on_simulator_only

@@ -176,9 +176,15 @@ __global__ void __launch_bounds__(kCoefThreads)
 // an unlabeled pixel of an image with C > 0 clusters,
 // grad x_i = push_coef[b] * sum_c d(q_ic^2)/dx_i (kPushGradWidth components
 // at a time, q recomputed per group: O(C E (E / kPushGradWidth + 1)));
-// 0 for every other pixel. Reads the label once, x twice (the second read of
-// the pixel's E values hits L1; C+1 times for an unlabeled pixel) and per-slot
-// rows through the cache; writes each gradient element once.
+// 0 for every other pixel. A cluster whose norm terms, summed so far, reach
+// math.h's push_skip_bound has q = 0 and adds nothing (its 0 * u terms are
+// +-0): the thread stops its distance there and skips it, when the pixel and
+// the image's means are finite (far: pair_far_bounds, NaN when a present
+// mean is not; null when pruning is off), since a NaN or inf in an unread
+// component would otherwise be lost. Same bits either way. Reads the label
+// once, x twice (the second read of the pixel's E values hits L1; C+1 times
+// for an unlabeled pixel) and per-slot rows through the cache; writes each
+// gradient element once.
 template <typename scalar_t, typename label_t>
 __global__ void __launch_bounds__(kGradThreads)
     write_grad_kernel(const scalar_t* __restrict__ x, const label_t* __restrict__ labels, scalar_t* __restrict__ grad,
@@ -187,12 +193,13 @@ __global__ void __launch_bounds__(kGradThreads)
                       const typename Elem<scalar_t>::acc* __restrict__ var_coef,
                       const typename Elem<scalar_t>::acc* __restrict__ mean_coef,
                       const typename Elem<scalar_t>::acc* __restrict__ push_coef, const int* __restrict__ present,
-                      const int* __restrict__ num_present) {
+                      const int* __restrict__ num_present, const typename Elem<scalar_t>::acc* __restrict__ far) {
   using acc_t = typename Elem<scalar_t>::acc;
   const int64_t K = c.num_slots, E = L.embed_dim, N = L.num_pixels;
   const int norm = c.norm;
   const acc_t delta_v = acc_t(c.delta_v);
   const acc_t delta_d = acc_t(c.delta_d);
+  const acc_t push_bound = push_skip_bound(delta_d, norm);  // NaN: never stop
   for (int64_t b = blockIdx.y; b < L.batch; b += gridDim.y) {
     const ImageSlots map = image_slots(slot_ids, num_ids, b, K);
     const int64_t C = push_coef != nullptr ? int64_t(num_present[b]) : 0;
@@ -204,6 +211,12 @@ __global__ void __launch_bounds__(kGradThreads)
       if (s == kIgnored && C > 0) {  // an unlabeled pixel under the push
         const acc_t w = push_coef[b];
         const int* P = present + b * K;
+        bool finite = far != nullptr && far[b] == far[b];  // the image's means
+        for (int64_t e = 0; finite && e < E; ++e) {
+          const acc_t v = load_elem(xp, e * L.x_embed_stride);
+          finite = v - v == acc_t(0);
+        }
+        const acc_t stop = finite ? push_bound : acc_t(NAN);
         for (int64_t e0 = 0; e0 < E; e0 += kPushGradWidth) {
           acc_t g[kPushGradWidth];
 #pragma unroll
@@ -211,8 +224,17 @@ __global__ void __launch_bounds__(kGradThreads)
           for (int64_t i = 0; i < C; ++i) {
             const acc_t* mu = means + (b * K + P[i]) * E;
             acc_t r = acc_t(0);
+            bool far_off = false;
             for (int64_t e = 0; e < E; ++e) {
               r += norm_term<acc_t>(load_elem(xp, e * L.x_embed_stride) - __ldg(mu + e), norm);
+              if (r >= stop) {
+                far_off = true;
+                break;
+              }
+            }
+            if (far_off) {
+              if (e0 == 0) DISCLOSS_COUNT_SKIPPED(PushPixels, 1);
+              continue;
             }
             const acc_t rr = pixel_norm(r, norm, xp, L.x_embed_stride, mu, E);
             const PullHinge<acc_t> uq = unlabeled_hinge(rr, delta_d, norm);
@@ -291,7 +313,8 @@ void write_gradient(const at::Tensor& x, const at::Tensor& lab, at::Tensor& grad
           static_cast<const scalar_t*>(x.data_ptr()), static_cast<const label_t*>(lab.data_ptr()),
           static_cast<scalar_t*>(grad.data_ptr()), L, c, unit, map.slot_ids, map.num_ids, means_c.data_ptr<acc_t>(),
           var_coef.data_ptr<acc_t>(), mean_coef.data_ptr<acc_t>(), with_push ? push_coef.data_ptr<acc_t>() : nullptr,
-          paper ? present.first.data_ptr<int>() : nullptr, paper ? present.second.data_ptr<int>() : nullptr);
+          paper ? present.first.data_ptr<int>() : nullptr, paper ? present.second.data_ptr<int>() : nullptr,
+          far.defined() ? far.data_ptr<acc_t>() : nullptr);
     });
   });
 }

@@ -73,8 +73,9 @@ struct Config {
 Config& config();
 
 // Work the kernels skipped (DISCLOSS_COUNT_SKIPPED): (tile, cluster) pairs
-// of the unlabeled push, pairs of means of dist.
-enum class Skipped : int { PushTiles = 0, Pairs = 1 };
+// of the unlabeled push, pairs of means of dist, (pixel, cluster) pairs of
+// the push's gradient (pass 3).
+enum class Skipped : int { PushTiles = 0, Pairs = 1, PushPixels = 2 };
 void count_skipped(Skipped what, int64_t n);
 int64_t skipped(Skipped what);
 void reset_skipped();

@@ -413,7 +413,7 @@ Config& config() {
 }
 
 namespace {
-std::atomic<int64_t> g_skipped[2];
+std::atomic<int64_t> g_skipped[3];
 }  // namespace
 
 void count_skipped(Skipped what, int64_t n) { g_skipped[static_cast<int>(what)] += n; }

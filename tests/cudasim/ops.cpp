@@ -39,9 +39,11 @@ void reset_launch_log() { cudasim::reset_launch_log(); }
 
 void set_pruning(bool enabled) { cudasim::config().prune = enabled; }
 
-// [push (tile, cluster) pairs, pairs of means] skipped since the last reset.
+// [push (tile, cluster) pairs, pairs of means, push gradient (pixel,
+// cluster) pairs] skipped since the last reset.
 std::vector<int64_t> skipped() {
-  return {cudasim::skipped(cudasim::Skipped::PushTiles), cudasim::skipped(cudasim::Skipped::Pairs)};
+  return {cudasim::skipped(cudasim::Skipped::PushTiles), cudasim::skipped(cudasim::Skipped::Pairs),
+          cudasim::skipped(cudasim::Skipped::PushPixels)};
 }
 
 void reset_skipped() { cudasim::reset_skipped(); }
