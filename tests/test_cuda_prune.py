@@ -38,6 +38,13 @@ DELTA_D = 1.5
 
 
 
+def assert_terms_and_grad_close(terms, grad, expected_terms, expected_grad, dtype):
+    """The terms (as many as the loss returns) and the gradient, at the CUDA tests' tolerances."""
+    for name, a, b in zip(["var", "dist", "reg", "push"], terms, expected_terms):
+        assert_close(a, b, dtype, name)
+    assert_grad_close(grad, expected_grad, dtype)
+
+
 def run(x, labels, **kw):
     """Fused terms (per image) and d(sum of terms)/dx."""
     x = x.detach().clone().requires_grad_(True)
@@ -169,13 +176,9 @@ def test_push_against_reference_and_cpu_op(dtype, C, E, offset, norm):
     terms, grad = run(x, labels, **kw)
     ref, ref_grad = reference64(x.cpu(), labels.cpu(), **kw)
     assert float(ref[3].sum()) > 0  # the push takes part
-    for name, a, b in zip(["var", "dist", "reg", "push"], terms, ref):
-        assert_close(a, b, dtype, name)
-    assert_grad_close(grad, ref_grad, dtype)
+    assert_terms_and_grad_close(terms, grad, ref, ref_grad, dtype)
     cpu_terms, cpu_grad = cpu_reference(run, x, labels, **kw)
-    for name, a, b in zip(["var", "dist", "reg", "push"], terms, cpu_terms):
-        assert_close(a, b, dtype, name)
-    assert_grad_close(grad, cpu_grad, dtype)
+    assert_terms_and_grad_close(terms, grad, cpu_terms, cpu_grad, dtype)
 
 
 @on_simulator_only
@@ -309,13 +312,9 @@ def test_pairs_against_reference_and_cpu_op(dtype, C, E, offset, norm):
     terms, grad = run(x, labels, **kw)
     ref, ref_grad = reference64(x.cpu(), labels.cpu(), **kw)
     assert float(ref[1][0]) > 0 and float(ref[1][1]) > 0  # pairs within reach in both images
-    for name, a, b in zip(["var", "dist", "reg"], terms, ref):
-        assert_close(a, b, dtype, name)
-    assert_grad_close(grad, ref_grad, dtype)
+    assert_terms_and_grad_close(terms, grad, ref, ref_grad, dtype)
     cpu_terms, cpu_grad = cpu_reference(run, x, labels, **kw)
-    for name, a, b in zip(["var", "dist", "reg"], terms, cpu_terms):
-        assert_close(a, b, dtype, name)
-    assert_grad_close(grad, cpu_grad, dtype)
+    assert_terms_and_grad_close(terms, grad, cpu_terms, cpu_grad, dtype)
 
 
 @on_simulator_only
