@@ -1,6 +1,7 @@
 """The pair step of the dist term with many clusters (CPU, L2, paper mode):
 csrc/cpu/kernels.h compares one mean with blocks of 128 others in vector
-lanes, rows in tiles of 16 spread over threads, and redoes pairs whose
+lanes (the gradient: tiles of 128 x 128 pairs, each pair formed once, in
+rounds of tiles with disjoint rows and columns), and redoes pairs whose
 distance leaves the unscaled sum's exact range. Checked against the float64
 reference with pairs of every kind in several blocks and tiles, and bitwise
 across thread counts."""
@@ -11,7 +12,7 @@ import torch
 import discloss
 from helpers import assert_close, assert_grad_close, reference64
 
-C = 300  # three column blocks, nineteen row tiles
+C = 300  # three column blocks (an odd count: the schedule's dummy block), nineteen row tiles
 
 
 def cluster_case(dtype, seed=0):

@@ -100,19 +100,26 @@ struct PairArgs {
   const int64_t* window_hi;
 };
 
-// Rows of the pair step per call (kernels.h).
+// Rows of the pair step per call of pair_rows (kernels.h).
 constexpr int64_t kPairRows = 16;
+// Columns one row meets at a time (one L1-sized block of the transposed
+// means), and the side of pair_grads' tiles.
+constexpr int64_t kPairBlock = 128;
 
 struct ChunkKernels {
   void (*cluster_sums)(const ChunkArgs&);  // pass 1
   void (*hinge_sums)(const ChunkArgs&);    // pass 2
   void (*write_grad)(const ChunkArgs&);    // pass 3
-  // Rows [i0, i1) of the present clusters, i1 - i0 <= kPairRows, i0 a
-  // multiple of it. pair_rows: out[i - i0] = sum over j > i of p_ij^2;
-  // pair_grads: grads[(i - i0) * E + e] += scale * d(sum over l != i of
-  // p_il^2)/dmu_i[e]. Accumulation type throughout.
+  // pair_rows: rows [i0, i1) of the present clusters, i1 - i0 <= kPairRows,
+  // i0 a multiple of it: out[i - i0] = sum over j > i of p_ij^2.
+  // pair_grads: the tile of rows [i0, i1) and columns [j0, j1), each at
+  // most kPairBlock long, rows before columns or the two the same: for each
+  // pair i < j of it, grads[i * E + e] += scale * d(p_ij^2)/dmu_i[e] and
+  // grads[j * E + e] += scale * d(p_ij^2)/dmu_j[e] (rows in the plan's
+  // order); scratch holds E * kPairBlock values. Accumulation type throughout.
   void (*pair_rows)(const PairArgs&, int64_t i0, int64_t i1, void* out);
-  void (*pair_grads)(const PairArgs&, int64_t i0, int64_t i1, double scale, void* grads);
+  void (*pair_grads)(const PairArgs&, int64_t i0, int64_t i1, int64_t j0, int64_t j1, double scale, void* grads,
+                     void* scratch);
   // The slot map's first look at an image (loss.cpp slot_map_cpu): nonzero
   // when one of its n labels (stride apart) is neither in [0, K) nor
   // ignore_index, i.e. the identity map does not serve. Here and not in
@@ -126,6 +133,9 @@ namespace generic {
 ChunkKernels chunk_kernels(ScalarKind kind);
 }
 namespace avx2 {
+ChunkKernels chunk_kernels(ScalarKind kind);
+}
+namespace avx512 {
 ChunkKernels chunk_kernels(ScalarKind kind);
 }
 

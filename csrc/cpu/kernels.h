@@ -1,9 +1,10 @@
 // The three streaming passes of DESIGN §3 over a chunk of pixels of one image,
-// on raw pointers. This header is compiled twice (kernels_default.cpp,
-// kernels_avx2.cpp) with different instruction sets, each copy in its own
-// namespace, and loss.cpp picks one at run time. It must therefore not pull in
-// torch headers (their inline functions would be compiled for AVX2 in one copy
-// and could be picked by the linker for the other).
+// on raw pointers. This header is compiled three times (kernels_default.cpp,
+// kernels_avx2.cpp, kernels_avx512.cpp) with different instruction sets, each
+// copy in its own namespace, and loss.cpp picks one at run time. It must
+// therefore not pull in torch headers or call library templates that may be
+// compiled out of line (their code would be compiled for AVX2 in one copy and
+// could be picked by the linker for another).
 //
 // Pixels are processed in segments of at most kTile pixels that are contiguous
 // along the innermost spatial dim; within a segment, runs of equal labels are
@@ -881,29 +882,35 @@ static void write_grad(const ChunkArgs& a) {
 // gradient weight is not finite, is redone by mean_distance /
 // add_push_grad. A row's result depends on the means alone: the same bits
 // at any thread count.
-constexpr int64_t kPairBlock = 128;
 
-// d2[u] = ||m - mean u||^2 for the n means of tj (columns of the transposed
-// means, row stride `stride`), component by component: 16 lanes at a time
-// held in registers over the components, the tail lane by lane.
+// d2[v] = ||m - mean v||^2 for the kLanes means of tj (columns of the
+// transposed means, row stride `stride`), component by component, the
+// lanes' sums held in registers over the components.
+template <int64_t kLanes, typename acc_t>
+static inline void squared_distance_lanes(const acc_t* m, const acc_t* tj, int64_t stride, int64_t E, acc_t* d2) {
+  acc_t acc[kLanes] = {};
+  for (int64_t e = 0; e < E; ++e) {
+    const acc_t me = m[e];
+    const acc_t* col = tj + e * stride;
+#pragma omp simd
+    for (int64_t v = 0; v < kLanes; ++v) {
+      const acc_t d = me - col[v];
+      acc[v] += d * d;
+    }
+  }
+  for (int64_t v = 0; v < kLanes; ++v) d2[v] = acc[v];
+}
+
+// The same for n means: 64 lanes at a time (several vectors of sums, so
+// several chains of dependent adds side by side: one vector's chain waits
+// out the add's latency at every component), then 16, then one. Each sum
+// runs over the components in order whatever its lane: the same bits.
 template <typename acc_t>
 static inline void squared_distances(const acc_t* m, const acc_t* tj, int64_t stride, int64_t E, int64_t n,
                                      acc_t* d2) {
-  constexpr int64_t kLanes = 16;
   int64_t u0 = 0;
-  for (; u0 + kLanes <= n; u0 += kLanes) {
-    acc_t acc[kLanes] = {};
-    for (int64_t e = 0; e < E; ++e) {
-      const acc_t me = m[e];
-      const acc_t* col = tj + e * stride + u0;
-#pragma omp simd
-      for (int64_t v = 0; v < kLanes; ++v) {
-        const acc_t d = me - col[v];
-        acc[v] += d * d;
-      }
-    }
-    for (int64_t v = 0; v < kLanes; ++v) d2[u0 + v] = acc[v];
-  }
+  for (; u0 + 64 <= n; u0 += 64) squared_distance_lanes<64>(m, tj + u0, stride, E, d2 + u0);
+  for (; u0 + 16 <= n; u0 += 16) squared_distance_lanes<16>(m, tj + u0, stride, E, d2 + u0);
   for (int64_t u = u0; u < n; ++u) {
     acc_t acc = 0;
     for (int64_t e = 0; e < E; ++e) {
@@ -983,19 +990,37 @@ static void pair_rows(const PairArgs& a, int64_t i0, int64_t i1, void* out) {
   });
 }
 
-// grads ((i1 - i0) x E) += scale * d(sum over l != i of p_il^2)/dmu_i, rows [i0, i1).
+// The gradient of the pairs of one tile, both ends of each pair at once:
+// rows i in [i0, i1) meet the columns j in [j0, j1) with j > i (within i's
+// window when there is one). grads (C x E, rows in the plan's order) gets,
+// for each such pair, scale * d(p_ij^2)/dmu_i in row i and its negative in
+// row j: each pair's distance is formed once, where a whole row of pairs
+// formed it twice. A row's own terms are summed per row and added when the
+// row is done; the terms of the columns gather in scratch (col, E x
+// kPairBlock, from the caller: no allocation here, see the top of this file)
+// and are added when the tile is done. The caller runs tiles whose rows and columns
+// are disjoint side by side (loss.cpp pair_gradients), in an order fixed
+// by C alone: the same bits at any thread count.
 template <typename acc_t>
-static void pair_grads(const PairArgs& a, int64_t i0, int64_t i1, double scale_d, void* grads) {
+static void pair_grads(const PairArgs& a, int64_t i0, int64_t i1, int64_t j0, int64_t j1, double scale_d,
+                       void* grads_v, void* scratch) {
   const int64_t E = a.embed_dim;
   const acc_t* mu = static_cast<const acc_t*>(a.means);
   const acc_t* t = static_cast<const acc_t*>(a.transposed);
   const acc_t delta_d = acc_t(a.delta_d), scale = acc_t(scale_d);
+  acc_t* grads = static_cast<acc_t*>(grads_v);
   acc_t w[kPairBlock], d2[kPairBlock];
   unsigned char redo_pair[kPairBlock];
-  for_each_pair_block(a, i0, i1, false, [&](int64_t i, int64_t j, int64_t n) {
-    const acc_t* tj = t + j;
+  acc_t* col = static_cast<acc_t*>(scratch);  // col[e * kPairBlock + (j - j0)]
+  for (int64_t k = 0; k < E * kPairBlock; ++k) col[k] = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t lo = std::max(j0, i + 1);
+    const int64_t hi = a.window_hi != nullptr ? std::min(j1, a.window_hi[i]) : j1;
+    const int64_t n = hi - lo;
+    if (n <= 0) continue;
+    const acc_t* tj = t + lo;
     const acc_t* m = mu + a.present[i] * E;
-    acc_t* g = static_cast<acc_t*>(grads) + (i - i0) * E;
+    acc_t* g = grads + i * E;
     squared_distances(m, tj, a.stride, E, n, d2);
     int redo = 0;
 #pragma omp simd reduction(| : redo)
@@ -1003,26 +1028,37 @@ static void pair_grads(const PairArgs& a, int64_t i0, int64_t i1, double scale_d
       // d(p^2)/dmu_i = -2 p (mu_i - mu_j) / r: wu, the weight of mu_i - mu_j.
       const acc_t r = std::sqrt(d2[u]);
       const acc_t wu = -2 * push_hinge(r, delta_d) * scale / r;
-      const bool out_of_range = l2_out_of_range(r) || !(wu - wu == acc_t(0));  // i itself (r = 0) too
+      const bool out_of_range = l2_out_of_range(r) || !(wu - wu == acc_t(0));
       w[u] = out_of_range ? acc_t(0) : wu;
       redo_pair[u] = out_of_range;
       redo |= int(out_of_range);
     }
     for (int64_t e = 0; e < E; ++e) {
       const acc_t me = m[e];
-      const acc_t* col = tj + e * a.stride;
+      const acc_t* ce = tj + e * a.stride;
+      acc_t* be = col + e * kPairBlock + (lo - j0);
       acc_t s = 0;
 #pragma omp simd reduction(+ : s)
-      for (int64_t u = 0; u < n; ++u) s += w[u] * (me - col[u]);
+      for (int64_t u = 0; u < n; ++u) {
+        const acc_t d = me - ce[u];
+        s += w[u] * d;
+        be[u] -= w[u] * d;
+      }
       g[e] += s;
     }
     if (redo) {
       for (int64_t u = 0; u < n; ++u) {
-        if (!redo_pair[u] || j + u == i) continue;
-        add_push_grad(g, m, mu + a.present[j + u] * E, E, delta_d, 2, scale);
+        if (!redo_pair[u]) continue;
+        const acc_t* mj = mu + a.present[lo + u] * E;
+        add_push_grad(g, m, mj, E, delta_d, 2, scale);
+        add_push_grad(grads + (lo + u) * E, mj, m, E, delta_d, 2, scale);
       }
     }
-  });
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    acc_t* g = grads + j * E;
+    for (int64_t e = 0; e < E; ++e) g[e] += col[e * kPairBlock + (j - j0)];
+  }
 }
 
 // ---- the slot map's check -------------------------------------------------------

@@ -11,10 +11,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 #include <unistd.h>
@@ -41,29 +43,56 @@ int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
 }
 
-const ChunkKernels& chunk_kernels_for(at::ScalarType t) {
-  static const bool use_avx2 = [] {
+// The instruction sets the chunk kernels are built for (kernels_*.cpp).
+enum class CpuIsa { Generic = 0, Avx2 = 1, Avx512 = 2 };
+
+// The best one this processor runs, capped by the environment variable
+// DISCLOSS_CPU_ISA (generic, avx2 or avx512) so that tests and benchmarks
+// can run the others.
+CpuIsa cpu_isa() {
+  const char* env = std::getenv("DISCLOSS_CPU_ISA");
+  const std::string cap = env != nullptr ? env : "avx512";
+  TORCH_CHECK(cap == "generic" || cap == "avx2" || cap == "avx512",
+              "DISCLOSS_CPU_ISA: expected generic, avx2 or avx512, got '", cap, "'");
+  if (cap == "generic") return CpuIsa::Generic;
 #if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return CpuIsa::Generic;
+  if (cap == "avx2") return CpuIsa::Avx2;
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return avx512 ? CpuIsa::Avx512 : CpuIsa::Avx2;
 #else
-    return false;
+  return CpuIsa::Generic;
 #endif
-  }();
-  static const ChunkKernels tables[2][4] = {
-      {generic::chunk_kernels(ScalarKind::Half), generic::chunk_kernels(ScalarKind::BFloat16),
-       generic::chunk_kernels(ScalarKind::Float), generic::chunk_kernels(ScalarKind::Double)},
-      {avx2::chunk_kernels(ScalarKind::Half), avx2::chunk_kernels(ScalarKind::BFloat16),
-       avx2::chunk_kernels(ScalarKind::Float), avx2::chunk_kernels(ScalarKind::Double)}};
-  int kind = 2;
+}
+
+ChunkKernels kernels_for_isa(CpuIsa isa, ScalarKind kind) {
+  if (isa == CpuIsa::Generic) return generic::chunk_kernels(kind);
+  ChunkKernels k = avx2::chunk_kernels(kind);
+  if (isa == CpuIsa::Avx512) {
+    // AVX-512 for the pair step only: 512-bit vectors made it 10-25% faster
+    // at C = 32768, and the pixel passes slower (bfloat16's forward 16-18 ->
+    // 20-22 ms at the headline configuration; benchmarks/NOTES.md).
+    const ChunkKernels wide = avx512::chunk_kernels(kind);
+    k.pair_rows = wide.pair_rows;
+    k.pair_grads = wide.pair_grads;
+  }
+  return k;
+}
+
+const ChunkKernels& chunk_kernels_for(at::ScalarType t) {
+  static const CpuIsa isa = cpu_isa();
+  static const ChunkKernels tables[4] = {
+      kernels_for_isa(isa, ScalarKind::Half), kernels_for_isa(isa, ScalarKind::BFloat16),
+      kernels_for_isa(isa, ScalarKind::Float), kernels_for_isa(isa, ScalarKind::Double)};
   switch (t) {
-    case at::kHalf: kind = 0; break;
-    case at::kBFloat16: kind = 1; break;
-    case at::kFloat: kind = 2; break;
-    case at::kDouble: kind = 3; break;
+    case at::kHalf: return tables[0];
+    case at::kBFloat16: return tables[1];
+    case at::kFloat: return tables[2];
+    case at::kDouble: return tables[3];
     default: TORCH_CHECK(false, "embeddings: unsupported dtype ", t);
   }
-  return tables[use_avx2 ? 1 : 0][kind];
 }
 
 LabelKind label_kind(at::ScalarType t) {
@@ -276,6 +305,45 @@ acc_t pair_sum_l2(const ChunkKernels& kern, const PairArgs& pairs) {
   return s;
 }
 
+// grads (C x E, rows in the plan's order) += scale * the gradient of the sum
+// of p_ij^2 over the pairs of one image's present clusters (L2), each pair
+// formed once (kernels.h pair_grads). The C x C triangle is cut into tiles
+// of kPairBlock rows and columns; a round-robin schedule (the circle method)
+// puts them in rounds in which no block appears twice, so the tiles of a
+// round write disjoint rows and run in parallel, and the rounds run in turn:
+// every row's terms are added in an order fixed by C alone (the same bits
+// at any thread count), with no buffer per thread.
+template <typename acc_t>
+void pair_gradients(const ChunkKernels& kern, const PairArgs& pairs, double scale, acc_t* grads) {
+  const int64_t C = pairs.num_present, E = pairs.embed_dim;
+  const int64_t blocks = (C + kPairBlock - 1) / kPairBlock;
+  const int64_t m = blocks + blocks % 2;  // even: block m - 1 is a dummy when blocks is odd
+  auto run_round = [&](int64_t tasks, auto&& tile_of) {
+    at::parallel_for(0, tasks, grain_for(kPairBlock * kPairBlock * E), [&](int64_t q0, int64_t q1) {
+      std::vector<acc_t> scratch(E * kPairBlock);
+      for (int64_t q = q0; q < q1; ++q) {
+        auto [a, b] = tile_of(q);
+        if (a >= blocks || b >= blocks) continue;
+        if (a > b) std::swap(a, b);
+        const int64_t i0 = a * kPairBlock, j0 = b * kPairBlock;
+        // Rows whose window ends before the columns start meet none of them.
+        if (pairs.window_hi != nullptr && pairs.window_hi[std::min(C, i0 + kPairBlock) - 1] <= j0) continue;
+        kern.pair_grads(pairs, i0, std::min(C, i0 + kPairBlock), j0, std::min(C, j0 + kPairBlock), scale, grads,
+                        scratch.data());
+      }
+    });
+  };
+  // The diagonal tiles, then m - 1 rounds of m / 2 tiles: in round r block
+  // m - 1 meets block r, and r + k meets r - k (mod m - 1) for k = 1 .. m/2 - 1.
+  run_round(blocks, [](int64_t q) { return std::pair<int64_t, int64_t>(q, q); });
+  for (int64_t r = 0; r + 1 < m; ++r) {
+    run_round(m / 2, [&](int64_t k) {
+      if (k == 0) return std::pair<int64_t, int64_t>(m - 1, r);
+      return std::pair<int64_t, int64_t>((r + k) % (m - 1), (r - k + (m - 1)) % (m - 1));
+    });
+  }
+}
+
 // ---- finalize (forward) ------------------------------------------------------
 // From means, counts and hinge sums, the weighted terms: per image in paper
 // mode (then reduced), batch-level in chainer mode.
@@ -426,9 +494,7 @@ void finalize_backward(const LossConfig& c, const ChunkKernels& kern, int64_t B,
     pair_grad[b].assign(C * E, acc_t(0));
     pair_plans[b] = std::make_unique<PairPlan<acc_t>>(means + b * K * E, P, K, E, c.delta_d);
     const PairArgs& pairs = pair_plans[b]->args;
-    for_pair_tiles(C, kPairRows * C * E, [&](int64_t i0, int64_t i1) {
-      kern.pair_grads(pairs, i0, i1, double(wd), pair_grad[b].data() + i0 * E);
-    });
+    pair_gradients<acc_t>(kern, pairs, double(wd), pair_grad[b].data());
   }
   at::parallel_for(0, B * K, grain_for((max_present + 1) * E), [&](int64_t i0, int64_t i1) {
     std::vector<acc_t> g(E);
