@@ -7,7 +7,8 @@ Scores the network as ``python -m discloss.demo`` does at the end of its
 training (its predicted foreground, the held-out images, mean SBD and |DiC|)
 for each of the demo's clusterings (``discloss.demo.evaluation.SEED_MODES``;
 "robust" is ``ROBUST_OPTIONS``, the sequential search) and for the robust
-clustering with the parallel search (the benchmark's, cluster_hard.py).
+clustering with the parallel search, without and with ``split_instances``
+(the benchmark's robust row, cluster_hard.py).
 Options after the checkpoint are the demo's (``--image-size``, ``--sticks``,
 ``--eval-images``...); they must describe the set the network was trained on.
 Appends a table to benchmarks/results/cpu/cluster_demo_eval.md with --write.
@@ -25,6 +26,7 @@ from discloss.demo import evaluation
 from discloss.demo.cli import HELD_OUT_SEED, make_dataset, parse_args
 
 PARALLEL = "robust, parallel search"
+SPLIT = "robust, parallel search, split"
 
 
 def main(argv=None) -> int:
@@ -45,11 +47,13 @@ def main(argv=None) -> int:
     def options(mode, seediness, arguments):
         if mode == PARALLEL:
             return dict(evaluation.ROBUST_OPTIONS, search="parallel")
+        if mode == SPLIT:
+            return dict(evaluation.ROBUST_OPTIONS, search="parallel", split_instances=True)
         return seed_options(mode, seediness, arguments)
 
     evaluation._seed_options = options
     try:
-        modes = evaluation.SEED_MODES + (PARALLEL,)
+        modes = evaluation.SEED_MODES + (PARALLEL, SPLIT)
         scores = evaluation.evaluate(model, held_out, args, torch.device("cpu"), modes)
     finally:
         evaluation._seed_options = seed_options

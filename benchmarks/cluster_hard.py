@@ -35,10 +35,10 @@ threadpoolctl, scikit-learn's native code):
   means: the target the seediness head is trained to predict (a reference
   for what a perfect seediness head would give);
 - discloss density seeds, + join, + nearest (all points), + nearest,
-  + vote (sequential search), robust: the robust clustering's options
-  added one at a time (``density_seeds``, ``join="density"``,
-  ``assign="nearest"``, ``mode_points=4096``, ``neighbour_vote=16``,
-  ``search="parallel"``);
+  + vote (sequential search), + parallel search, robust: the robust
+  clustering's options added one at a time (``density_seeds``,
+  ``join="density"``, ``assign="nearest"``, ``mode_points=4096``,
+  ``neighbour_vote=16``, ``search="parallel"``, ``split_instances=True``);
 - sklearn MeanShift(bandwidth=2*delta_v, bin_seeding=True), the same window
   as ours;
 - sklearn HDBSCAN(min_cluster_size=N) for each N of
@@ -77,13 +77,14 @@ TOUCHING = "synthetic, touching"
 BOUNDARY = "synthetic, boundary only"
 # The robust clustering: each idea is also run alone, added one at a time.
 ROBUST = dict(density_seeds=True, join="density", assign="nearest", mode_points=4096, neighbour_vote=16,
-              search="parallel")
+              search="parallel", split_instances=True)
 ABLATION = {
     "discloss density seeds": dict(density_seeds=True),
     "discloss density seeds + join": dict(density_seeds=True, join="density"),
     "discloss + nearest, all points": dict(density_seeds=True, join="density", assign="nearest"),
     "discloss + nearest": dict(density_seeds=True, join="density", assign="nearest", mode_points=4096),
-    "discloss + vote (sequential search)": dict(ROBUST, search="sequential"),
+    "discloss + vote (sequential search)": dict(ROBUST, search="sequential", split_instances=False),
+    "discloss + parallel search": dict(ROBUST, split_instances=False),
     "discloss robust": ROBUST,
 }
 NETWORK_ONLY = ("discloss seediness order", "discloss seediness")

@@ -62,12 +62,15 @@ inline void define_ops(torch::Library& m) {
   // modes are searched on the points of rank < search_points, the density peaks on those of rank <
   // density_samples. Returns ids (M,) int64 (1.. per image, 0 for none), scores (B, max_instances)
   // float32 (instance k of image b at column k - 1, zero past its count) and num_instances (B,).
+  // split_radius_sq > 0: split_instances (cluster.py's _split_instances) with that fine window, the
+  // least count ratio, sample size and confidence of its constants; 0 (the default): no split.
   m.def(
       "cluster_parallel(Tensor points, Tensor points_per_image, Tensor priority, Tensor rank, int search_points, "
       "int density_samples, int most_seeds, int min_density, int mean_shift_steps, int max_instances, int min_size, "
       "int neighbour_vote, bool join_density, float bandwidth_sq, float merge_sq, float delta_v, float peak_radius, "
       "float satellite_ratio, float bridge_ratio, float ambiguous_ratio, float valley_ratio, float valley_radius_sq, "
-      "float valley_count_ratio) "
+      "float valley_count_ratio, float split_radius_sq=0.0, float split_count_ratio=0.3, int split_samples=256, "
+      "float split_confidence=0.5) "
       "-> (Tensor ids, Tensor scores, Tensor num_instances)");
 }
 

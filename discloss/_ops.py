@@ -143,7 +143,9 @@ torch.library.register_autograd("discloss::forward", _backward, setup_context=_s
 def _cluster_parallel_fake(points, points_per_image, priority, rank, search_points, density_samples, most_seeds,
                            min_density, mean_shift_steps, max_instances, min_size, neighbour_vote, join_density,
                            bandwidth_sq, merge_sq, delta_v, peak_radius, satellite_ratio, bridge_ratio,
-                           ambiguous_ratio, valley_ratio, valley_radius_sq, valley_count_ratio):
+                           ambiguous_ratio, valley_ratio, valley_radius_sq, valley_count_ratio, split_radius_sq=0.0,
+                           split_count_ratio=0.3, split_samples=256,
+                           split_confidence=0.5):
     _check_devices(points, points_per_image=points_per_image, priority=priority, rank=rank)
     B = points_per_image.shape[0]
     return (points.new_empty((points.shape[0],), dtype=torch.int64),

@@ -72,6 +72,24 @@ _AMBIGUOUS_RATIO = 0.6
 _VALLEY_RATIO = 0.3
 _VALLEY_RADIUS = 1.0
 _VALLEY_COUNT_RATIO = 1.8
+# split_instances: the fine window's radius in delta_v (a mode of each instance at least as large
+# as the image's median one is searched again with it), and the least window count of a fine mode,
+# as a fraction of its instance's densest, that may split off. An undertrained network leaves
+# instances' means 1.0-1.7 apart, which the coarse window (2 * delta_v) merges; at 0.7 * delta_v
+# their densities dip between them to 0.0-0.3 of the sparser mode's. The fine modes of stray
+# clouds and boundary crowds hold 0.1-0.25 of their instance's densest (the synthetic sets of
+# benchmarks/cluster_hard.py); those of merged instances 0.3-1.
+_SPLIT_RADIUS = 0.7
+_SPLIT_COUNT_RATIO = 0.3
+# split_instances: the fine density peaks are those of a sample of each searched instance's points
+# (its first in the hashed order), as the parallel search's of each image's: the (sample x sample)
+# distances, not all (points x points), cost what the step adds.
+_SPLIT_SAMPLES = 256
+# split_instances: only instances with fewer than this fraction of their points within delta_v of
+# their centre are searched again. The pull term puts an instance's pixels within delta_v of its
+# mean; the centre of two merged instances lies between them, where few of their pixels do (at
+# most 0.29 of the instances split on the hard benchmark's networks, 0.18-0.7 of the rest).
+_SPLIT_CONFIDENCE = 0.5
 # search="parallel" on CPU tensors: the fused C++ op (discloss::cluster_parallel) instead of the
 # torch-op path, which stays for CUDA tensors and as the reference the tests compare it with.
 _FUSED_CPU_SEARCH = True
@@ -445,7 +463,7 @@ def _find_modes(points, image, points_per_image, priority, score, *, bandwidth_s
 
 
 def _density_peaks(points, image, points_per_image, priority, rank, image_size, bandwidth_sq, samples, min_density,
-                   most_seeds):
+                   most_seeds, peak_threshold=None):
     """Seeds of the parallel search: the density peaks of each image's sample of points.
 
     The sample is each image's first ``samples`` points in the hashed order,
@@ -503,7 +521,7 @@ def _density_peaks(points, image, points_per_image, priority, rank, image_size, 
     value = torch.arange(most, 0, -1, device=points.device, dtype=points.dtype).expand(batch, -1)
     value = torch.zeros_like(density).scatter_(1, order, value) * candidate
     # d^2 <= (_PEAK_RADIUS * bandwidth)^2  <=>  bandwidth^2 - d^2 >= (1 - _PEAK_RADIUS^2) * bandwidth^2
-    threshold = (1.0 - _PEAK_RADIUS ** 2) * bandwidth_sq
+    threshold = (1.0 - _PEAK_RADIUS ** 2) * bandwidth_sq if peak_threshold is None else peak_threshold
     beaten = []
     for index, chunk in enumerate(chunks):
         product = products[0] if len(chunks) == 1 else torch.bmm(left[chunk], right[chunk])
@@ -839,6 +857,177 @@ def _assign_to_nearest(points, image, points_per_image, centres, num_found, min_
     return slot_of_point, kept, centres, closeness
 
 
+def _split_groups(points, image, points_per_image, slot_of_point, kept, centres, searched, least, delta_v_sq):
+    """The instances that the split step searches, and their searched points.
+
+    An instance is searched when it holds at least as many points as the image's median kept
+    instance (the lower median), fewer than _SPLIT_CONFIDENCE of them within delta_v of its centre
+    (sqrt(delta_v_sq)) and at least 2 * ``least`` searched points: a network that has not
+    separated two instances leaves them as one instance larger than the rest, spread around a
+    centre between them, while a part of one instance is smaller. Returns (candidate (B, capacity)
+    bool; members (P,), the searched points of the candidates sorted by instance (image, then
+    slot), in point order within each; group (P,), each member's instance among the candidates
+    0..G-1, in (image, slot) order; the number of candidates G).
+    """
+    batch, capacity = kept.shape
+    sizes = _slot_sizes(slot_of_point, image, capacity, batch)
+    ordered = torch.where(kept, sizes, torch.full_like(sizes, torch.iinfo(sizes.dtype).max)).sort(dim=1).values
+    lower = ((kept.sum(dim=1, keepdim=True) - 1) // 2).clamp(min=0)
+    median = torch.gather(ordered, 1, lower)
+    has_slot = slot_of_point >= 0
+    key = image * capacity + slot_of_point.clamp(min=0)
+    member_count = _slot_sizes(torch.where(searched & has_slot, slot_of_point, -1), image, capacity, batch)
+    offsets = points - _at(centres, image, slot_of_point.clamp(min=0))
+    near = ((offsets * offsets).sum(dim=1) <= delta_v_sq) & has_slot
+    near_count = _slot_sizes(torch.where(near, slot_of_point, -1), image, capacity, batch)
+    candidate = (kept & (sizes >= median) & (member_count >= 2 * least)
+                 & (near_count.to(points.dtype) < _SPLIT_CONFIDENCE * sizes.to(points.dtype)))
+    is_member = searched & has_slot & candidate.flatten().index_select(0, key)
+    members = is_member.nonzero(as_tuple=True)[0]  # one synchronisation
+    group_of_key = torch.cumsum(candidate.flatten().long(), 0) - 1
+    members = members.index_select(0, torch.argsort(key.index_select(0, members), stable=True))
+    group = group_of_key.index_select(0, key.index_select(0, members))
+    return candidate, members, group, int(candidate.sum())  # one synchronisation
+
+
+def _window_counts(points, image, points_per_image, probes, probe_image, radius_sq):
+    """Points of each probe's image within sqrt(radius_sq) of the probe, (probes,) float: one
+    padded batched product (|x - p|^2 <= r^2 <=> 2 x.p - |x|^2 >= |p|^2 - r^2, as the mean shift's
+    window test)."""
+    batch = points_per_image.shape[0]
+    probe_count = torch.bincount(probe_image, minlength=batch)
+    most, most_probes = int(points_per_image.max()), int(probe_count.max())  # one synchronisation
+    ones = _padded(torch.ones_like(points[:, 0]), image, points_per_image, most).unsqueeze(2)  # 0 at padding
+    doubled = (2.0 * _padded(points, image, points_per_image, most)).transpose(1, 2)
+    minus_squared = -_padded((points * points).sum(dim=1), image, points_per_image, most).unsqueeze(1)
+    rows = _padded(probes, probe_image, probe_count, most_probes)
+    limit = (rows * rows).sum(dim=2, keepdim=True) - radius_sq
+    inside = torch.ge(torch.baddbmm(minus_squared, rows, doubled), limit).to(points.dtype)
+    within = torch.bmm(inside, ones).squeeze(2)
+    return _at(within.unsqueeze(2), probe_image, _position_in_image(probe_image, probe_count)).reshape(-1)
+
+
+def _separate_modes(modes, counts, valid, points, group, group_count, radius_sq, least, apart_sq):
+    """Which of each searched instance's fine modes are instances of their own, (G, S) bool.
+
+    The modes in descending window count (stable); the first is kept; a later one is kept when its
+    window holds at least _SPLIT_COUNT_RATIO times as many points as the first's and at least
+    ``least``, and it lies at least sqrt(apart_sq) from every mode kept before it with a density
+    valley between them (the test of _valleys at the fine window: a probe a quarter, half or three
+    quarters of the way with fewer than _VALLEY_RATIO times the smaller of the two modes' counts).
+    A cloud of stray points or a crowd of boundary points holds a small fraction of its instance's
+    densest fine window; a second instance that the coarse window merged holds a comparable one.
+    Returns (modes, counts and kept, each sorted by descending count).
+    """
+    groups, count, dim = modes.shape
+    key = torch.where(valid, counts, torch.full_like(counts, -1.0))
+    order = key.argsort(dim=1, descending=True, stable=True)
+    modes = torch.gather(modes, 1, order.unsqueeze(2).expand(-1, -1, dim))
+    counts, valid = torch.gather(counts, 1, order), torch.gather(valid, 1, order)
+    eligible = valid & (counts >= _SPLIT_COUNT_RATIO * counts[:, :1]) & (counts >= least)
+    offsets = modes.unsqueeze(2) - modes.unsqueeze(1)
+    apart = (offsets * offsets).sum(dim=3) >= apart_sq  # [g, i, j]
+    index = torch.arange(count, device=modes.device)
+    tested = (index.unsqueeze(1) < index.unsqueeze(0)) & apart & eligible.unsqueeze(1) & (
+        eligible | (index == 0) & valid).unsqueeze(2)
+    pair_group, first, second = tested.nonzero(as_tuple=True)  # one synchronisation
+    separable = torch.zeros_like(tested)
+    if pair_group.numel() > 0:
+        start, end = modes[pair_group, first], modes[pair_group, second]
+        probes = torch.stack([start, end] + [start + t * (end - start) for t in (0.25, 0.5, 0.75)], dim=1)
+        within = _window_counts(points, group, group_count, probes.flatten(0, 1), pair_group.repeat_interleave(5),
+                                radius_sq).reshape(-1, 5)
+        ends = torch.minimum(within[:, 0], within[:, 1])
+        separable[pair_group, first, second] = within[:, 2:].amin(dim=1) < _VALLEY_RATIO * ends
+    kept = torch.zeros_like(valid)
+    kept[:, 0] = valid[:, 0]
+    for j in range(1, count):
+        kept[:, j] = eligible[:, j] & (~kept[:, :j] | separable[:, :j, j]).all(dim=1)
+    return modes, counts, kept
+
+
+def _split_instances(points, image, points_per_image, slot_of_point, kept, centres, searched, priority, *,
+                     radius_sq, least, steps, most_seeds, capacity, apart_sq, delta_v_sq):
+    """Split the instances that hold two or more fine modes separated by a density valley.
+
+    The coarse window (2 * delta_v) merges instances whose means a network left about 2 * delta_v
+    apart or less (undertrained): one mode, one instance. Each instance at least as large as the
+    image's median one (_split_groups) is searched again at the fine window sqrt(radius_sq): the
+    density peaks of its searched points (at least ``least`` in a peak's window) and their mean
+    shift, as in the parallel search (_density_peaks, _mean_shift_many), then _separate_modes. An
+    instance with two or more kept fine modes is split: its points go to the nearest kept fine
+    mode, then one Lloyd step (each mode to the mean of its points, every point to the nearest);
+    the densest mode keeps the slot, the others take new slots after the image's last, in (slot,
+    mode) order, while the image has fewer than ``capacity`` kept instances. Returns
+    (slot_of_point, kept, centres), the last two widened by the new slots.
+    """
+    batch, slots = kept.shape
+    candidate, members, group, groups = _split_groups(points, image, points_per_image, slot_of_point, kept, centres,
+                                                      searched, least, delta_v_sq)
+    if groups == 0:
+        return slot_of_point, kept, centres
+    group_count = torch.bincount(group, minlength=groups)
+    group_points, group_priority = points.index_select(0, members), priority.index_select(0, members)
+    seeds, valid = _density_peaks(group_points, group, group_count, group_priority,
+                                  _rank_in_image(group, group_count, group_priority), group_count, radius_sq,
+                                  _SPLIT_SAMPLES, least, most_seeds, peak_threshold=radius_sq - apart_sq)
+    modes, counts = _mean_shift_many(group_points, group, group_count, seeds, valid, radius_sq, steps,
+                                     stop_when_converged=points.device.type == "cpu")
+    modes, counts, fine = _separate_modes(modes, counts, valid, group_points, group, group_count, radius_sq, least,
+                                          apart_sq)
+    # The new slots: each split instance's kept fine modes after its first, numbered within the
+    # image in (slot, mode) order, while the image has room.
+    groups_per_image = candidate.sum(dim=1)
+    group_image = torch.arange(batch, device=points.device).repeat_interleave(groups_per_image)
+    first = torch.zeros_like(fine)
+    first[:, 0] = True
+    extra = fine & ~first & (fine.sum(dim=1, keepdim=True) >= 2)
+    before = (torch.cumsum(extra.long().flatten(), 0) - extra.long().flatten()).reshape(extra.shape)
+    image_extra = _per_image_sum(extra.sum(dim=1).to(points.dtype), groups_per_image).long()
+    image_first = torch.cumsum(image_extra, 0) - image_extra
+    position = before - _per_point(image_first, group_image).unsqueeze(1)
+    room = (capacity - kept.sum(dim=1)).clamp(min=0)
+    extra = extra & (position < _per_point(room, group_image).unsqueeze(1))
+    split = extra.any(dim=1)
+    fine = extra | first & split.unsqueeze(1)
+    target = torch.where(first, candidate.nonzero(as_tuple=True)[1].unsqueeze(1), slots + position)
+    # The points of split instances: the nearest kept fine mode, one Lloyd step, the nearest again.
+    key = image * slots + slot_of_point.clamp(min=0)
+    group_of_key = torch.cumsum(candidate.flatten().long(), 0) - 1
+    point_group = torch.where((slot_of_point >= 0) & candidate.flatten().index_select(0, key),
+                              group_of_key.index_select(0, key), torch.full_like(key, -1))
+    moving = (point_group >= 0) & split.index_select(0, point_group.clamp(min=0))
+    which = moving.nonzero(as_tuple=True)[0]  # one synchronisation
+    if which.numel() == 0:
+        return slot_of_point, kept, centres
+    moving_points, moving_group = points.index_select(0, which), point_group.index_select(0, which)
+    allowed = fine.index_select(0, moving_group)
+
+    def nearest(fine_centres):
+        c = fine_centres.index_select(0, moving_group)  # (P, S, E)
+        closeness = (moving_points.unsqueeze(1) * (2.0 * c)).sum(dim=2) - (c * c).sum(dim=2)
+        return _nearest_of(closeness.masked_fill(~allowed, -torch.inf))
+
+    width = fine.shape[1]
+    part = nearest(modes)
+    segment = moving_group * width + part
+    sums = _segment_sum(moving_points, segment, groups * width).reshape(groups, width, -1)
+    sizes = _segment_sum(torch.ones_like(moving_points[:, 0]), segment, groups * width).reshape(groups, width)
+    means = torch.where((sizes > 0).unsqueeze(2), sums / sizes.clamp(min=1).unsqueeze(2), modes)
+    part = nearest(means)
+    slot_of_point = slot_of_point.index_copy(0, which, target.flatten().index_select(0, moving_group * width + part))
+    # Widen to the new slots; the split instances' centres move to their parts' means.
+    total = slots + int(image_extra.clamp(max=room).max())  # one synchronisation
+    wide = centres.new_zeros(batch, total, centres.shape[2])
+    wide[:, :slots] = centres
+    placed_group, placed_mode = fine.nonzero(as_tuple=True)
+    placed_image = group_image.index_select(0, placed_group)
+    wide[placed_image, target[placed_group, placed_mode]] = means[placed_group, placed_mode]
+    kept = torch.cat([kept, torch.ones_like(kept[:, :1]).expand(-1, total - slots)], dim=1)
+    kept = kept & (_slot_sizes(slot_of_point, image, total, batch) > 0)
+    return slot_of_point, kept, wide
+
+
 def _join_nearest(points, image, centres, kept, slot_of_point):
     """Points with slot -1 join the nearest kept centre of their image (-1 if it has none)."""
     orphans = (slot_of_point < 0).nonzero(as_tuple=True)[0]  # one synchronisation
@@ -893,6 +1082,7 @@ def cluster_embeddings(
     mode_points: Optional[int] = None,
     neighbour_vote: int = 0,
     search: str = "sequential",
+    split_instances: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cluster pixel embeddings into instances, batched, on any device.
 
@@ -1024,6 +1214,27 @@ def cluster_embeddings(
             (discloss::cluster_parallel), the same steps in loops: about
             2 ms per 128 x 128 image on one thread instead of ~600 tensor
             operations' 4-5 ms; CUDA tensors take the tensor operations.
+        split_instances: with ``search="parallel"``: after the assignment
+            (and the vote), an instance is searched again at a finer window
+            (0.7 * delta_v) when it holds at least as many pixels as the
+            image's median instance (the lower median) and fewer than half
+            of them lie within delta_v of its centre: the density peaks of a
+            256-pixel sample of its searched pixels (no denser one within
+            delta_v, at least ``min_size`` in the window), the mean shift of
+            each over its searched pixels, then its fine modes densest first:
+            one is an instance of its own when its window holds at least 0.3
+            times as many pixels as the densest's (and ``min_size``), and it
+            lies at least delta_v from each mode kept before it with a
+            density valley between them (the valley test above, at the fine
+            window). The instance's pixels then go to the nearest kept fine
+            mode (one Lloyd step); the new instances are numbered after the
+            image's others, at most ``max_iterations`` in all. Where a
+            network leaves two instances' means closer than 2 * delta_v (an
+            undertrained one: 1.0-1.7 apart on the hard benchmark), the
+            coarse window finds one mode between them and the instance is
+            the two; clouds of stray pixels and crowds of boundary pixels
+            hold less than 0.3 of their instance's densest fine window.
+            Adds about 0.3 ms per 128 x 128 image on CPU.
 
     Returns:
         labels: (B, *spatial) int64, 0 for background, 1..L_b for the
@@ -1069,6 +1280,10 @@ def cluster_embeddings(
     if search == "parallel" and not (density_seeds and assign == "nearest"):
         raise ValueError("search: 'parallel' needs density_seeds=True and assign='nearest' "
                          "(its seeds are density peaks, and it claims no pixels)")
+    if not isinstance(split_instances, bool):
+        raise TypeError(f"split_instances: expected a bool, got {split_instances!r}")
+    if split_instances and search != "parallel":
+        raise ValueError("split_instances: needs search='parallel'")
     # Inference mode skips autograd's bookkeeping on every op (about 10% of a small image's
     # time on CPU); the results are cloned outside it so that callers may modify them in place.
     with torch.inference_mode():
@@ -1076,13 +1291,14 @@ def cluster_embeddings(
             embeddings, foreground, delta_v=delta_v, delta_d=delta_d, min_size=min_size, bandwidth=bandwidth,
             threshold=threshold, mean_shift_steps=mean_shift_steps, max_iterations=max_iterations, seed=seed,
             seed_scores=seed_scores, min_seed_score=min_seed_score, density_seeds=density_seeds, join=join,
-            assign=assign, mode_points=mode_points, neighbour_vote=neighbour_vote, search=search)
+            assign=assign, mode_points=mode_points, neighbour_vote=neighbour_vote, search=search,
+            split_instances=split_instances)
     return labels.clone(), scores.clone()
 
 
 def _cluster(embeddings, foreground, *, delta_v, delta_d, min_size, bandwidth, threshold, mean_shift_steps,
              max_iterations, seed, seed_scores, min_seed_score, density_seeds, join, assign, mode_points,
-             neighbour_vote, search):
+             neighbour_vote, search, split_instances):
     """The body of cluster_embeddings, its arguments checked."""
     batch, dim = embeddings.shape[:2]
     spatial = tuple(embeddings.shape[2:])
@@ -1098,6 +1314,8 @@ def _cluster(embeddings, foreground, *, delta_v, delta_d, min_size, bandwidth, t
 
     bandwidth_sq = float(bandwidth) ** 2
     priority = _seed_priority(pixel, seed)
+    point_priority = priority
+    split_radius_sq = (_SPLIT_RADIUS * float(delta_v)) ** 2 if split_instances else 0.0
     score = None
     if seed_scores is not None:
         # Compared as given (no rounding to float32 that could make ties).
@@ -1114,7 +1332,8 @@ def _cluster(embeddings, foreground, *, delta_v, delta_d, min_size, bandwidth, t
             mode_points if mode_points is not None else points.shape[0], _DENSITY_SAMPLES, 2 * max_iterations,
             max(min_size, 1), mean_shift_steps, max_iterations, min_size, neighbour_vote, join == "density",
             bandwidth_sq, float(delta_d) ** 2, float(delta_v), _PEAK_RADIUS, _SATELLITE_RATIO, _BRIDGE_RATIO,
-            _AMBIGUOUS_RATIO, _VALLEY_RATIO, (_VALLEY_RADIUS * float(delta_v)) ** 2, _VALLEY_COUNT_RATIO)
+            _AMBIGUOUS_RATIO, _VALLEY_RATIO, (_VALLEY_RADIUS * float(delta_v)) ** 2, _VALLEY_COUNT_RATIO,
+            split_radius_sq, _SPLIT_COUNT_RATIO, _SPLIT_SAMPLES, _SPLIT_CONFIDENCE)
         labels_flat.view(-1).index_copy_(0, image * labels_flat.shape[1] + pixel, ids)
         return labels_flat.reshape((batch,) + spatial), scores[:, :int(num_instances.max())]  # one synchronisation
     # The modes are searched on all points, or on a sample of each image's
@@ -1163,10 +1382,16 @@ def _cluster(embeddings, foreground, *, delta_v, delta_d, min_size, bandwidth, t
     else:
         slot_of_point, kept, centres, closeness = _assign_to_nearest(points, image, points_per_image, centres,
                                                                       num_found, min_size, bandwidth_sq)
+        searched = chosen if chosen is not None else torch.ones_like(slot_of_point, dtype=torch.bool)
         if neighbour_vote > 0:
-            reference = chosen if chosen is not None else torch.ones_like(slot_of_point, dtype=torch.bool)
             slot_of_point, kept = _neighbour_vote(points, image, points_per_image, slot_of_point, centres, kept,
-                                                  reference, neighbour_vote, closeness)
+                                                  searched, neighbour_vote, closeness)
+        if split_instances:
+            slot_of_point, kept, centres = _split_instances(
+                points, image, points_per_image, slot_of_point, kept, centres, searched, point_priority,
+                radius_sq=split_radius_sq, least=max(min_size, 1), steps=mean_shift_steps,
+                most_seeds=2 * max_iterations, capacity=max_iterations, apart_sq=float(delta_v) ** 2,
+                delta_v_sq=float(delta_v) ** 2)
     ids, scores = _number_instances(slot_of_point, image, points, centres, kept, delta_v)
     labels_flat.view(-1).index_copy_(0, image * labels_flat.shape[1] + pixel, ids)
     return labels_flat.reshape((batch,) + spatial), scores

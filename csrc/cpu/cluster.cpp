@@ -1,17 +1,19 @@
 // cluster_embeddings' parallel search (discloss/cluster.py, search="parallel") on CPU, fused: density
 // peaks, mean shift of every peak, filing of the modes, nearest assignment with one Lloyd step, the
-// neighbour vote and the numbering, one image at a time in plain loops. The torch-op path in
-// cluster.py does the same in about 600 small operations, whose dispatch (~9 us each) costs more
-// than their arithmetic on one image; it stays the path for CUDA tensors and the reference the
-// tests hold this one to. Each step below is that of the function of the same name there, with the
-// same formulas (the expanded window tests 2 x.c - |x|^2 >= |c|^2 - r^2 of its matrix products), so
-// the labels differ only where a distance ties a threshold to within rounding.
+// neighbour vote, the split of instances that hold two fine modes (split_instances) and the
+// numbering, one image at a time in plain loops. The torch-op path in cluster.py does the same in
+// about 600 small operations, whose dispatch (~9 us each) costs more than their arithmetic on one
+// image; it stays the path for CUDA tensors and the reference the tests hold this one to. Each step
+// below is that of the function of the same name there, with the same formulas (the expanded window
+// tests 2 x.c - |x|^2 >= |c|^2 - r^2 of its matrix products), so the labels differ only where a
+// distance ties a threshold to within rounding.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <numeric>
 #include <utility>
@@ -25,10 +27,11 @@ namespace {
 // torch rounds a Python float compared with a tensor.
 template <typename scalar_t>
 struct SearchConfig {
-  int64_t dim, search_points, density_samples, most_seeds, steps, capacity, min_size, neighbours;
+  int64_t dim, search_points, density_samples, most_seeds, steps, capacity, min_size, neighbours, split_samples;
   bool join_density;
   scalar_t min_density, bandwidth_sq, peak_threshold, merge_sq, satellite_sq, satellite_ratio, bridge_ratio,
-      ambiguous_sq, delta_v_sq, valley_ratio, valley_radius_sq, valley_count_ratio;
+      ambiguous_sq, delta_v_sq, valley_ratio, valley_radius_sq, valley_count_ratio, split_radius_sq,
+      split_peak_threshold, split_count_ratio, split_confidence;
 };
 
 // One image's points (n x dim, row-major, grouped by image in cluster.py) and their squared norms.
@@ -59,26 +62,27 @@ std::vector<int64_t> density_peaks(const Image<scalar_t>& im, const SearchConfig
   for (int64_t i = 0; i < im.n; ++i)
     if (im.rank[i] < limit) sample.push_back(i);
   const int64_t s = static_cast<int64_t>(sample.size());
-  // product[i][j] = bandwidth^2 - |x_i - x_j|^2, expanded as cluster.py's batched product; the
-  // sample's columns (2 x_j, bandwidth^2 - |x_j|^2) in structure-of-arrays layout so that a row
-  // vectorizes.
-  std::vector<scalar_t> doubled(static_cast<size_t>(c.dim * s)), margin(s);
+  // product[i][j] = bandwidth^2 - |x_i - x_j|^2 = [x_i, |x_i|^2, 1] . [2 x_j, -1, bandwidth^2 - |x_j|^2],
+  // cluster.py's batched product, as one matrix product (ATen's, vectorized for the machine: the
+  // table is most of this step's arithmetic).
+  const int64_t width = c.dim + 2;
+  at::Tensor left = at::empty({s, width}, at::CPU(c10::CppTypeToScalarType<scalar_t>::value));
+  at::Tensor right = at::empty({width, s}, left.options());
+  scalar_t* l = left.data_ptr<scalar_t>();
+  scalar_t* r = right.data_ptr<scalar_t>();
   for (int64_t j = 0; j < s; ++j) {
-    for (int64_t e = 0; e < c.dim; ++e) doubled[e * s + j] = scalar_t(2) * im.row(sample[j], c.dim)[e];
-    margin[j] = c.bandwidth_sq - im.squared[sample[j]];
-  }
-  std::vector<scalar_t> product(static_cast<size_t>(s * s), scalar_t(0));
-  for (int64_t i = 0; i < s; ++i) {
-    const scalar_t* xi = im.row(sample[i], c.dim);
-    scalar_t* row = product.data() + i * s;
+    const scalar_t* x = im.row(sample[j], c.dim);
     for (int64_t e = 0; e < c.dim; ++e) {
-      const scalar_t xe = xi[e];
-      const scalar_t* column = doubled.data() + e * s;
-      for (int64_t j = 0; j < s; ++j) row[j] += xe * column[j];
+      l[j * width + e] = x[e];
+      r[e * s + j] = scalar_t(2) * x[e];
     }
-    const scalar_t squared = im.squared[sample[i]];
-    for (int64_t j = 0; j < s; ++j) row[j] = (row[j] - squared) + margin[j];
+    l[j * width + c.dim] = im.squared[sample[j]];
+    l[j * width + c.dim + 1] = scalar_t(1);
+    r[c.dim * s + j] = scalar_t(-1);
+    r[(c.dim + 1) * s + j] = c.bandwidth_sq - im.squared[sample[j]];
   }
+  const at::Tensor table = at::mm(left, right);
+  const scalar_t* product = table.data_ptr<scalar_t>();
   const scalar_t scale = static_cast<scalar_t>(im.n) / static_cast<scalar_t>(std::max<int64_t>(s, 1));
   std::vector<scalar_t> density(s);
   std::vector<char> candidate(s);
@@ -91,15 +95,24 @@ std::vector<int64_t> density_peaks(const Image<scalar_t>& im, const SearchConfig
   auto denser = [&](int64_t j, int64_t i) {  // (density, priority) of j above i's
     return density[j] > density[i] || (density[j] == density[i] && im.priority[sample[j]] > im.priority[sample[i]]);
   };
+  // Each candidate's place in the (density, priority) order as a value, s for the densest down to
+  // 1, 0 for the rest (as cluster.py's): i is beaten when a point within the peak radius has a
+  // higher value, one branch-free maximum per row (which vectorizes; testing the pairs one by one
+  // until a denser one turns up costs 10x more where peaks are many).
+  std::vector<int64_t> by_density;
+  for (int64_t i = 0; i < s; ++i)
+    if (candidate[i]) by_density.push_back(i);
+  std::sort(by_density.begin(), by_density.end(), [&](int64_t a, int64_t b) { return denser(a, b); });
+  std::vector<int32_t> value(s, 0);
+  for (size_t place = 0; place < by_density.size(); ++place)
+    value[by_density[place]] = static_cast<int32_t>(s - static_cast<int64_t>(place));
   std::vector<int64_t> peaks;
-  for (int64_t i = 0; i < s; ++i) {
-    if (!candidate[i]) continue;
-    bool beaten = false;
-    for (int64_t j = 0; j < s && !beaten; ++j)
-      beaten = candidate[j] && product[i * s + j] >= c.peak_threshold && denser(j, i);
-    if (!beaten) peaks.push_back(i);
+  for (const int64_t i : by_density) {
+    const scalar_t* row = product + i * s;
+    int32_t highest = 0;
+    for (int64_t j = 0; j < s; ++j) highest = std::max(highest, row[j] >= c.peak_threshold ? value[j] : 0);
+    if (highest <= value[i]) peaks.push_back(i);  // (i itself is within the radius: highest >= value[i])
   }
-  std::sort(peaks.begin(), peaks.end(), [&](int64_t a, int64_t b) { return denser(a, b); });
   if (static_cast<int64_t>(peaks.size()) > c.most_seeds) peaks.resize(c.most_seeds);
   for (auto& p : peaks) p = sample[p];
   return peaks;
@@ -412,6 +425,169 @@ int64_t number_instances(const Image<scalar_t>& im, const SearchConfig<scalar_t>
   return next;
 }
 
+// _split_instances, the searched instances as _split_groups picks them: those of at least the lower
+// median size among the image's kept instances, with fewer than split_confidence of their points
+// within delta_v of their centre and at least 2 * max(min_size, 1) searched points.
+template <typename scalar_t>
+std::vector<int64_t> split_candidates(const Image<scalar_t>& im, const SearchConfig<scalar_t>& c,
+                                      const std::vector<std::vector<scalar_t>>& centres,
+                                      const std::vector<int64_t>& slot, const std::vector<char>& kept) {
+  const int64_t k_count = static_cast<int64_t>(kept.size());
+  const int64_t least = std::max<int64_t>(c.min_size, 1);
+  const std::vector<int64_t> sizes = slot_sizes<scalar_t>(slot, k_count);
+  std::vector<int64_t> searched(k_count, 0), near(k_count, 0), kept_sizes;
+  for (int64_t p = 0; p < im.n; ++p) {
+    if (slot[p] < 0) continue;
+    if (im.rank[p] < c.search_points) ++searched[slot[p]];
+    const scalar_t* x = im.row(p, c.dim);
+    const std::vector<scalar_t>& centre = centres[slot[p]];
+    scalar_t d2 = 0;
+    for (int64_t e = 0; e < c.dim; ++e) d2 += (x[e] - centre[e]) * (x[e] - centre[e]);
+    near[slot[p]] += d2 <= c.delta_v_sq;
+  }
+  for (int64_t k = 0; k < k_count; ++k)
+    if (kept[k]) kept_sizes.push_back(sizes[k]);
+  std::vector<int64_t> candidates;
+  if (kept_sizes.empty()) return candidates;
+  std::sort(kept_sizes.begin(), kept_sizes.end());
+  const int64_t median = kept_sizes[(kept_sizes.size() - 1) / 2];
+  for (int64_t k = 0; k < k_count; ++k)
+    if (kept[k] && sizes[k] >= median && searched[k] >= 2 * least &&
+        static_cast<scalar_t>(near[k]) < c.split_confidence * static_cast<scalar_t>(sizes[k]))
+      candidates.push_back(k);
+  return candidates;
+}
+
+// _separate_modes: the fine modes in descending window count (stable); the first is kept, a later
+// one when its count is at least split_count_ratio times the first's and at least max(min_size, 1),
+// and it lies at least delta_v from every mode kept before it with a valley between them
+// (valley_between at the fine window). Returns the kept modes' indices, densest first.
+template <typename scalar_t>
+std::vector<int64_t> separate_modes(const SearchPoints<scalar_t>& sp, const SearchConfig<scalar_t>& fine,
+                                    const std::vector<std::vector<scalar_t>>& modes,
+                                    const std::vector<int64_t>& counts) {
+  const int64_t s = static_cast<int64_t>(modes.size());
+  std::vector<int64_t> order(s), kept;
+  if (s == 0) return kept;
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return counts[a] > counts[b]; });
+  const scalar_t densest = static_cast<scalar_t>(counts[order[0]]);
+  kept.push_back(order[0]);
+  for (int64_t r = 1; r < s; ++r) {
+    const int64_t j = order[r];
+    bool keep = static_cast<scalar_t>(counts[j]) >= fine.split_count_ratio * densest &&
+                counts[j] >= std::max<int64_t>(fine.min_size, 1);
+    for (size_t a = 0; a < kept.size() && keep; ++a) {
+      const std::vector<scalar_t>& m = modes[kept[a]];
+      scalar_t d2 = 0;
+      for (int64_t e = 0; e < fine.dim; ++e) d2 += (modes[j][e] - m[e]) * (modes[j][e] - m[e]);
+      keep = d2 >= fine.delta_v_sq && valley_between(sp, fine, m.data(), modes[j].data());
+    }
+    if (keep) kept.push_back(j);
+  }
+  return kept;
+}
+
+// _split_instances: each candidate instance's searched points are searched again at the fine window
+// (density peaks and mean shift as above, with split_radius_sq for bandwidth_sq); with two or more
+// kept fine modes its points go to the nearest, one Lloyd step, the nearest again; the densest
+// mode keeps the slot, the others take new slots after the last while fewer than `capacity`
+// instances are kept. Widens `centres` and `kept`.
+template <typename scalar_t>
+void split_instances(const Image<scalar_t>& im, const SearchConfig<scalar_t>& c,
+                     std::vector<std::vector<scalar_t>>& centres, std::vector<int64_t>& slot, std::vector<char>& kept) {
+  const std::vector<int64_t> candidates = split_candidates(im, c, centres, slot, kept);
+  int64_t room = c.capacity - std::count(kept.begin(), kept.end(), char(1));
+  SearchConfig<scalar_t> fine = c;
+  fine.bandwidth_sq = c.split_radius_sq;
+  fine.peak_threshold = c.split_peak_threshold;
+  fine.valley_radius_sq = c.split_radius_sq;
+  for (const int64_t k : candidates) {
+    // The instance's searched points as an image of their own: every one searched, the first
+    // split_samples in the hashed order sampled for the density peaks.
+    std::vector<int64_t> members;
+    for (int64_t p = 0; p < im.n; ++p)
+      if (slot[p] == k && im.rank[p] < c.search_points) members.push_back(p);
+    const int64_t m = static_cast<int64_t>(members.size());
+    std::vector<scalar_t> x(static_cast<size_t>(m * c.dim));
+    std::vector<int64_t> priority(m), rank(m), by_priority(m);
+    for (int64_t i = 0; i < m; ++i) {
+      std::copy(im.row(members[i], c.dim), im.row(members[i], c.dim) + c.dim, x.begin() + i * c.dim);
+      priority[i] = im.priority[members[i]];
+    }
+    std::iota(by_priority.begin(), by_priority.end(), 0);
+    std::sort(by_priority.begin(), by_priority.end(),
+              [&](int64_t a, int64_t b) { return priority[a] > priority[b]; });
+    for (int64_t r = 0; r < m; ++r) rank[by_priority[r]] = r;
+    Image<scalar_t> group{x.data(), priority.data(), rank.data(), m, {}};
+    group.squared.resize(m);
+    for (int64_t i = 0; i < m; ++i) group.squared[i] = im.squared[members[i]];
+    fine.density_samples = c.split_samples;
+    fine.search_points = m;
+    const std::vector<int64_t> seeds = density_peaks(group, fine);
+    const SearchPoints<scalar_t> sp = search_points(group, fine);
+    std::vector<std::vector<scalar_t>> modes;
+    std::vector<int64_t> counts;
+    std::vector<scalar_t> inside(sp.n);
+    for (int64_t seed : seeds) {
+      std::vector<scalar_t> centre(group.row(seed, c.dim), group.row(seed, c.dim) + c.dim);
+      counts.push_back(mean_shift(group, sp, fine, centre, inside));
+      modes.push_back(std::move(centre));
+    }
+    std::vector<int64_t> chosen = separate_modes(sp, fine, modes, counts);
+    if (static_cast<int64_t>(chosen.size()) > room + 1) chosen.resize(std::max<int64_t>(room, 0) + 1);
+    if (chosen.size() < 2) continue;
+    room -= static_cast<int64_t>(chosen.size()) - 1;
+    // The instance's points (all of them) to the nearest chosen mode, one Lloyd step, the nearest
+    // again.
+    std::vector<std::vector<scalar_t>> fine_centres;
+    for (int64_t j : chosen) fine_centres.push_back(modes[j]);
+    std::vector<int64_t> mine;
+    for (int64_t p = 0; p < im.n; ++p)
+      if (slot[p] == k) mine.push_back(p);
+    const int64_t f_count = static_cast<int64_t>(fine_centres.size());
+    std::vector<int64_t> part(mine.size());
+    auto nearest = [&]() {
+      std::vector<scalar_t> doubled(static_cast<size_t>(f_count * c.dim)), minus_squared(f_count);
+      for (int64_t f = 0; f < f_count; ++f) {
+        for (int64_t e = 0; e < c.dim; ++e) doubled[f * c.dim + e] = scalar_t(2) * fine_centres[f][e];
+        minus_squared[f] = -dot(fine_centres[f].data(), fine_centres[f].data(), c.dim);
+      }
+      for (size_t i = 0; i < mine.size(); ++i) {
+        int64_t best = 0;
+        scalar_t best_value = -std::numeric_limits<scalar_t>::infinity();
+        for (int64_t f = 0; f < f_count; ++f) {
+          const scalar_t value = dot(im.row(mine[i], c.dim), &doubled[f * c.dim], c.dim) + minus_squared[f];
+          if (value > best_value) best = f, best_value = value;
+        }
+        part[i] = best;
+      }
+    };
+    nearest();
+    std::vector<double> sums(static_cast<size_t>(f_count * c.dim), 0.0);
+    std::vector<int64_t> sizes(f_count, 0);
+    for (size_t i = 0; i < mine.size(); ++i) {
+      ++sizes[part[i]];
+      for (int64_t e = 0; e < c.dim; ++e) sums[part[i] * c.dim + e] += im.row(mine[i], c.dim)[e];
+    }
+    for (int64_t f = 0; f < f_count; ++f)
+      if (sizes[f] > 0)
+        for (int64_t e = 0; e < c.dim; ++e)
+          fine_centres[f][e] = static_cast<scalar_t>(sums[f * c.dim + e] / static_cast<double>(sizes[f]));
+    nearest();
+    std::vector<int64_t> target(f_count, k);
+    for (int64_t f = 1; f < f_count; ++f) {
+      target[f] = static_cast<int64_t>(centres.size());
+      centres.push_back(fine_centres[f]);
+      kept.push_back(0);
+    }
+    centres[k] = fine_centres[0];
+    for (size_t i = 0; i < mine.size(); ++i) slot[mine[i]] = target[part[i]];
+    const std::vector<int64_t> now = slot_sizes<scalar_t>(slot, static_cast<int64_t>(kept.size()));
+    for (int64_t f = 0; f < f_count; ++f) kept[target[f]] = now[target[f]] > 0;
+  }
+}
+
 template <typename scalar_t>
 int64_t cluster_image(Image<scalar_t>& im, const SearchConfig<scalar_t>& c, int64_t* ids, float* scores) {
   im.squared.resize(im.n);
@@ -432,6 +608,7 @@ int64_t cluster_image(Image<scalar_t>& im, const SearchConfig<scalar_t>& c, int6
   std::vector<scalar_t> near;
   assign_to_nearest(im, c, centres, slot, kept, near);
   if (c.neighbours > 0) neighbour_vote(im, c, slot, kept, near);
+  if (c.split_radius_sq > 0) split_instances(im, c, centres, slot, kept);
   return number_instances(im, c, centres, slot, kept, ids, scores);
 }
 
@@ -440,7 +617,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_parallel_cpu(
     int64_t search_points, int64_t density_samples, int64_t most_seeds, int64_t min_density, int64_t mean_shift_steps,
     int64_t max_instances, int64_t min_size, int64_t neighbour_vote_count, bool join_density, double bandwidth_sq,
     double merge_sq, double delta_v, double peak_radius, double satellite_ratio, double bridge_ratio,
-    double ambiguous_ratio, double valley_ratio, double valley_radius_sq, double valley_count_ratio) {
+    double ambiguous_ratio, double valley_ratio, double valley_radius_sq, double valley_count_ratio,
+    double split_radius_sq, double split_count_ratio, int64_t split_samples, double split_confidence) {
   TORCH_CHECK(points.dim() == 2 && (points.scalar_type() == at::kFloat || points.scalar_type() == at::kDouble),
               "points: expected a float32 or float64 tensor of shape (M, E), got ", points.scalar_type(), " of shape ",
               points.sizes());
@@ -469,6 +647,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_parallel_cpu(
   TORCH_CHECK(valley_ratio >= 0, "valley_ratio: expected >= 0 (0: no valley test), got ", valley_ratio);
   TORCH_CHECK(valley_radius_sq > 0 && std::isfinite(valley_radius_sq),
               "valley_radius_sq: expected a finite value > 0, got ", valley_radius_sq);
+  TORCH_CHECK(split_radius_sq >= 0 && std::isfinite(split_radius_sq),
+              "split_radius_sq: expected a finite value >= 0 (0: no split), got ", split_radius_sq);
+  TORCH_CHECK(split_count_ratio >= 0, "split_count_ratio: expected >= 0, got ", split_count_ratio);
+  TORCH_CHECK(split_samples >= 1, "split_samples: expected >= 1, got ", split_samples);
+  TORCH_CHECK(split_confidence >= 0, "split_confidence: expected >= 0, got ", split_confidence);
   const auto counts = points_per_image.contiguous();
   const int64_t* count_p = counts.data_ptr<int64_t>();
   const int64_t batch = counts.size(0);
@@ -509,6 +692,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_parallel_cpu(
     c.valley_ratio = static_cast<scalar_t>(valley_ratio);
     c.valley_radius_sq = static_cast<scalar_t>(valley_radius_sq);
     c.valley_count_ratio = static_cast<scalar_t>(valley_count_ratio);
+    c.split_radius_sq = static_cast<scalar_t>(split_radius_sq);
+    c.split_peak_threshold = static_cast<scalar_t>(split_radius_sq - delta_v * delta_v);
+    c.split_count_ratio = static_cast<scalar_t>(split_count_ratio);
+    c.split_samples = split_samples;
+    c.split_confidence = static_cast<scalar_t>(split_confidence);
     const scalar_t* x_p = x.data_ptr<scalar_t>();
     at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
       for (int64_t b = first; b < last; ++b) {
