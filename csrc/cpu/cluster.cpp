@@ -488,6 +488,28 @@ std::vector<int64_t> separate_modes(const SearchPoints<scalar_t>& sp, const Sear
   return kept;
 }
 
+// The modes of an image (or of a group of its points): mean shift from each
+// density peak, with the points within the window of each mode at the end.
+template <typename scalar_t>
+struct ShiftedModes {
+  SearchPoints<scalar_t> sp;
+  std::vector<std::vector<scalar_t>> modes;
+  std::vector<int64_t> counts;
+};
+
+template <typename scalar_t>
+ShiftedModes<scalar_t> shifted_modes(const Image<scalar_t>& im, const SearchConfig<scalar_t>& c) {
+  const std::vector<int64_t> seeds = density_peaks(im, c);
+  ShiftedModes<scalar_t> out{search_points(im, c), {}, {}};
+  std::vector<scalar_t> inside(out.sp.n);
+  for (int64_t seed : seeds) {
+    std::vector<scalar_t> centre(im.row(seed, c.dim), im.row(seed, c.dim) + c.dim);
+    out.counts.push_back(mean_shift(im, out.sp, c, centre, inside));
+    out.modes.push_back(std::move(centre));
+  }
+  return out;
+}
+
 // _split_instances: each candidate instance's searched points are searched again at the fine window
 // (density peaks and mean shift as above, with split_radius_sq for bandwidth_sq); with two or more
 // kept fine modes its points go to the nearest, one Lloyd step, the nearest again; the densest
@@ -524,17 +546,9 @@ void split_instances(const Image<scalar_t>& im, const SearchConfig<scalar_t>& c,
     for (int64_t i = 0; i < m; ++i) group.squared[i] = im.squared[members[i]];
     fine.density_samples = c.split_samples;
     fine.search_points = m;
-    const std::vector<int64_t> seeds = density_peaks(group, fine);
-    const SearchPoints<scalar_t> sp = search_points(group, fine);
-    std::vector<std::vector<scalar_t>> modes;
-    std::vector<int64_t> counts;
-    std::vector<scalar_t> inside(sp.n);
-    for (int64_t seed : seeds) {
-      std::vector<scalar_t> centre(group.row(seed, c.dim), group.row(seed, c.dim) + c.dim);
-      counts.push_back(mean_shift(group, sp, fine, centre, inside));
-      modes.push_back(std::move(centre));
-    }
-    std::vector<int64_t> chosen = separate_modes(sp, fine, modes, counts);
+    const ShiftedModes<scalar_t> found = shifted_modes(group, fine);
+    const std::vector<std::vector<scalar_t>>& modes = found.modes;
+    std::vector<int64_t> chosen = separate_modes(found.sp, fine, modes, found.counts);
     if (static_cast<int64_t>(chosen.size()) > room + 1) chosen.resize(std::max<int64_t>(room, 0) + 1);
     if (chosen.size() < 2) continue;
     room -= static_cast<int64_t>(chosen.size()) - 1;
@@ -592,17 +606,8 @@ template <typename scalar_t>
 int64_t cluster_image(Image<scalar_t>& im, const SearchConfig<scalar_t>& c, int64_t* ids, float* scores) {
   im.squared.resize(im.n);
   for (int64_t p = 0; p < im.n; ++p) im.squared[p] = dot(im.row(p, c.dim), im.row(p, c.dim), c.dim);
-  const std::vector<int64_t> seeds = density_peaks(im, c);
-  const SearchPoints<scalar_t> sp = search_points(im, c);
-  std::vector<std::vector<scalar_t>> modes;
-  std::vector<int64_t> counts;
-  std::vector<scalar_t> inside(sp.n);
-  for (int64_t seed : seeds) {
-    std::vector<scalar_t> centre(im.row(seed, c.dim), im.row(seed, c.dim) + c.dim);
-    counts.push_back(mean_shift(im, sp, c, centre, inside));
-    modes.push_back(std::move(centre));
-  }
-  std::vector<std::vector<scalar_t>> centres = file_modes(sp, modes, counts, c);
+  const ShiftedModes<scalar_t> found = shifted_modes(im, c);
+  std::vector<std::vector<scalar_t>> centres = file_modes(found.sp, found.modes, found.counts, c);
   std::vector<int64_t> slot;
   std::vector<char> kept;
   std::vector<scalar_t> near;
