@@ -122,3 +122,26 @@ def test_a_nan_mean_reaches_dist_as_in_plain_pytorch():
     terms = discloss.discriminative_loss(x, labels, max_instances=C + 1, gamma=0.0)
     ref = discloss.reference.discriminative_loss_reference(x.double(), labels, max_instances=C + 1, gamma=0.0)
     assert torch.isnan(ref[1]) and torch.isnan(terms.dist)
+
+
+@pytest.mark.parametrize("clusters", [1, 2, 127, 128, 129, 256, 400, 513])
+def test_every_pair_once_for_any_count_of_blocks(clusters):
+    # The gradient's tiles of 128 x 128 pairs run in round-robin rounds: one
+    # block, two, an even count (400: 4 blocks) and odd ones (129, 513: a
+    # dummy block), partial last blocks. Means N(0, 1/2) in 3 dims: nearly
+    # every pair within the hinge, so every tile has terms.
+    g = torch.Generator().manual_seed(clusters)
+    E = 3
+    means = torch.randn(1, clusters, E, generator=g, dtype=torch.float64) * 0.7
+    x = means.repeat_interleave(2, 1).transpose(1, 2).contiguous().float()
+    labels = (torch.arange(2 * clusters) // 2 + 1)[None]
+    kw = dict(delta_v=0.5, delta_d=1.5, gamma=0.0)
+    xg = x.clone().requires_grad_(True)
+    terms = discloss.discriminative_loss(xg, labels, max_instances=clusters + 1, **kw)
+    (grad,) = torch.autograd.grad(sum(t.sum() for t in terms), xg)
+    ref, ref_grad = reference64(x, labels, max_instances=clusters + 1, **kw)
+    if clusters > 1:
+        assert float(ref[1]) > 0
+    for name, t, r in zip(["var", "dist", "reg"], terms, ref):
+        assert_close(t, r, torch.float32, name)
+    assert_grad_close(grad, ref_grad, torch.float32)

@@ -305,41 +305,62 @@ acc_t pair_sum_l2(const ChunkKernels& kern, const PairArgs& pairs) {
   return s;
 }
 
+// The tiles (block a <= block b) of the triangle of `blocks` blocks of
+// pairs, in rounds in which no block appears twice: first the diagonal
+// tiles, then the circle method's rounds (for an even count m of blocks,
+// one a dummy when `blocks` is odd: in round r block m - 1 meets block r,
+// and r + k meets r - k mod m - 1 for k = 1 .. m/2 - 1). Checked as built:
+// each round's tiles disjoint, every tile once; the tiles of a round then
+// write disjoint rows of the gradient and may run side by side.
+std::vector<std::vector<std::pair<int64_t, int64_t>>> pair_tile_rounds(int64_t blocks) {
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds(1);
+  for (int64_t a = 0; a < blocks; ++a) rounds[0].emplace_back(a, a);
+  const int64_t m = blocks + blocks % 2;
+  for (int64_t r = 0; r + 1 < m; ++r) {
+    auto& round = rounds.emplace_back();
+    for (int64_t k = 0; k < m / 2; ++k) {
+      int64_t a = k == 0 ? m - 1 : (r + k) % (m - 1), b = k == 0 ? r : (r - k + (m - 1)) % (m - 1);
+      if (a >= blocks || b >= blocks) continue;  // the dummy block
+      round.emplace_back(std::min(a, b), std::max(a, b));
+    }
+  }
+  std::vector<char> tile_seen(blocks * blocks, 0), in_round(blocks, 0);
+  int64_t tiles = 0;
+  for (const auto& round : rounds) {
+    std::fill(in_round.begin(), in_round.end(), 0);
+    for (auto [a, b] : round) {
+      TORCH_CHECK(!in_round[a] && (a == b || !in_round[b]) && !tile_seen[a * blocks + b],
+                  "internal error: the pair step's schedule meets block ", a, " or ", b, " twice");
+      in_round[a] = in_round[b] = 1;
+      tile_seen[a * blocks + b] = 1;
+      ++tiles;
+    }
+  }
+  TORCH_CHECK(tiles == blocks * (blocks + 1) / 2, "internal error: the pair step's schedule has ", tiles,
+              " tiles, not ", blocks * (blocks + 1) / 2);
+  return rounds;
+}
+
 // grads (C x E, rows in the plan's order) += scale * the gradient of the sum
 // of p_ij^2 over the pairs of one image's present clusters (L2), each pair
-// formed once (kernels.h pair_grads). The C x C triangle is cut into tiles
-// of kPairBlock rows and columns; a round-robin schedule (the circle method)
-// puts them in rounds in which no block appears twice, so the tiles of a
-// round write disjoint rows and run in parallel, and the rounds run in turn:
-// every row's terms are added in an order fixed by C alone (the same bits
-// at any thread count), with no buffer per thread.
+// formed once (kernels.h pair_grads), tiles of kPairBlock rows and columns
+// by the rounds of pair_tile_rounds: the tiles of a round in parallel, the
+// rounds in turn, so every row's terms are added in an order fixed by C
+// alone (the same bits at any thread count), with no buffer per thread.
 template <typename acc_t>
 void pair_gradients(const ChunkKernels& kern, const PairArgs& pairs, double scale, acc_t* grads) {
   const int64_t C = pairs.num_present, E = pairs.embed_dim;
-  const int64_t blocks = (C + kPairBlock - 1) / kPairBlock;
-  const int64_t m = blocks + blocks % 2;  // even: block m - 1 is a dummy when blocks is odd
-  auto run_round = [&](int64_t tasks, auto&& tile_of) {
-    at::parallel_for(0, tasks, grain_for(kPairBlock * kPairBlock * E), [&](int64_t q0, int64_t q1) {
+  for (const auto& round : pair_tile_rounds((C + kPairBlock - 1) / kPairBlock)) {
+    const int64_t n = static_cast<int64_t>(round.size());
+    at::parallel_for(0, n, grain_for(kPairBlock * kPairBlock * E), [&](int64_t q0, int64_t q1) {
       std::vector<acc_t> scratch(E * kPairBlock);
       for (int64_t q = q0; q < q1; ++q) {
-        auto [a, b] = tile_of(q);
-        if (a >= blocks || b >= blocks) continue;
-        if (a > b) std::swap(a, b);
-        const int64_t i0 = a * kPairBlock, j0 = b * kPairBlock;
+        const int64_t i0 = round[q].first * kPairBlock, j0 = round[q].second * kPairBlock;
         // Rows whose window ends before the columns start meet none of them.
         if (pairs.window_hi != nullptr && pairs.window_hi[std::min(C, i0 + kPairBlock) - 1] <= j0) continue;
         kern.pair_grads(pairs, i0, std::min(C, i0 + kPairBlock), j0, std::min(C, j0 + kPairBlock), scale, grads,
                         scratch.data());
       }
-    });
-  };
-  // The diagonal tiles, then m - 1 rounds of m / 2 tiles: in round r block
-  // m - 1 meets block r, and r + k meets r - k (mod m - 1) for k = 1 .. m/2 - 1.
-  run_round(blocks, [](int64_t q) { return std::pair<int64_t, int64_t>(q, q); });
-  for (int64_t r = 0; r + 1 < m; ++r) {
-    run_round(m / 2, [&](int64_t k) {
-      if (k == 0) return std::pair<int64_t, int64_t>(m - 1, r);
-      return std::pair<int64_t, int64_t>((r + k) % (m - 1), (r - k + (m - 1)) % (m - 1));
     });
   }
 }
