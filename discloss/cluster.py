@@ -571,6 +571,36 @@ def _mean_shift_many(points, image, points_per_image, centres, valid, bandwidth_
     return centres, counts
 
 
+def _window_counts(points, image, points_per_image, probes, probe_image, radius_sq):
+    """Points of each probe's image within sqrt(radius_sq) of the probe, (probes,) float: one
+    padded batched product (|x - p|^2 <= r^2 <=> 2 x.p - |x|^2 >= |p|^2 - r^2, as the mean shift's
+    window test)."""
+    batch = points_per_image.shape[0]
+    probe_count = torch.bincount(probe_image, minlength=batch)
+    most, most_probes = int(points_per_image.max()), int(probe_count.max())  # one synchronisation
+    ones = _padded(torch.ones_like(points[:, 0]), image, points_per_image, most).unsqueeze(2)  # 0 at padding
+    doubled = (2.0 * _padded(points, image, points_per_image, most)).transpose(1, 2)
+    minus_squared = -_padded((points * points).sum(dim=1), image, points_per_image, most).unsqueeze(1)
+    rows = _padded(probes, probe_image, probe_count, most_probes)
+    limit = (rows * rows).sum(dim=2, keepdim=True) - radius_sq
+    inside = torch.ge(torch.baddbmm(minus_squared, rows, doubled), limit).to(points.dtype)
+    within = torch.bmm(inside, ones).squeeze(2)
+    return _at(within.unsqueeze(2), probe_image, _position_in_image(probe_image, probe_count)).reshape(-1)
+
+
+def _valley_between(points, image, points_per_image, start, end, pair_image, radius_sq):
+    """Per pair of modes (start, end: (P, E), of image pair_image): a density valley lies between
+    them, (P,) bool: a probe a quarter, half or three quarters of the way holds fewer than
+    _VALLEY_RATIO times the smaller of the two modes' window counts (sqrt(radius_sq)), as in
+    csrc/cpu/cluster.cpp. One batched window test of all pairs' probes."""
+    # Per pair: the two modes, then the three probes.
+    probes = torch.stack([start, end] + [start + t * (end - start) for t in (0.25, 0.5, 0.75)], dim=1)
+    within = _window_counts(points, image, points_per_image, probes.flatten(0, 1), pair_image.repeat_interleave(5),
+                            radius_sq).reshape(-1, 5)
+    ends = torch.minimum(within[:, 0], within[:, 1])
+    return within[:, 2:].amin(dim=1) < _VALLEY_RATIO * ends
+
+
 def _valleys(modes, counts, valid, distance_sq, points, image, points_per_image, radius_sq, reach_sq):
     """valley[b, i, j] (i before j in the filing order): a density valley separates modes i and j.
 
@@ -587,7 +617,7 @@ def _valleys(modes, counts, valid, distance_sq, points, image, points_per_image,
     density does not dip. One batched window test of the probes of all
     tested pairs (three host synchronisations: the pairs, and the sizes of two padded tensors).
     """
-    batch, count, dim = modes.shape
+    count = modes.shape[1]
     earlier = torch.arange(count, device=modes.device)
     earlier = earlier.unsqueeze(1) < earlier.unsqueeze(0)
     tested = (earlier & (distance_sq <= reach_sq) & valid.unsqueeze(2) & valid.unsqueeze(1)
@@ -596,25 +626,8 @@ def _valleys(modes, counts, valid, distance_sq, points, image, points_per_image,
     valley = torch.zeros_like(tested)
     if pair_image.numel() == 0:
         return valley
-    start, end = modes[pair_image, first], modes[pair_image, second]
-    # Per pair: the two modes, then the three probes, as in csrc/cpu/cluster.cpp.
-    probes = torch.stack([start, end] + [start + t * (end - start) for t in (0.25, 0.5, 0.75)], dim=1)
-    probe_image = pair_image.repeat_interleave(5)
-    probe_count = torch.bincount(probe_image, minlength=batch)
-    most = int(points_per_image.max())  # one synchronisation
-    most_probes = int(probe_count.max())
-    ones = _padded(torch.ones_like(points[:, 0]), image, points_per_image, most).unsqueeze(2)  # 0 at padding
-    doubled = (2.0 * _padded(points, image, points_per_image, most)).transpose(1, 2)  # (B, E, most)
-    minus_squared = -_padded((points * points).sum(dim=1), image, points_per_image, most).unsqueeze(1)
-    flat = probes.flatten(0, 1)
-    rows = _padded(flat, probe_image, probe_count, most_probes)  # (B, most_probes, E)
-    # |x - p|^2 <= r^2  <=>  2 x.p - |x|^2 >= |p|^2 - r^2, as the mean shift's window test.
-    limit = (rows * rows).sum(dim=2, keepdim=True) - radius_sq
-    inside = torch.ge(torch.baddbmm(minus_squared, rows, doubled), limit).to(points.dtype)
-    within = torch.bmm(inside, ones).squeeze(2)  # (B, most_probes)
-    within = _at(within.unsqueeze(2), probe_image, _position_in_image(probe_image, probe_count)).reshape(-1, 5)
-    ends = torch.minimum(within[:, 0], within[:, 1])
-    valley[pair_image, first, second] = within[:, 2:].amin(dim=1) < _VALLEY_RATIO * ends
+    valley[pair_image, first, second] = _valley_between(points, image, points_per_image, modes[pair_image, first],
+                                                        modes[pair_image, second], pair_image, radius_sq)
     return valley
 
 
@@ -890,23 +903,6 @@ def _split_groups(points, image, points_per_image, slot_of_point, kept, centres,
     return candidate, members, group, int(candidate.sum())  # one synchronisation
 
 
-def _window_counts(points, image, points_per_image, probes, probe_image, radius_sq):
-    """Points of each probe's image within sqrt(radius_sq) of the probe, (probes,) float: one
-    padded batched product (|x - p|^2 <= r^2 <=> 2 x.p - |x|^2 >= |p|^2 - r^2, as the mean shift's
-    window test)."""
-    batch = points_per_image.shape[0]
-    probe_count = torch.bincount(probe_image, minlength=batch)
-    most, most_probes = int(points_per_image.max()), int(probe_count.max())  # one synchronisation
-    ones = _padded(torch.ones_like(points[:, 0]), image, points_per_image, most).unsqueeze(2)  # 0 at padding
-    doubled = (2.0 * _padded(points, image, points_per_image, most)).transpose(1, 2)
-    minus_squared = -_padded((points * points).sum(dim=1), image, points_per_image, most).unsqueeze(1)
-    rows = _padded(probes, probe_image, probe_count, most_probes)
-    limit = (rows * rows).sum(dim=2, keepdim=True) - radius_sq
-    inside = torch.ge(torch.baddbmm(minus_squared, rows, doubled), limit).to(points.dtype)
-    within = torch.bmm(inside, ones).squeeze(2)
-    return _at(within.unsqueeze(2), probe_image, _position_in_image(probe_image, probe_count)).reshape(-1)
-
-
 def _separate_modes(modes, counts, valid, points, group, group_count, radius_sq, least, apart_sq):
     """Which of each searched instance's fine modes are instances of their own, (G, S) bool.
 
@@ -933,12 +929,8 @@ def _separate_modes(modes, counts, valid, points, group, group_count, radius_sq,
     pair_group, first, second = tested.nonzero(as_tuple=True)  # one synchronisation
     separable = torch.zeros_like(tested)
     if pair_group.numel() > 0:
-        start, end = modes[pair_group, first], modes[pair_group, second]
-        probes = torch.stack([start, end] + [start + t * (end - start) for t in (0.25, 0.5, 0.75)], dim=1)
-        within = _window_counts(points, group, group_count, probes.flatten(0, 1), pair_group.repeat_interleave(5),
-                                radius_sq).reshape(-1, 5)
-        ends = torch.minimum(within[:, 0], within[:, 1])
-        separable[pair_group, first, second] = within[:, 2:].amin(dim=1) < _VALLEY_RATIO * ends
+        separable[pair_group, first, second] = _valley_between(points, group, group_count, modes[pair_group, first],
+                                                               modes[pair_group, second], pair_group, radius_sq)
     kept = torch.zeros_like(valid)
     kept[:, 0] = valid[:, 0]
     for j in range(1, count):
