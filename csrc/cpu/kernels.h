@@ -224,7 +224,7 @@ struct InnerStride {
 // planes per loop run four chains side by side. Each plane's sum is formed
 // in the same order as alone, so the result does not depend on the grouping.
 template <typename scalar_t, bool kUnit, typename Term>
-static inline void plane_sums(const scalar_t* x, int64_t plane, int64_t E, InnerStride<kUnit> in,
+static inline void plane_sums(const scalar_t* x, int64_t plane, int64_t E, const InnerStride<kUnit>& in,
                               const typename AccOf<scalar_t>::type* m, int64_t s, int64_t t,
                               typename AccOf<scalar_t>::type* out, Term term) {
   using acc_t = typename AccOf<scalar_t>::type;
@@ -263,7 +263,8 @@ static inline void plane_sums(const scalar_t* x, int64_t plane, int64_t E, Inner
 // range (underflow, overflow), recompute it scaled. One vectorized check;
 // the recomputation is for the rare pixel that needs it.
 template <typename scalar_t, bool kUnit>
-static inline void fix_l2_range(const scalar_t* x, const PixelLayout& L, PixelOffsets o, InnerStride<kUnit> in,
+static inline void fix_l2_range(const scalar_t* x, const PixelLayout& L,
+                                const PixelOffsets& o, const InnerStride<kUnit>& in,
                                 const typename AccOf<scalar_t>::type* mu, int64_t s, int64_t t,
                                 typename AccOf<scalar_t>::type* r) {
   using acc_t = typename AccOf<scalar_t>::type;
@@ -281,7 +282,8 @@ static inline void fix_l2_range(const scalar_t* x, const PixelLayout& L, PixelOf
 
 // r[s .. t): accumulated norm terms -> norms (L2: sqrt, then the range fix).
 template <typename scalar_t, int kNorm, bool kUnit>
-static inline void finish_norms(const scalar_t* x, const PixelLayout& L, PixelOffsets o, InnerStride<kUnit> in,
+static inline void finish_norms(const scalar_t* x, const PixelLayout& L,
+                                const PixelOffsets& o, const InnerStride<kUnit>& in,
                                 const typename AccOf<scalar_t>::type* mu, int64_t s, int64_t t,
                                 typename AccOf<scalar_t>::type* r) {
   if (kNorm == 1) return;
@@ -292,7 +294,8 @@ static inline void finish_norms(const scalar_t* x, const PixelLayout& L, PixelOf
 
 // r[s .. t) = ||x_j - mu|| for the pixels of a run (L2: with the range fix).
 template <typename scalar_t, int kNorm, bool kUnit>
-static inline void run_norms(const scalar_t* x, const PixelLayout& L, PixelOffsets o, InnerStride<kUnit> in,
+static inline void run_norms(const scalar_t* x, const PixelLayout& L,
+                             const PixelOffsets& o, const InnerStride<kUnit>& in,
                              const typename AccOf<scalar_t>::type* mu, int64_t s, int64_t t,
                              typename AccOf<scalar_t>::type* r) {
   using acc_t = typename AccOf<scalar_t>::type;
@@ -333,9 +336,9 @@ static inline void run_norms(const scalar_t* x, const PixelLayout& L, PixelOffse
 // scale * overflowed_grad, and their coef becomes 0 so that the vector loop
 // that follows adds nothing for them. Only the rare pixel takes this path.
 template <typename scalar_t, bool kUnit, typename HingeOf, typename Add>
-static inline void fix_overflowed_coefs(const scalar_t* x, const PixelLayout& L, PixelOffsets o,
-                                        InnerStride<kUnit> in, const typename AccOf<scalar_t>::type* mu, int64_t s,
-                                        int64_t t, const typename AccOf<scalar_t>::type* r,
+static inline void fix_overflowed_coefs(const scalar_t* x, const PixelLayout& L, const PixelOffsets& o,
+                                        const InnerStride<kUnit>& in, const typename AccOf<scalar_t>::type* mu,
+                                        int64_t s, int64_t t, const typename AccOf<scalar_t>::type* r,
                                         typename AccOf<scalar_t>::type* coef, HingeOf hinge_of,
                                         typename AccOf<scalar_t>::type scale, Add add) {
   using acc_t = typename AccOf<scalar_t>::type;
@@ -355,7 +358,7 @@ static inline void fix_overflowed_coefs(const scalar_t* x, const PixelLayout& L,
 // sum of h_j^2 returned.
 template <typename scalar_t, int kNorm, bool kUnit, typename HingeOf>
 static inline typename AccOf<scalar_t>::type hinge_sums_of_norms(const scalar_t* x, const PixelLayout& L,
-                                                                 PixelOffsets o, InnerStride<kUnit> in,
+                                                                 const PixelOffsets& o, const InnerStride<kUnit>& in,
                                                                  const typename AccOf<scalar_t>::type* mu, int64_t s,
                                                                  int64_t t, const typename AccOf<scalar_t>::type* r,
                                                                  typename AccOf<scalar_t>::type* coef,
@@ -383,8 +386,9 @@ static inline typename AccOf<scalar_t>::type hinge_sums_of_norms(const scalar_t*
 
 // The same for a run of pixels, norms included. The pull (pass 2) uses it.
 template <typename scalar_t, int kNorm, bool kUnit, typename HingeOf>
-static inline typename AccOf<scalar_t>::type run_hinge_sums(const scalar_t* x, const PixelLayout& L, PixelOffsets o,
-                                                            InnerStride<kUnit> in,
+static inline typename AccOf<scalar_t>::type run_hinge_sums(const scalar_t* x, const PixelLayout& L,
+                                                            const PixelOffsets& o,
+                                                            const InnerStride<kUnit>& in,
                                                             const typename AccOf<scalar_t>::type* mu, int64_t s,
                                                             int64_t t, typename AccOf<scalar_t>::type* r,
                                                             typename AccOf<scalar_t>::type* coef, HingeOf hinge_of,
@@ -418,7 +422,8 @@ constexpr int kPushGroup = 4;
 // up to the next multiple of kPushLanes are zeroed (computed, never used).
 // Rows E and E + 1 of U: the pixels' squared norms and norms (the tests).
 template <typename scalar_t, bool kUnit>
-static inline void gather_pixels(const scalar_t* x, const PixelLayout& L, PixelOffsets o, InnerStride<kUnit> in,
+static inline void gather_pixels(const scalar_t* x, const PixelLayout& L,
+                                 const PixelOffsets& o, const InnerStride<kUnit>& in,
                                  const int32_t* at, int64_t n, typename AccOf<scalar_t>::type* U) {
   using acc_t = typename AccOf<scalar_t>::type;
   constexpr int64_t kL = kPushLanes<acc_t>;
