@@ -219,15 +219,32 @@ struct InnerStride {
 
 // ---- sums over a run, planes four at a time --------------------------------
 // out[e] += sum over j in [s, t) of term(to_acc(x_e[j]) - m[e], j), for the
-// E planes x_e = x + e * plane. One sum per loop is a chain of dependent
-// vector adds (latency-bound: about 4 cycles per 8 pixels per plane); four
-// planes per loop run four chains side by side. Each plane's sum is formed
-// in the same order as alone, so the result does not depend on the grouping.
+// E planes x_e = x + e * plane. Each sum is kept in kSumLanes lanes (one
+// 32-byte vector), pixel j of the run in lane (j - s) % kSumLanes, and the
+// lanes are added pairwise at the end: an order fixed by the run alone. One
+// sum per loop is a chain of dependent vector adds (latency-bound: about 4
+// cycles per vector); four planes per loop run four chains side by side.
+// Each plane's sum is formed in the same order as alone, so the result does
+// not depend on the grouping. The lanes are plain arrays, not an OpenMP
+// reduction: GCC kept those reductions' lanes on the stack, a store per
+// sum per step.
+template <typename acc_t>
+constexpr int64_t kSumLanes = 32 / int64_t(sizeof(acc_t));
+
+template <typename acc_t>
+static inline acc_t lane_total(acc_t* a) {
+  for (int64_t w = kSumLanes<acc_t> / 2; w >= 1; w /= 2) {
+    for (int64_t u = 0; u < w; ++u) a[u] += a[u + w];
+  }
+  return a[0];
+}
+
 template <typename scalar_t, bool kUnit, typename Term>
 static inline void plane_sums(const scalar_t* x, int64_t plane, int64_t E, const InnerStride<kUnit>& in,
                               const typename AccOf<scalar_t>::type* m, int64_t s, int64_t t,
                               typename AccOf<scalar_t>::type* out, Term term) {
   using acc_t = typename AccOf<scalar_t>::type;
+  constexpr int64_t V = kSumLanes<acc_t>;
   int64_t e = 0;
   for (; e + 4 <= E; e += 4) {
     const scalar_t* x0 = x + e * plane;
@@ -235,26 +252,39 @@ static inline void plane_sums(const scalar_t* x, int64_t plane, int64_t E, const
     const scalar_t* x2 = x1 + plane;
     const scalar_t* x3 = x2 + plane;
     const acc_t m0 = m[e], m1 = m[e + 1], m2 = m[e + 2], m3 = m[e + 3];
-    acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-    for (int64_t j = s; j < t; ++j) {
-      a0 += term(to_acc(x0[j * in.xs()]) - m0, j);
-      a1 += term(to_acc(x1[j * in.xs()]) - m1, j);
-      a2 += term(to_acc(x2[j * in.xs()]) - m2, j);
-      a3 += term(to_acc(x3[j * in.xs()]) - m3, j);
+    acc_t a0[V] = {}, a1[V] = {}, a2[V] = {}, a3[V] = {};
+    int64_t j = s;
+    for (; j + V <= t; j += V) {
+#pragma omp simd
+      for (int64_t u = 0; u < V; ++u) {
+        a0[u] += term(to_acc(x0[(j + u) * in.xs()]) - m0, j + u);
+        a1[u] += term(to_acc(x1[(j + u) * in.xs()]) - m1, j + u);
+        a2[u] += term(to_acc(x2[(j + u) * in.xs()]) - m2, j + u);
+        a3[u] += term(to_acc(x3[(j + u) * in.xs()]) - m3, j + u);
+      }
     }
-    out[e] += a0;
-    out[e + 1] += a1;
-    out[e + 2] += a2;
-    out[e + 3] += a3;
+    for (int64_t u = 0; j < t; ++j, ++u) {
+      a0[u] += term(to_acc(x0[j * in.xs()]) - m0, j);
+      a1[u] += term(to_acc(x1[j * in.xs()]) - m1, j);
+      a2[u] += term(to_acc(x2[j * in.xs()]) - m2, j);
+      a3[u] += term(to_acc(x3[j * in.xs()]) - m3, j);
+    }
+    out[e] += lane_total(a0);
+    out[e + 1] += lane_total(a1);
+    out[e + 2] += lane_total(a2);
+    out[e + 3] += lane_total(a3);
   }
   for (; e < E; ++e) {
     const scalar_t* xe = x + e * plane;
     const acc_t me = m[e];
-    acc_t a = 0;
-#pragma omp simd reduction(+ : a)
-    for (int64_t j = s; j < t; ++j) a += term(to_acc(xe[j * in.xs()]) - me, j);
-    out[e] += a;
+    acc_t a[V] = {};
+    int64_t j = s;
+    for (; j + V <= t; j += V) {
+#pragma omp simd
+      for (int64_t u = 0; u < V; ++u) a[u] += term(to_acc(xe[(j + u) * in.xs()]) - me, j + u);
+    }
+    for (int64_t u = 0; j < t; ++j, ++u) a[u] += term(to_acc(xe[j * in.xs()]) - me, j);
+    out[e] += lane_total(a);
   }
 }
 
