@@ -119,6 +119,13 @@ struct SlotRun {
 
 // Labels compared per step of run_end (bytes): 4 AVX2 compares, one branch.
 constexpr int64_t kRunScanBytes = 128;
+// How far ahead (bytes) the label scan prefetches: the hardware's stream
+// prefetcher stops at each 4 KiB page. The address is formed as an integer
+// (it may lie past the labels' end, where a prefetch does nothing).
+constexpr int64_t kLabelAhead = 4096;
+static inline void prefetch_ahead(const void* p, int64_t bytes) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)));
+}
 
 // The end of a run of label v that goes on at position j: the first j' >= j
 // with lab[j'] != v, or len. Labels come in long runs (instances are
@@ -130,6 +137,8 @@ static inline int64_t run_end(const label_t* lab, int64_t stride, int64_t j, int
   if (kUnit) {
     constexpr int64_t kW = kRunScanBytes / int64_t(sizeof(label_t));
     while (j + kW <= len) {
+      prefetch_ahead(lab + j, kLabelAhead);
+      prefetch_ahead(lab + j, kLabelAhead + 64);
       int differ = 0;
 #pragma omp simd reduction(| : differ)
       for (int64_t u = 0; u < kW; ++u) differ |= int(lab[j + u] != v);
@@ -146,6 +155,7 @@ static inline int64_t run_end(const label_t* lab, int64_t stride, int64_t j, int
 template <bool kUnit, typename label_t, typename Fn>
 static inline void for_each_label_run(const label_t* lab, int64_t stride, int64_t len, Fn&& fn) {
   for (int64_t s = 0; s < len;) {
+    if (kUnit) prefetch_ahead(lab + s, kLabelAhead);
     const label_t v = lab[kUnit ? s : s * stride];
     const int64_t t = run_end<kUnit>(lab, stride, s + 1, len, v);
     fn(s, t, int64_t(v));
