@@ -1114,12 +1114,21 @@ static inline int64_t outside_identity(const label_t* lab, int64_t n, int64_t st
   const int64_t K = c.num_slots;
   const bool has_ignore = c.has_ignore;
   const int64_t ignore = c.ignore_index;
+  const auto out_of_identity = [&](int64_t v) {
+    return int64_t(!((v >= 0) & (v < K)) & !(has_ignore & (v == ignore)));
+  };
   int64_t outside = 0;
+  int64_t j = 0;
+  if (kUnit) {  // a line of labels per step, the line kLabelAhead bytes on prefetched
+    constexpr int64_t kW = 64 / int64_t(sizeof(label_t));
+    for (; j + kW <= n; j += kW) {
+      prefetch_ahead(lab + j, kLabelAhead);
 #pragma omp simd reduction(| : outside)
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t v = int64_t(lab[kUnit ? j : j * stride]);
-    outside |= int64_t(!((v >= 0) & (v < K)) & !(has_ignore & (v == ignore)));
+      for (int64_t u = 0; u < kW; ++u) outside |= out_of_identity(int64_t(lab[j + u]));
+    }
   }
+#pragma omp simd reduction(| : outside)
+  for (int64_t i = j; i < n; ++i) outside |= out_of_identity(int64_t(lab[kUnit ? i : i * stride]));
   return outside;
 }
 
