@@ -219,11 +219,12 @@ def test_refine_on_the_benchmarks_touching_image(fused):
     from discloss.data import ScatteredSticks
 
     pytest.importorskip("scipy")  # touching_embeddings' distance transforms
+    saved = list(sys.path)  # cluster_hard adds the benchmarks folder too
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     try:
         from cluster_hard import HELD_OUT_SEED, ROBUST, touching_embeddings
     finally:
-        sys.path.pop(0)
+        sys.path[:] = saved
     batch = ScatteredSticks(length=10, image_size=128, num_sticks=(8, 8), seed=HELD_OUT_SEED).batch(range(10))
     embeddings = touching_embeddings(batch.labels, 8, DELTA_V, 1.5, seed=0)[1:2]
     foreground, truth = batch.foreground[1:2], batch.labels[1:2]

@@ -1,7 +1,8 @@
 // cluster_embeddings' parallel search (discloss/cluster.py, search="parallel") on CPU, fused: density
 // peaks, mean shift of every peak, filing of the modes, nearest assignment with one Lloyd step, the
-// neighbour vote, the split of instances that hold two fine modes (split_instances) and the
-// numbering, one image at a time in plain loops. The torch-op path in cluster.py does the same in
+// neighbour vote, the split of instances that hold two fine modes (split_instances), the quick-shift
+// refinement with its image vote (refine="quickshift") and the numbering, one image at a time in
+// plain loops. The torch-op path in cluster.py does the same in
 // about 600 small operations, whose dispatch (~9 us each) costs more than their arithmetic on one
 // image; it stays the path for CUDA tensors and the reference the tests hold this one to. Each step
 // below is that of the function of the same name there, with the same formulas (the expanded window
@@ -702,7 +703,8 @@ void follow_quick_shift(const Image<scalar_t>& im, const SearchPoints<scalar_t>&
     for (int64_t k = 0; k < k_count; ++k) {
       if (group_start[k] == group_start[k + 1]) continue;
       const double centre = distance(x, means[k]);
-      const auto first = std::lower_bound(key.begin() + group_start[k], key.begin() + group_start[k + 1], centre - reach);
+      const auto first =
+          std::lower_bound(key.begin() + group_start[k], key.begin() + group_start[k + 1], centre - reach);
       const auto last = std::upper_bound(first, key.begin() + group_start[k + 1], centre + reach);
       if (first < last) runs.emplace_back(first - key.begin(), last - key.begin());
     }
