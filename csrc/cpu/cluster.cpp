@@ -623,14 +623,13 @@ void split_instances(const Image<scalar_t>& im, const SearchConfig<scalar_t>& c,
 // points within the density radius), its parent (the nearest searched point within the link radius
 // with a strictly higher density; ties: the lower index) and, in descending density, the parent's
 // slot. Without a (points x points) table: the searched points are sorted by slot, then by their
-// distance to their slot's mean, so that those within reach (the link radius plus the density
-// radius, with a margin for rounding) of an ambiguous point lie in one run per slot (the triangle
-// inequality: |d(r, mean) - d(a, mean)| <= d(a, r)), mostly those of the two instances it lies
-// between. A searched point's density is counted only when it is a candidate parent, nearest first
-// until a denser one turns up (the torch path counts them all; the parents are the same), over the
-// asking point's runs, which hold its whole density window. Every count is the window test of
-// mean_shift with the same arithmetic per pair in the same order, so a point's count does not
-// depend on the runs passed over.
+// distance to their slot's mean, so that those within a reach of a point lie in one run per slot
+// (the triangle inequality: |d(r, mean) - d(x, mean)| <= d(x, r); a 1% margin for rounding): for an
+// ambiguous point the link radius, mostly the two instances it lies between; for a candidate
+// parent the density radius. A searched point's density is counted only when it is a candidate
+// parent, nearest first until a denser one turns up (the torch path counts them all; the parents
+// are the same). Every count is the window test of mean_shift with the same arithmetic per pair in
+// the same order, so a point's count does not depend on the runs passed over.
 template <typename scalar_t>
 void follow_quick_shift(const Image<scalar_t>& im, const SearchPoints<scalar_t>& sp, const SearchConfig<scalar_t>& c,
                         const std::vector<std::vector<scalar_t>>& means, const std::vector<int64_t>& asking,
@@ -668,37 +667,9 @@ void follow_quick_shift(const Image<scalar_t>& im, const SearchPoints<scalar_t>&
     ++group_start[slot[sp.index[r]] + 1];
   }
   for (int64_t k = 0; k < k_count; ++k) group_start[k + 1] += group_start[k];
-  const double reach =
-      (std::sqrt(static_cast<double>(c.refine_link_sq)) + std::sqrt(static_cast<double>(c.refine_density_sq))) * 1.01 +
-      1e-3;
-  // The count of the sorted points within the density radius of point x over the runs, the window
-  // test of mean_shift: 2 x.r - |r|^2 >= |x|^2 - radius^2.
-  std::vector<std::pair<int64_t, int64_t>> runs;
-  std::vector<scalar_t> inside(n);
-  auto closeness_over_runs = [&](const scalar_t* x) {
-    for (const auto& [first, last] : runs) {
-      std::copy(minus_squared.begin() + first, minus_squared.begin() + last, inside.begin() + first);
-      for (int64_t e = 0; e < c.dim; ++e) {
-        const scalar_t xe = x[e];
-        const scalar_t* column = doubled.data() + e * n;
-        for (int64_t i = first; i < last; ++i) inside[i] += xe * column[i];
-      }
-    }
-  };
-  auto count_over_runs = [&](scalar_t limit) {
-    int64_t count = 0;
-    for (const auto& [first, last] : runs)
-      for (int64_t i = first; i < last; ++i) count += inside[i] >= limit;
-    return count;
-  };
-  std::vector<scalar_t> candidate_inside(n);
-  std::vector<int64_t> searched_density(n, -1);  // per sorted point, -1: not counted yet
-  const int64_t a_count = static_cast<int64_t>(asking.size());
-  std::vector<int64_t> density(a_count), parent(a_count, -1);
-  std::vector<std::pair<scalar_t, int64_t>> candidates;  // (-closeness, point), nearest first, then the lower index
-  std::vector<int64_t> candidate_at;
-  for (int64_t a = 0; a < a_count; ++a) {
-    const scalar_t* x = im.row(asking[a], c.dim);
+  // The runs of the sorted points that may lie within `reach` of x (a 1% margin for rounding).
+  auto runs_within = [&](const scalar_t* x, double reach, std::vector<std::pair<int64_t, int64_t>>& runs) {
+    reach = reach * 1.01 + 1e-3;
     runs.clear();
     for (int64_t k = 0; k < k_count; ++k) {
       if (group_start[k] == group_start[k + 1]) continue;
@@ -708,14 +679,45 @@ void follow_quick_shift(const Image<scalar_t>& im, const SearchPoints<scalar_t>&
       const auto last = std::upper_bound(first, key.begin() + group_start[k + 1], centre + reach);
       if (first < last) runs.emplace_back(first - key.begin(), last - key.begin());
     }
-    closeness_over_runs(x);
-    density[a] = count_over_runs(im.squared[asking[a]] - c.refine_density_sq);
+  };
+  // 2 x.r - |r|^2 (= |x|^2 - |x - r|^2) of x to the sorted points of the runs, into `out` at their
+  // places: the window test of mean_shift, the same arithmetic per pair whatever the runs.
+  auto closeness_over = [&](const scalar_t* x, const std::vector<std::pair<int64_t, int64_t>>& runs,
+                            std::vector<scalar_t>& out) {
+    for (const auto& [first, last] : runs) {
+      std::copy(minus_squared.begin() + first, minus_squared.begin() + last, out.begin() + first);
+      for (int64_t e = 0; e < c.dim; ++e) {
+        const scalar_t xe = x[e];
+        const scalar_t* column = doubled.data() + e * n;
+        for (int64_t i = first; i < last; ++i) out[i] += xe * column[i];
+      }
+    }
+  };
+  auto count_over = [&](const std::vector<std::pair<int64_t, int64_t>>& runs, const std::vector<scalar_t>& values,
+                        scalar_t limit) {
+    int64_t count = 0;
+    for (const auto& [first, last] : runs)
+      for (int64_t i = first; i < last; ++i) count += values[i] >= limit;
+    return count;
+  };
+  const double link = std::sqrt(static_cast<double>(c.refine_link_sq));
+  const double radius = std::sqrt(static_cast<double>(c.refine_density_sq));
+  std::vector<std::pair<int64_t, int64_t>> runs, candidate_runs;
+  std::vector<scalar_t> inside(n), candidate_inside(n);
+  std::vector<int64_t> searched_density(n, -1);  // per sorted point, -1: not counted yet
+  const int64_t a_count = static_cast<int64_t>(asking.size());
+  std::vector<int64_t> density(a_count), parent(a_count, -1);
+  std::vector<std::pair<scalar_t, int64_t>> candidates;  // (-closeness, point * n + place): nearest, then lower index
+  for (int64_t a = 0; a < a_count; ++a) {
+    const scalar_t* x = im.row(asking[a], c.dim);
+    runs_within(x, std::max(link, radius), runs);
+    closeness_over(x, runs, inside);
+    density[a] = count_over(runs, inside, im.squared[asking[a]] - c.refine_density_sq);
     const scalar_t link_limit = im.squared[asking[a]] - c.refine_link_sq;
     candidates.clear();
     for (const auto& [first, last] : runs)
       for (int64_t i = first; i < last; ++i)
-        if (inside[i] >= link_limit) candidates.emplace_back(-inside[i], i);
-    for (auto& candidate : candidates) candidate.second = point[candidate.second] * n + candidate.second;
+        if (inside[i] >= link_limit) candidates.emplace_back(-inside[i], point[i] * n + i);
     // Nearest first: most ambiguous points find a denser one among their few nearest.
     const size_t head = std::min<size_t>(candidates.size(), 16);
     std::partial_sort(candidates.begin(), candidates.begin() + head, candidates.end());
@@ -723,10 +725,10 @@ void follow_quick_shift(const Image<scalar_t>& im, const SearchPoints<scalar_t>&
       if (index == head) std::sort(candidates.begin() + head, candidates.end());
       const int64_t i = candidates[index].second % n;
       if (searched_density[i] < 0) {
-        std::swap(inside, candidate_inside);
-        closeness_over_runs(im.row(point[i], c.dim));
-        searched_density[i] = count_over_runs(im.squared[point[i]] - c.refine_density_sq);
-        std::swap(inside, candidate_inside);
+        const scalar_t* y = im.row(point[i], c.dim);
+        runs_within(y, radius, candidate_runs);
+        closeness_over(y, candidate_runs, candidate_inside);
+        searched_density[i] = count_over(candidate_runs, candidate_inside, im.squared[point[i]] - c.refine_density_sq);
       }
       if (searched_density[i] > density[a]) {
         parent[a] = point[i];
