@@ -1437,8 +1437,8 @@ def cluster_embeddings(
             image neighbours and keeps it. It replaces ``neighbour_vote``
             (the benchmark's robust setting has ``neighbour_vote=0`` with
             it). Costs O(ambiguous pixels x searched pixels near them): on
-            CPU 0.6-0.9 ms per 128 x 128 image of the benchmark's sets,
-            about what the neighbour vote costs.
+            CPU 0.3-0.7 ms per 128 x 128 image of the benchmark's sets,
+            less than the neighbour vote (0.7-1.7 ms).
 
     Returns:
         labels: (B, *spatial) int64, 0 for background, 1..L_b for the
