@@ -7,8 +7,10 @@ Scores the network as ``python -m discloss.demo`` does at the end of its
 training (its predicted foreground, the held-out images, mean SBD and |DiC|)
 for each of the demo's clusterings (``discloss.demo.evaluation.SEED_MODES``;
 "robust" is ``ROBUST_OPTIONS``, the sequential search) and for the robust
-clustering with the parallel search, without and with ``split_instances``
-(the benchmark's robust row, cluster_hard.py).
+clustering with the parallel search, without and with ``split_instances``,
+and with ``split_instances`` and ``refine="quickshift"`` instead of the
+neighbour vote (the benchmark's robust row, cluster_hard.py; it uses the
+image layout).
 Options after the checkpoint are the demo's (``--image-size``, ``--sticks``,
 ``--eval-images``...); they must describe the set the network was trained on.
 Appends a table to benchmarks/results/cpu/cluster_demo_eval.md with --write.
@@ -27,6 +29,7 @@ from discloss.demo.cli import HELD_OUT_SEED, make_dataset, parse_args
 
 PARALLEL = "robust, parallel search"
 SPLIT = "robust, parallel search, split"
+QUICKSHIFT = "robust, parallel search, split, quickshift"
 
 
 def main(argv=None) -> int:
@@ -49,11 +52,14 @@ def main(argv=None) -> int:
             return dict(evaluation.ROBUST_OPTIONS, search="parallel")
         if mode == SPLIT:
             return dict(evaluation.ROBUST_OPTIONS, search="parallel", split_instances=True)
+        if mode == QUICKSHIFT:
+            return dict(evaluation.ROBUST_OPTIONS, search="parallel", split_instances=True, neighbour_vote=0,
+                        refine="quickshift")
         return seed_options(mode, seediness, arguments)
 
     evaluation._seed_options = options
     try:
-        modes = evaluation.SEED_MODES + (PARALLEL, SPLIT)
+        modes = evaluation.SEED_MODES + (PARALLEL, SPLIT, QUICKSHIFT)
         scores = evaluation.evaluate(model, held_out, args, torch.device("cpu"), modes)
     finally:
         evaluation._seed_options = seed_options

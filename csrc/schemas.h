@@ -64,13 +64,17 @@ inline void define_ops(torch::Library& m) {
   // float32 (instance k of image b at column k - 1, zero past its count) and num_instances (B,).
   // split_radius_sq > 0: split_instances (cluster.py's _split_instances) with that fine window, the
   // least count ratio, sample size and confidence of its constants; 0 (the default): no split.
+  // refine_density_sq > 0: refine="quickshift" (cluster.py's _refine_quickshift) with that density
+  // radius and the link radius refine_link_sq; pixel (M,) int64 each point's flat index in its image
+  // of shape spatial (checked); 0 (the default): no refinement.
   m.def(
       "cluster_parallel(Tensor points, Tensor points_per_image, Tensor priority, Tensor rank, int search_points, "
       "int density_samples, int most_seeds, int min_density, int mean_shift_steps, int max_instances, int min_size, "
       "int neighbour_vote, bool join_density, float bandwidth_sq, float merge_sq, float delta_v, float peak_radius, "
       "float satellite_ratio, float bridge_ratio, float ambiguous_ratio, float valley_ratio, float valley_radius_sq, "
       "float valley_count_ratio, float split_radius_sq=0.0, float split_count_ratio=0.3, int split_samples=256, "
-      "float split_confidence=0.5) "
+      "float split_confidence=0.5, float refine_density_sq=0.0, float refine_link_sq=0.0, Tensor? pixel=None, "
+      "int[] spatial=[]) "
       "-> (Tensor ids, Tensor scores, Tensor num_instances)");
 }
 

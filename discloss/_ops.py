@@ -145,8 +145,8 @@ def _cluster_parallel_fake(points, points_per_image, priority, rank, search_poin
                            bandwidth_sq, merge_sq, delta_v, peak_radius, satellite_ratio, bridge_ratio,
                            ambiguous_ratio, valley_ratio, valley_radius_sq, valley_count_ratio, split_radius_sq=0.0,
                            split_count_ratio=0.3, split_samples=256,
-                           split_confidence=0.5):
-    _check_devices(points, points_per_image=points_per_image, priority=priority, rank=rank)
+                           split_confidence=0.5, refine_density_sq=0.0, refine_link_sq=0.0, pixel=None, spatial=()):
+    _check_devices(points, points_per_image=points_per_image, priority=priority, rank=rank, pixel=pixel)
     B = points_per_image.shape[0]
     return (points.new_empty((points.shape[0],), dtype=torch.int64),
             points.new_empty((B, max_instances), dtype=torch.float32),

@@ -23,6 +23,8 @@ of a much denser mode, or lie on a bridge between two, join them) and
 ``assign="nearest"`` (every pixel to its nearest mode, then one Lloyd step;
 ``neighbour_vote``: ambiguous pixels take their neighbours' instance)
 address this; ``mode_points`` searches the modes on a sample of each image.
+``refine="quickshift"`` then lets the ambiguous pixels follow the density to
+their instance's core, and the image layout vote on those that moved.
 """
 
 from __future__ import annotations
@@ -90,6 +92,13 @@ _SPLIT_SAMPLES = 256
 # mean; the centre of two merged instances lies between them, where few of their pixels do (at
 # most 0.29 of the instances split on the hard benchmark's networks, 0.18-0.7 of the rest).
 _SPLIT_CONFIDENCE = 0.5
+# refine="quickshift": each ambiguous point (as for neighbour_vote, against the instances' means)
+# links to the nearest searched point within _LINK_RADIUS * delta_v that has more searched points
+# within _DENSITY_RADIUS * delta_v than itself, and takes its instance (quick shift: Vedaldi and
+# Soatto 2008); then each point whose instance changed takes the instance most common in its 3^d
+# image window. The radii are those of the prototype measured in benchmarks/NOTES.md (issue 18).
+_DENSITY_RADIUS = 1.0
+_LINK_RADIUS = 2.0
 # search="parallel" on CPU tensors: the fused C++ op (discloss::cluster_parallel) instead of the
 # torch-op path, which stays for CUDA tensors and as the reference the tests compare it with.
 _FUSED_CPU_SEARCH = True
@@ -760,6 +769,19 @@ def _nearest_of(closeness):
     return torch.where(torch.isfinite(best), nearest, torch.full_like(nearest, -1))
 
 
+def _ambiguous(points, closeness):
+    """(M,) bool: the point's nearest centre is not clearly nearer than the second (distance ratio >=
+    _AMBIGUOUS_RATIO). ``closeness`` (M, K) as _closeness, -inf at the centres not counted; a point
+    with fewer than two centres is never ambiguous."""
+    # The two largest per row: two maxima are several times faster on CPU than topk.
+    best, nearest = closeness.max(dim=1)
+    second = closeness.scatter(1, nearest.unsqueeze(1), -torch.inf).amax(dim=1)
+    squared = (points * points).sum(dim=1)
+    nearest_sq = squared - best
+    second_sq = squared - second
+    return (nearest_sq >= _AMBIGUOUS_RATIO ** 2 * second_sq) & torch.isfinite(second_sq)
+
+
 def _neighbour_vote(points, image, points_per_image, slot_of_point, centres, kept, reference, neighbours,
                     closeness=None):
     """Ambiguous points take the most common instance among their nearest reference points, twice.
@@ -782,14 +804,7 @@ def _neighbour_vote(points, image, points_per_image, slot_of_point, centres, kep
         closeness = _closeness(points, image, points_per_image, centres, kept)
     else:
         closeness = closeness.masked_fill(~_per_point(kept, image), -torch.inf)
-    # The two largest per row: two maxima are several times faster on CPU than topk.
-    best, nearest = closeness.max(dim=1)
-    second = closeness.scatter(1, nearest.unsqueeze(1), -torch.inf).amax(dim=1)
-    squared = (points * points).sum(dim=1)
-    nearest_sq = squared - best
-    second_sq = squared - second
-    ambiguous = (nearest_sq >= _AMBIGUOUS_RATIO ** 2 * second_sq) & torch.isfinite(second_sq) & (capacity > 1)
-    which = ambiguous.nonzero(as_tuple=True)[0]  # one synchronisation
+    which = _ambiguous(points, closeness).nonzero(as_tuple=True)[0]  # one synchronisation
     if which.numel() == 0:
         return slot_of_point, kept
     reference_index = reference.nonzero(as_tuple=True)[0]
@@ -1020,6 +1035,176 @@ def _split_instances(points, image, points_per_image, slot_of_point, kept, centr
     return slot_of_point, kept, wide
 
 
+def _instance_means(points, image, slot_of_point, batch, capacity):
+    """The mean of each (image, slot)'s points, (B, capacity, E), zero where a slot has none; summed
+    in float64 (as csrc/cpu/cluster.cpp) so that both paths round the same means."""
+    has_slot = slot_of_point >= 0
+    segment = image * capacity + slot_of_point.clamp(min=0)
+    sums = _segment_sum(points.double() * has_slot.unsqueeze(1), segment, batch * capacity)
+    sizes = _slot_sizes(slot_of_point, image, capacity, batch).reshape(-1, 1)
+    return (sums / sizes.clamp(min=1)).to(points.dtype).reshape(batch, capacity, -1)
+
+
+def _quick_shift_links(points, image, points_per_image, asking, reference, density_sq, link_sq):
+    """The quick-shift links of the ``asking`` points (M,) bool among the ``reference`` points (M,) bool.
+
+    A point's density is the number of reference points of its image within sqrt(density_sq)
+    (itself included when it is one); an asking point's parent is the nearest reference point
+    within sqrt(link_sq) whose density is strictly higher (ties: the lower index), -1 when none.
+    Following parents climbs the density from a crowd of boundary points to its instance's core,
+    as single linkage does, where the nearest centre can split the crowd from its own instance.
+    Distances as the window test of _mean_shift_many: 2 x.r - |r|^2 >= |x|^2 - radius^2, from
+    padded batched products of the rows (asking or reference points) with the reference points,
+    in chunks of rows. Returns (density (M,) float, -1 at points neither asking nor reference;
+    parent (M,) long, -1 where none or not asking); three host synchronisations size the tables.
+    """
+    batch = points_per_image.shape[0]
+    device = points.device
+    ref_index = reference.nonzero(as_tuple=True)[0]  # one synchronisation
+    ref_image = image.index_select(0, ref_index)
+    ref_count = torch.bincount(ref_image, minlength=batch)
+    most_ref = int(ref_count.max())  # one synchronisation
+    ref_points = points.index_select(0, ref_index)
+    # [2 r, -|r|^2]; a padding column [0, -inf] is never within a radius.
+    columns = _padded(torch.cat([2.0 * ref_points, -(ref_points * ref_points).sum(dim=1, keepdim=True)], dim=1),
+                      ref_image, ref_count, most_ref)
+    padding = torch.arange(most_ref, device=device).unsqueeze(0) >= ref_count.unsqueeze(1)
+    columns[..., -1].masked_fill_(padding, -torch.inf)
+    columns = columns.transpose(1, 2)
+    global_index = _padded(ref_index, ref_image, ref_count, most_ref)
+    squared = (points * points).sum(dim=1)
+
+    def table_rows(which):
+        """The rows of the points ``which`` (grouped by image): padded [x, 1], their |x|^2 and where
+        each point lies among them."""
+        row_image = image.index_select(0, which)
+        row_count = torch.bincount(row_image, minlength=batch)
+        most_rows = int(row_count.max())  # one synchronisation
+        row_points = points.index_select(0, which)
+        rows = _padded(torch.cat([row_points, torch.ones_like(row_points[:, :1])], dim=1), row_image, row_count,
+                       most_rows)
+        row_squared = _padded(squared.index_select(0, which), row_image, row_count, most_rows).unsqueeze(2)
+        return rows, row_squared, row_image, _position_in_image(row_image, row_count)
+
+    step = max(1, _DENSITY_CHUNK // max(batch * most_ref, 1))  # rows per chunk of the tables
+    rows_index = (asking | reference).nonzero(as_tuple=True)[0]  # one synchronisation
+    rows, row_squared, row_image, row_position = table_rows(rows_index)
+    counts = points.new_zeros(batch, rows.shape[1])
+    for first in range(0, rows.shape[1], step):
+        closeness = torch.bmm(rows[:, first:first + step], columns)
+        counts[:, first:first + step] = (closeness >= row_squared[:, first:first + step] - density_sq).sum(dim=2)
+    density = torch.full_like(squared, -1.0)
+    density[rows_index] = _at(counts.unsqueeze(2), row_image, row_position).reshape(-1)
+    column_density = _padded(density.index_select(0, ref_index), ref_image, ref_count, most_ref)
+    column_density = column_density.masked_fill(padding, torch.inf).unsqueeze(1)  # padding: never denser
+
+    asking_index = asking.nonzero(as_tuple=True)[0]  # one synchronisation
+    parent = torch.full_like(image, -1)
+    if asking_index.numel() == 0:
+        return density, parent
+    rows, row_squared, row_image, row_position = table_rows(asking_index)
+    row_density = _padded(density.index_select(0, asking_index), row_image, torch.bincount(row_image, minlength=batch),
+                          rows.shape[1]).unsqueeze(2)
+    best = points.new_full((batch, rows.shape[1]), -torch.inf)
+    which = torch.zeros(batch, rows.shape[1], dtype=torch.long, device=device)
+    for first in range(0, rows.shape[1], step):
+        closeness = torch.bmm(rows[:, first:first + step], columns)
+        linked = (closeness >= row_squared[:, first:first + step] - link_sq) & (
+            column_density > row_density[:, first:first + step])
+        nearest = closeness.masked_fill(~linked, -torch.inf).max(dim=2)
+        best[:, first:first + step], which[:, first:first + step] = nearest.values, nearest.indices
+    found = torch.isfinite(_at(best.unsqueeze(2), row_image, row_position).reshape(-1))
+    chosen = _at(torch.gather(global_index, 1, which).unsqueeze(2), row_image, row_position).reshape(-1)
+    parent[asking_index] = torch.where(found, chosen, torch.full_like(chosen, -1))
+    return density, parent
+
+
+def _follow_parents(slot_of_point, parent):
+    """Each point with a parent takes the slot of the end of its chain of parents: the first point on it
+    without one. A parent is strictly denser than its child, so the chains have no cycle and this
+    equals passing the slots down in descending density, each point taking its parent's final
+    one. Pointer jumping: ceil(log2(M)) + 1 rounds of link = link[link], no host synchronisation."""
+    link = torch.where(parent >= 0, parent, torch.arange(parent.numel(), device=parent.device))
+    for _ in range(max(parent.numel() - 1, 1).bit_length() + 1):
+        link = link.index_select(0, link)
+    return slot_of_point.index_select(0, link)
+
+
+def _window_offsets(spatial, device):
+    """The flat offsets of the 3^d window around a pixel of an image padded by one pixel on each side
+    of each of its d spatial dims, (3^d,) long, and the padded image's strides."""
+    padded = [size + 2 for size in spatial]
+    strides = [1] * len(padded)
+    for axis in range(len(padded) - 2, -1, -1):
+        strides[axis] = strides[axis + 1] * padded[axis + 1]
+    offsets = torch.zeros(1, dtype=torch.long, device=device)
+    for stride in strides:
+        offsets = (offsets.unsqueeze(1) + stride * torch.arange(-1, 2, device=device)).flatten()
+    return offsets, strides
+
+
+def _image_vote(slot_of_point, changed, image, pixel, spatial, batch, capacity):
+    """Each ``changed`` point (M,) bool takes the slot most common among the foreground pixels of its
+    3^d image window (3 in 1-d, 3 x 3 in 2-d, 3 x 3 x 3 in 3-d; itself included), when one slot is
+    more common than every other; all points read the slots as given (``slot_of_point``, -1: none).
+    Pixels outside the image and background pixels do not vote. ``pixel`` (M,) is each point's flat
+    index in its image of shape ``spatial``.
+
+    Stray points, scattered among their own instance's pixels, are outvoted by their image
+    neighbours; a band of boundary pixels that moved together keeps its move.
+    """
+    which = changed.nonzero(as_tuple=True)[0]  # one synchronisation
+    if which.numel() == 0:
+        return slot_of_point
+    offsets, strides = _window_offsets(spatial, pixel.device)
+    padded_size = strides[0] * (spatial[0] + 2)
+    # Each point's flat index in its image padded by one pixel on every side.
+    where = torch.zeros_like(pixel)
+    rest = pixel
+    for axis in range(len(spatial) - 1, -1, -1):
+        where = where + (rest % spatial[axis] + 1) * strides[axis]
+        rest = rest // spatial[axis]
+    where = image * padded_size + where
+    grid = torch.zeros(batch * padded_size, dtype=torch.long, device=pixel.device)
+    grid[where] = slot_of_point + 1  # 0: background or no slot
+    window = grid[where.index_select(0, which).unsqueeze(1) + offsets]  # (C, 3^d)
+    votes = torch.zeros(which.numel(), capacity + 1, dtype=torch.long, device=pixel.device)
+    votes.scatter_add_(1, window, torch.ones_like(window))
+    votes[:, 0] = 0
+    most, winner = votes.max(dim=1)
+    single = (votes == most.unsqueeze(1)).sum(dim=1) == 1
+    decided = torch.where(single & (most > 0), winner - 1, slot_of_point.index_select(0, which))
+    return slot_of_point.index_copy(0, which, decided)
+
+
+def _refine_quickshift(points, image, points_per_image, slot_of_point, kept, reference, pixel, spatial, *,
+                       density_sq, link_sq):
+    """refine="quickshift": ambiguous points follow the density to their instance's core, then the
+    image layout votes on the points that moved.
+
+    Where instances touch, a network pulls a band of one instance's boundary pixels partway towards
+    the other's mean; the nearest centre (even the true means) gives that band to the wrong
+    instance, and so does a vote among its nearest embeddings (the band is a crowd of its own).
+    Here each ambiguous point (_ambiguous, against the means of the instances as they stand)
+    follows its quick-shift parents (_quick_shift_links among the ``reference`` points, the
+    searched ones) to a point that is not ambiguous or has no denser neighbour, and takes its
+    instance (_follow_parents). That also moves stray points that lie partway to another instance;
+    but those are scattered in the image among their own instance's pixels, while a pulled band
+    moves as a whole, so every point that moved then takes the instance most common in its 3^d
+    image window (_image_vote). Returns (slot_of_point, kept), kept without slots left empty.
+    """
+    batch, capacity = kept.shape
+    means = _instance_means(points, image, slot_of_point, batch, capacity)
+    closeness = _closeness(points, image, points_per_image, means, kept)
+    asking = _ambiguous(points, closeness)
+    _, parent = _quick_shift_links(points, image, points_per_image, asking, reference, density_sq, link_sq)
+    moved = _follow_parents(slot_of_point, parent)
+    changed = moved != slot_of_point
+    slot_of_point = _image_vote(moved, changed, image, pixel, spatial, batch, capacity)
+    kept = kept & (_slot_sizes(slot_of_point, image, capacity, batch) > 0)
+    return slot_of_point, kept
+
+
 def _join_nearest(points, image, centres, kept, slot_of_point):
     """Points with slot -1 join the nearest kept centre of their image (-1 if it has none)."""
     orphans = (slot_of_point < 0).nonzero(as_tuple=True)[0]  # one synchronisation
@@ -1075,6 +1260,7 @@ def cluster_embeddings(
     neighbour_vote: int = 0,
     search: str = "sequential",
     split_instances: bool = False,
+    refine: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cluster pixel embeddings into instances, batched, on any device.
 
@@ -1227,6 +1413,32 @@ def cluster_embeddings(
             the two; clouds of stray pixels and crowds of boundary pixels
             hold less than 0.3 of their instance's densest fine window.
             Adds about 0.3 ms per 128 x 128 image on CPU.
+        refine: None, or "quickshift" (needs ``search="parallel"``; uses the
+            image layout): after the assignment, the vote and the split, each
+            ambiguous pixel (its nearest instance mean not clearly nearer than
+            the second: distance ratio >= 0.6, the means of the instances as
+            they stand) follows quick-shift links (Vedaldi and Soatto 2008):
+            to the nearest searched pixel within 2 * delta_v whose window of
+            radius delta_v holds strictly more searched pixels than its own
+            (ties: the lower index), and from there on while the pixel
+            reached is ambiguous too, and takes the instance of the pixel
+            where its chain ends. Then each pixel whose instance changed takes
+            the instance most common among the foreground pixels of its 3^d
+            image window (3 pixels in 1-d, 3 x 3 in 2-d, 3 x 3 x 3 in 3-d;
+            itself included; pixels outside the image do not vote), when one
+            is more common than every other. Where instances touch, a network
+            pulls a band of one instance's boundary pixels partway towards
+            the other's mean: nearest-centre assignment (and a vote among
+            nearest embeddings) gives the band to the other instance, while
+            the density leads it back to its own core. Stray pixels partway
+            to another instance follow the density the wrong way too, but
+            they lie scattered among their own instance's pixels in the
+            image, whose vote undoes their move; a band moves with its
+            image neighbours and keeps it. It replaces ``neighbour_vote``
+            (the benchmark's robust setting has ``neighbour_vote=0`` with
+            it). Costs O(ambiguous pixels x searched pixels near them): on
+            CPU 0.3-0.7 ms per 128 x 128 image of the benchmark's sets,
+            less than the neighbour vote (0.7-1.7 ms).
 
     Returns:
         labels: (B, *spatial) int64, 0 for background, 1..L_b for the
@@ -1276,6 +1488,10 @@ def cluster_embeddings(
         raise TypeError(f"split_instances: expected a bool, got {split_instances!r}")
     if split_instances and search != "parallel":
         raise ValueError("split_instances: needs search='parallel'")
+    if refine not in (None, "quickshift"):
+        raise ValueError(f"refine: expected None or 'quickshift', got {refine!r}")
+    if refine is not None and search != "parallel":
+        raise ValueError("refine: needs search='parallel'")
     # Inference mode skips autograd's bookkeeping on every op (about 10% of a small image's
     # time on CPU); the results are cloned outside it so that callers may modify them in place.
     with torch.inference_mode():
@@ -1284,13 +1500,13 @@ def cluster_embeddings(
             threshold=threshold, mean_shift_steps=mean_shift_steps, max_iterations=max_iterations, seed=seed,
             seed_scores=seed_scores, min_seed_score=min_seed_score, density_seeds=density_seeds, join=join,
             assign=assign, mode_points=mode_points, neighbour_vote=neighbour_vote, search=search,
-            split_instances=split_instances)
+            split_instances=split_instances, refine=refine)
     return labels.clone(), scores.clone()
 
 
 def _cluster(embeddings, foreground, *, delta_v, delta_d, min_size, bandwidth, threshold, mean_shift_steps,
              max_iterations, seed, seed_scores, min_seed_score, density_seeds, join, assign, mode_points,
-             neighbour_vote, search, split_instances):
+             neighbour_vote, search, split_instances, refine):
     """The body of cluster_embeddings, its arguments checked."""
     batch, dim = embeddings.shape[:2]
     spatial = tuple(embeddings.shape[2:])
@@ -1308,6 +1524,8 @@ def _cluster(embeddings, foreground, *, delta_v, delta_d, min_size, bandwidth, t
     priority = _seed_priority(pixel, seed)
     point_priority = priority
     split_radius_sq = (_SPLIT_RADIUS * float(delta_v)) ** 2 if split_instances else 0.0
+    refine_density_sq = (_DENSITY_RADIUS * float(delta_v)) ** 2 if refine == "quickshift" else 0.0
+    refine_link_sq = (_LINK_RADIUS * float(delta_v)) ** 2
     score = None
     if seed_scores is not None:
         # Compared as given (no rounding to float32 that could make ties).
@@ -1325,7 +1543,8 @@ def _cluster(embeddings, foreground, *, delta_v, delta_d, min_size, bandwidth, t
             max(min_size, 1), mean_shift_steps, max_iterations, min_size, neighbour_vote, join == "density",
             bandwidth_sq, float(delta_d) ** 2, float(delta_v), _PEAK_RADIUS, _SATELLITE_RATIO, _BRIDGE_RATIO,
             _AMBIGUOUS_RATIO, _VALLEY_RATIO, (_VALLEY_RADIUS * float(delta_v)) ** 2, _VALLEY_COUNT_RATIO,
-            split_radius_sq, _SPLIT_COUNT_RATIO, _SPLIT_SAMPLES, _SPLIT_CONFIDENCE)
+            split_radius_sq, _SPLIT_COUNT_RATIO, _SPLIT_SAMPLES, _SPLIT_CONFIDENCE, refine_density_sq, refine_link_sq,
+            pixel if refine is not None else None, list(spatial))
         labels_flat.view(-1).index_copy_(0, image * labels_flat.shape[1] + pixel, ids)
         return labels_flat.reshape((batch,) + spatial), scores[:, :int(num_instances.max())]  # one synchronisation
     # The modes are searched on all points, or on a sample of each image's
@@ -1384,6 +1603,10 @@ def _cluster(embeddings, foreground, *, delta_v, delta_d, min_size, bandwidth, t
                 radius_sq=split_radius_sq, least=max(min_size, 1), steps=mean_shift_steps,
                 most_seeds=2 * max_iterations, capacity=max_iterations, apart_sq=float(delta_v) ** 2,
                 delta_v_sq=float(delta_v) ** 2)
+        if refine == "quickshift":
+            slot_of_point, kept = _refine_quickshift(points, image, points_per_image, slot_of_point, kept, searched,
+                                                     pixel, spatial, density_sq=refine_density_sq,
+                                                     link_sq=refine_link_sq)
     ids, scores = _number_instances(slot_of_point, image, points, centres, kept, delta_v)
     labels_flat.view(-1).index_copy_(0, image * labels_flat.shape[1] + pixel, ids)
     return labels_flat.reshape((batch,) + spatial), scores

@@ -1,7 +1,8 @@
 // cluster_embeddings' parallel search (discloss/cluster.py, search="parallel") on CPU, fused: density
 // peaks, mean shift of every peak, filing of the modes, nearest assignment with one Lloyd step, the
-// neighbour vote, the split of instances that hold two fine modes (split_instances) and the
-// numbering, one image at a time in plain loops. The torch-op path in cluster.py does the same in
+// neighbour vote, the split of instances that hold two fine modes (split_instances), the quick-shift
+// refinement with its image vote (refine="quickshift") and the numbering, one image at a time in
+// plain loops. The torch-op path in cluster.py does the same in
 // about 600 small operations, whose dispatch (~9 us each) costs more than their arithmetic on one
 // image; it stays the path for CUDA tensors and the reference the tests hold this one to. Each step
 // below is that of the function of the same name there, with the same formulas (the expanded window
@@ -16,6 +17,7 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -31,7 +33,10 @@ struct SearchConfig {
   bool join_density;
   scalar_t min_density, bandwidth_sq, peak_threshold, merge_sq, satellite_sq, satellite_ratio, bridge_ratio,
       ambiguous_sq, delta_v_sq, valley_ratio, valley_radius_sq, valley_count_ratio, split_radius_sq,
-      split_peak_threshold, split_count_ratio, split_confidence;
+      split_peak_threshold, split_count_ratio, split_confidence, refine_density_sq, refine_link_sq;
+  // refine="quickshift" (refine_density_sq > 0): each point's flat pixel index in its image, of
+  // shape `spatial`.
+  std::vector<int64_t> spatial;
 };
 
 // One image's points (n x dim, row-major, grouped by image in cluster.py) and their squared norms.
@@ -42,6 +47,7 @@ struct Image {
   const int64_t* rank;
   int64_t n;
   std::vector<scalar_t> squared;
+  const int64_t* pixel = nullptr;  // refine="quickshift" only: each point's flat index in the image
   const scalar_t* row(int64_t i, int64_t dim) const { return x + i * dim; }
 };
 
@@ -346,13 +352,12 @@ void assign_to_nearest(const Image<scalar_t>& im, const SearchConfig<scalar_t>& 
   for (int64_t k = 0; k < k_count; ++k) kept[k] = kept[k] && moved[k] > 0;
 }
 
-// _neighbour_vote: a point whose nearest kept centre is not clearly nearer than the second
-// (squared ratio >= ambiguous_sq) takes the slot most common among its `neighbours` nearest
-// searched points (fewest slot first among equals), twice; each round reads the slots of the
-// round before.
+// _ambiguous: the points whose nearest kept centre is not clearly nearer than the second (squared
+// distance ratio >= ambiguous_sq), in point order; `near` is the closeness of every point to every
+// centre (closeness()).
 template <typename scalar_t>
-void neighbour_vote(const Image<scalar_t>& im, const SearchConfig<scalar_t>& c, std::vector<int64_t>& slot,
-                    std::vector<char>& kept, const std::vector<scalar_t>& near) {
+std::vector<int64_t> ambiguous_points(const Image<scalar_t>& im, const SearchConfig<scalar_t>& c,
+                                      const std::vector<char>& kept, const std::vector<scalar_t>& near) {
   const int64_t k_count = static_cast<int64_t>(kept.size());
   std::vector<int64_t> asking;
   for (int64_t p = 0; p < im.n; ++p) {
@@ -366,6 +371,18 @@ void neighbour_vote(const Image<scalar_t>& im, const SearchConfig<scalar_t>& c, 
     const scalar_t second_sq = im.squared[p] - second;
     if (std::isfinite(second_sq) && nearest_sq >= c.ambiguous_sq * second_sq) asking.push_back(p);
   }
+  return asking;
+}
+
+// _neighbour_vote: a point whose nearest kept centre is not clearly nearer than the second
+// (squared ratio >= ambiguous_sq) takes the slot most common among its `neighbours` nearest
+// searched points (fewest slot first among equals), twice; each round reads the slots of the
+// round before.
+template <typename scalar_t>
+void neighbour_vote(const Image<scalar_t>& im, const SearchConfig<scalar_t>& c, std::vector<int64_t>& slot,
+                    std::vector<char>& kept, const std::vector<scalar_t>& near) {
+  const int64_t k_count = static_cast<int64_t>(kept.size());
+  const std::vector<int64_t> asking = ambiguous_points(im, c, kept, near);
   if (asking.empty()) return;
   std::vector<int64_t> reference;
   for (int64_t i = 0; i < im.n; ++i)
@@ -602,6 +619,204 @@ void split_instances(const Image<scalar_t>& im, const SearchConfig<scalar_t>& c,
   }
 }
 
+// _quick_shift_links and _follow_parents for one image: each ambiguous point's density (the searched
+// points within the density radius), its parent (the nearest searched point within the link radius
+// with a strictly higher density; ties: the lower index) and, in descending density, the parent's
+// slot. Without a (points x points) table: the searched points are sorted by slot, then by their
+// distance to their slot's mean, so that those within a reach of a point lie in one run per slot
+// (the triangle inequality: |d(r, mean) - d(x, mean)| <= d(x, r); a 1% margin for rounding): for an
+// ambiguous point the link radius, mostly the two instances it lies between; for a candidate
+// parent the density radius. A searched point's density is counted only when it is a candidate
+// parent, nearest first until a denser one turns up (the torch path counts them all; the parents
+// are the same). Every count is the window test of mean_shift with the same arithmetic per pair in
+// the same order, so a point's count does not depend on the runs passed over.
+template <typename scalar_t>
+void follow_quick_shift(const Image<scalar_t>& im, const SearchPoints<scalar_t>& sp, const SearchConfig<scalar_t>& c,
+                        const std::vector<std::vector<scalar_t>>& means, const std::vector<int64_t>& asking,
+                        std::vector<int64_t>& slot) {
+  const int64_t k_count = static_cast<int64_t>(means.size());
+  auto distance = [&](const scalar_t* x, const std::vector<scalar_t>& m) {
+    double d2 = 0;
+    for (int64_t e = 0; e < c.dim; ++e) d2 += (static_cast<double>(x[e]) - m[e]) * (static_cast<double>(x[e]) - m[e]);
+    return std::sqrt(d2);
+  };
+  // The searched points with a slot, sorted by (slot, distance to its mean), in the layout of
+  // SearchPoints.
+  std::vector<int64_t> sorted;
+  std::vector<double> to_mean(sp.n);
+  for (int64_t r = 0; r < sp.n; ++r) {
+    const int64_t k = slot[sp.index[r]];
+    if (k < 0) continue;
+    sorted.push_back(r);
+    to_mean[r] = distance(im.row(sp.index[r], c.dim), means[k]);
+  }
+  std::stable_sort(sorted.begin(), sorted.end(), [&](int64_t x, int64_t y) {
+    const int64_t kx = slot[sp.index[x]], ky = slot[sp.index[y]];
+    return kx < ky || (kx == ky && to_mean[x] < to_mean[y]);
+  });
+  const int64_t n = static_cast<int64_t>(sorted.size());
+  std::vector<scalar_t> doubled(static_cast<size_t>(c.dim * n)), minus_squared(n);
+  std::vector<double> key(n);
+  std::vector<int64_t> point(n), group_start(k_count + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = sorted[i];
+    for (int64_t e = 0; e < c.dim; ++e) doubled[e * n + i] = sp.doubled[e * sp.n + r];
+    minus_squared[i] = sp.minus_squared[r];
+    key[i] = to_mean[r];
+    point[i] = sp.index[r];
+    ++group_start[slot[sp.index[r]] + 1];
+  }
+  for (int64_t k = 0; k < k_count; ++k) group_start[k + 1] += group_start[k];
+  // The runs of the sorted points that may lie within `reach` of x (a 1% margin for rounding).
+  auto runs_within = [&](const scalar_t* x, double reach, std::vector<std::pair<int64_t, int64_t>>& runs) {
+    reach = reach * 1.01 + 1e-3;
+    runs.clear();
+    for (int64_t k = 0; k < k_count; ++k) {
+      if (group_start[k] == group_start[k + 1]) continue;
+      const double centre = distance(x, means[k]);
+      const auto first =
+          std::lower_bound(key.begin() + group_start[k], key.begin() + group_start[k + 1], centre - reach);
+      const auto last = std::upper_bound(first, key.begin() + group_start[k + 1], centre + reach);
+      if (first < last) runs.emplace_back(first - key.begin(), last - key.begin());
+    }
+  };
+  // 2 x.r - |r|^2 (= |x|^2 - |x - r|^2) of x to the sorted points of the runs, into `out` at their
+  // places: the window test of mean_shift, the same arithmetic per pair whatever the runs.
+  auto closeness_over = [&](const scalar_t* x, const std::vector<std::pair<int64_t, int64_t>>& runs,
+                            std::vector<scalar_t>& out) {
+    for (const auto& [first, last] : runs) {
+      std::copy(minus_squared.begin() + first, minus_squared.begin() + last, out.begin() + first);
+      for (int64_t e = 0; e < c.dim; ++e) {
+        const scalar_t xe = x[e];
+        const scalar_t* column = doubled.data() + e * n;
+        for (int64_t i = first; i < last; ++i) out[i] += xe * column[i];
+      }
+    }
+  };
+  auto count_over = [&](const std::vector<std::pair<int64_t, int64_t>>& runs, const std::vector<scalar_t>& values,
+                        scalar_t limit) {
+    int64_t count = 0;
+    for (const auto& [first, last] : runs)
+      for (int64_t i = first; i < last; ++i) count += values[i] >= limit;
+    return count;
+  };
+  const double link = std::sqrt(static_cast<double>(c.refine_link_sq));
+  const double radius = std::sqrt(static_cast<double>(c.refine_density_sq));
+  std::vector<std::pair<int64_t, int64_t>> runs, candidate_runs;
+  std::vector<scalar_t> inside(n), candidate_inside(n);
+  std::vector<int64_t> searched_density(n, -1);  // per sorted point, -1: not counted yet
+  const int64_t a_count = static_cast<int64_t>(asking.size());
+  std::vector<int64_t> density(a_count), parent(a_count, -1);
+  std::vector<std::pair<scalar_t, int64_t>> candidates;  // (-closeness, point * n + place): nearest, then lower index
+  for (int64_t a = 0; a < a_count; ++a) {
+    const scalar_t* x = im.row(asking[a], c.dim);
+    runs_within(x, std::max(link, radius), runs);
+    closeness_over(x, runs, inside);
+    density[a] = count_over(runs, inside, im.squared[asking[a]] - c.refine_density_sq);
+    const scalar_t link_limit = im.squared[asking[a]] - c.refine_link_sq;
+    candidates.clear();
+    for (const auto& [first, last] : runs)
+      for (int64_t i = first; i < last; ++i)
+        if (inside[i] >= link_limit) candidates.emplace_back(-inside[i], point[i] * n + i);
+    // Nearest first: most ambiguous points find a denser one among their few nearest.
+    const size_t head = std::min<size_t>(candidates.size(), 16);
+    std::partial_sort(candidates.begin(), candidates.begin() + head, candidates.end());
+    for (size_t index = 0; index < candidates.size(); ++index) {
+      if (index == head) std::sort(candidates.begin() + head, candidates.end());
+      const int64_t i = candidates[index].second % n;
+      if (searched_density[i] < 0) {
+        const scalar_t* y = im.row(point[i], c.dim);
+        runs_within(y, radius, candidate_runs);
+        closeness_over(y, candidate_runs, candidate_inside);
+        searched_density[i] = count_over(candidate_runs, candidate_inside, im.squared[point[i]] - c.refine_density_sq);
+      }
+      if (searched_density[i] > density[a]) {
+        parent[a] = point[i];
+        break;
+      }
+    }
+  }
+  // A parent is strictly denser than its child: in descending density, it is final when read.
+  std::vector<int64_t> order(a_count);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return density[x] > density[y]; });
+  for (const int64_t a : order)
+    if (parent[a] >= 0) slot[asking[a]] = slot[parent[a]];
+}
+
+// _image_vote: each point whose slot differs from `before` takes the slot most common among the
+// foreground pixels of its 3^d image window (itself included) when one is more common than every
+// other; every point reads the slots as they were before the vote.
+template <typename scalar_t>
+void image_vote(const Image<scalar_t>& im, const SearchConfig<scalar_t>& c, const std::vector<int64_t>& before,
+                std::vector<int64_t>& slot, int64_t k_count) {
+  std::vector<int64_t> changed;
+  for (int64_t p = 0; p < im.n; ++p)
+    if (slot[p] != before[p]) changed.push_back(p);
+  if (changed.empty()) return;
+  const int64_t d = static_cast<int64_t>(c.spatial.size());
+  std::vector<int64_t> strides(d, 1);
+  for (int64_t axis = d - 2; axis >= 0; --axis) strides[axis] = strides[axis + 1] * (c.spatial[axis + 1] + 2);
+  std::vector<int64_t> offsets{0};
+  for (int64_t axis = 0; axis < d; ++axis) {
+    std::vector<int64_t> wider;
+    for (const int64_t o : offsets)
+      for (int64_t step = -1; step <= 1; ++step) wider.push_back(o + step * strides[axis]);
+    offsets.swap(wider);
+  }
+  auto padded_index = [&](int64_t pixel) {
+    int64_t where = 0;
+    for (int64_t axis = d - 1; axis >= 0; --axis) {
+      where += (pixel % c.spatial[axis] + 1) * strides[axis];
+      pixel /= c.spatial[axis];
+    }
+    return where;
+  };
+  std::vector<int32_t> grid(static_cast<size_t>(strides[0] * (c.spatial[0] + 2)), 0);  // slot + 1; 0: none
+  for (int64_t p = 0; p < im.n; ++p) grid[padded_index(im.pixel[p])] = static_cast<int32_t>(slot[p] + 1);
+  std::vector<int64_t> votes(k_count + 1), decided(changed.size());
+  for (size_t i = 0; i < changed.size(); ++i) {
+    std::fill(votes.begin(), votes.end(), 0);
+    const int64_t centre = padded_index(im.pixel[changed[i]]);
+    for (const int64_t o : offsets) ++votes[grid[centre + o]];
+    votes[0] = 0;
+    const int64_t winner = std::max_element(votes.begin(), votes.end()) - votes.begin();
+    const bool single = std::count(votes.begin(), votes.end(), votes[winner]) == 1;
+    decided[i] = single && votes[winner] > 0 ? winner - 1 : slot[changed[i]];
+  }
+  for (size_t i = 0; i < changed.size(); ++i) slot[changed[i]] = decided[i];
+}
+
+// _refine_quickshift: the ambiguous points against the means of the instances as they stand follow
+// their quick-shift parents among the searched points (follow_quick_shift), then the points whose
+// slot changed are voted on by their image windows (image_vote); `kept` loses the slots left
+// empty.
+template <typename scalar_t>
+void refine_quickshift(const Image<scalar_t>& im, const SearchPoints<scalar_t>& sp, const SearchConfig<scalar_t>& c,
+                       std::vector<int64_t>& slot, std::vector<char>& kept) {
+  const int64_t k_count = static_cast<int64_t>(kept.size());
+  std::vector<double> sums(static_cast<size_t>(k_count * c.dim), 0.0);
+  for (int64_t p = 0; p < im.n; ++p) {
+    if (slot[p] < 0) continue;
+    const scalar_t* x = im.row(p, c.dim);
+    for (int64_t e = 0; e < c.dim; ++e) sums[slot[p] * c.dim + e] += x[e];
+  }
+  const std::vector<int64_t> sizes = slot_sizes<scalar_t>(slot, k_count);
+  std::vector<std::vector<scalar_t>> means(k_count, std::vector<scalar_t>(c.dim, scalar_t(0)));
+  for (int64_t k = 0; k < k_count; ++k)
+    for (int64_t e = 0; e < c.dim; ++e)
+      means[k][e] = static_cast<scalar_t>(sums[k * c.dim + e] / static_cast<double>(std::max<int64_t>(sizes[k], 1)));
+  std::vector<scalar_t> near;
+  closeness(im, means, c.dim, near);
+  const std::vector<int64_t> asking = ambiguous_points(im, c, kept, near);
+  if (asking.empty()) return;
+  const std::vector<int64_t> before = slot;
+  follow_quick_shift(im, sp, c, means, asking, slot);
+  image_vote(im, c, before, slot, k_count);
+  const std::vector<int64_t> now = slot_sizes<scalar_t>(slot, k_count);
+  for (int64_t k = 0; k < k_count; ++k) kept[k] = kept[k] && now[k] > 0;
+}
+
 template <typename scalar_t>
 int64_t cluster_image(Image<scalar_t>& im, const SearchConfig<scalar_t>& c, int64_t* ids, float* scores) {
   im.squared.resize(im.n);
@@ -614,6 +829,7 @@ int64_t cluster_image(Image<scalar_t>& im, const SearchConfig<scalar_t>& c, int6
   assign_to_nearest(im, c, centres, slot, kept, near);
   if (c.neighbours > 0) neighbour_vote(im, c, slot, kept, near);
   if (c.split_radius_sq > 0) split_instances(im, c, centres, slot, kept);
+  if (c.refine_density_sq > 0) refine_quickshift(im, found.sp, c, slot, kept);
   return number_instances(im, c, centres, slot, kept, ids, scores);
 }
 
@@ -623,7 +839,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_parallel_cpu(
     int64_t max_instances, int64_t min_size, int64_t neighbour_vote_count, bool join_density, double bandwidth_sq,
     double merge_sq, double delta_v, double peak_radius, double satellite_ratio, double bridge_ratio,
     double ambiguous_ratio, double valley_ratio, double valley_radius_sq, double valley_count_ratio,
-    double split_radius_sq, double split_count_ratio, int64_t split_samples, double split_confidence) {
+    double split_radius_sq, double split_count_ratio, int64_t split_samples, double split_confidence,
+    double refine_density_sq, double refine_link_sq, const std::optional<at::Tensor>& pixel,
+    at::IntArrayRef spatial) {
   TORCH_CHECK(points.dim() == 2 && (points.scalar_type() == at::kFloat || points.scalar_type() == at::kDouble),
               "points: expected a float32 or float64 tensor of shape (M, E), got ", points.scalar_type(), " of shape ",
               points.sizes());
@@ -657,6 +875,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_parallel_cpu(
   TORCH_CHECK(split_count_ratio >= 0, "split_count_ratio: expected >= 0, got ", split_count_ratio);
   TORCH_CHECK(split_samples >= 1, "split_samples: expected >= 1, got ", split_samples);
   TORCH_CHECK(split_confidence >= 0, "split_confidence: expected >= 0, got ", split_confidence);
+  TORCH_CHECK(refine_density_sq >= 0 && std::isfinite(refine_density_sq),
+              "refine_density_sq: expected a finite value >= 0 (0: no refinement), got ", refine_density_sq);
+  const bool refine = refine_density_sq > 0;
+  at::Tensor pixels;
+  if (refine) {
+    TORCH_CHECK(refine_link_sq > 0 && std::isfinite(refine_link_sq),
+                "refine_link_sq: expected a finite value > 0, got ", refine_link_sq);
+    TORCH_CHECK(!spatial.empty(), "spatial: expected the images' spatial shape (at least one size), got none");
+    int64_t image_size = 1;
+    for (const int64_t size : spatial) {
+      TORCH_CHECK(size >= 1, "spatial: expected sizes >= 1, got ", spatial);
+      TORCH_CHECK(image_size <= std::numeric_limits<int32_t>::max() / (size + 2),
+                  "spatial: expected an image of fewer than 2^31 pixels (padded), got ", spatial);
+      image_size *= size + 2;
+    }
+    TORCH_CHECK(pixel.has_value() && pixel->dim() == 1 && pixel->size(0) == m && pixel->scalar_type() == at::kLong &&
+                    pixel->device().is_cpu(),
+                "pixel: expected a CPU int64 tensor of shape (", m, ",) (each point's flat index in its image) when ",
+                "refine_density_sq > 0");
+    pixels = pixel->contiguous();
+    const int64_t* pixel_p = pixels.data_ptr<int64_t>();
+    int64_t inside = 1;
+    for (const int64_t size : spatial) inside *= size;
+    for (int64_t i = 0; i < m; ++i)
+      TORCH_CHECK(pixel_p[i] >= 0 && pixel_p[i] < inside, "pixel: expected flat indices in [0, ", inside,
+                  ") (the images' spatial shape ", spatial, "), got ", pixel_p[i], " at point ", i);
+  }
   const auto counts = points_per_image.contiguous();
   const int64_t* count_p = counts.data_ptr<int64_t>();
   const int64_t batch = counts.size(0);
@@ -702,11 +947,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_parallel_cpu(
     c.split_count_ratio = static_cast<scalar_t>(split_count_ratio);
     c.split_samples = split_samples;
     c.split_confidence = static_cast<scalar_t>(split_confidence);
+    c.refine_density_sq = static_cast<scalar_t>(refine_density_sq);
+    c.refine_link_sq = static_cast<scalar_t>(refine_link_sq);
+    if (refine) c.spatial.assign(spatial.begin(), spatial.end());
     const scalar_t* x_p = x.data_ptr<scalar_t>();
     at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
       for (int64_t b = first; b < last; ++b) {
         Image<scalar_t> im{x_p + offset[b] * dim, prio.data_ptr<int64_t>() + offset[b],
                            rk.data_ptr<int64_t>() + offset[b], count_p[b], {}};
+        if (refine) im.pixel = pixels.data_ptr<int64_t>() + offset[b];
         num_instances.data_ptr<int64_t>()[b] =
             cluster_image(im, c, ids.data_ptr<int64_t>() + offset[b], scores.data_ptr<float>() + b * max_instances);
       }
