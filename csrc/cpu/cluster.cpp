@@ -307,6 +307,25 @@ std::vector<int64_t> slot_sizes(const std::vector<int64_t>& slot, int64_t k_coun
   return sizes;
 }
 
+// centres[k] = the mean of the points in slot k (summed in double), for every slot that has one;
+// the centres of empty slots are left as they are.
+template <typename scalar_t>
+void move_to_slot_means(const Image<scalar_t>& im, const std::vector<int64_t>& slot, int64_t dim,
+                        std::vector<std::vector<scalar_t>>& centres) {
+  const int64_t k_count = static_cast<int64_t>(centres.size());
+  std::vector<double> sums(static_cast<size_t>(k_count * dim), 0.0);
+  for (int64_t p = 0; p < im.n; ++p) {
+    if (slot[p] < 0) continue;
+    const scalar_t* x = im.row(p, dim);
+    for (int64_t e = 0; e < dim; ++e) sums[slot[p] * dim + e] += x[e];
+  }
+  const std::vector<int64_t> sizes = slot_sizes<scalar_t>(slot, k_count);
+  for (int64_t k = 0; k < k_count; ++k)
+    if (sizes[k] > 0)
+      for (int64_t e = 0; e < dim; ++e)
+        centres[k][e] = static_cast<scalar_t>(sums[k * dim + e] / static_cast<double>(sizes[k]));
+}
+
 // _assign_to_nearest: every point to its nearest mode; modes with fewer than min_size points in
 // their window or nearest to them dropped (their points to the nearest kept mode); then one Lloyd
 // step (kept centres to their points' mean, every point to the nearest moved centre). Leaves
@@ -335,17 +354,7 @@ void assign_to_nearest(const Image<scalar_t>& im, const SearchConfig<scalar_t>& 
   for (int64_t k = 0; k < k_count; ++k) kept[k] = kept[k] && nearest_kept[k] >= least;
   for (int64_t p = 0; p < im.n; ++p) slot[p] = nearest_allowed(&near[p * k_count], kept);
   // The Lloyd step.
-  std::vector<double> sums(static_cast<size_t>(k_count * c.dim), 0.0);
-  for (int64_t p = 0; p < im.n; ++p) {
-    if (slot[p] < 0) continue;
-    const scalar_t* x = im.row(p, c.dim);
-    for (int64_t e = 0; e < c.dim; ++e) sums[slot[p] * c.dim + e] += x[e];
-  }
-  const std::vector<int64_t> sizes = slot_sizes<scalar_t>(slot, k_count);
-  for (int64_t k = 0; k < k_count; ++k)
-    if (sizes[k] > 0)
-      for (int64_t e = 0; e < c.dim; ++e)
-        centres[k][e] = static_cast<scalar_t>(sums[k * c.dim + e] / static_cast<double>(sizes[k]));
+  move_to_slot_means(im, slot, c.dim, centres);
   closeness(im, centres, c.dim, near);
   for (int64_t p = 0; p < im.n; ++p) slot[p] = nearest_allowed(&near[p * k_count], kept);
   const std::vector<int64_t> moved = slot_sizes<scalar_t>(slot, k_count);
@@ -795,17 +804,8 @@ template <typename scalar_t>
 void refine_quickshift(const Image<scalar_t>& im, const SearchPoints<scalar_t>& sp, const SearchConfig<scalar_t>& c,
                        std::vector<int64_t>& slot, std::vector<char>& kept) {
   const int64_t k_count = static_cast<int64_t>(kept.size());
-  std::vector<double> sums(static_cast<size_t>(k_count * c.dim), 0.0);
-  for (int64_t p = 0; p < im.n; ++p) {
-    if (slot[p] < 0) continue;
-    const scalar_t* x = im.row(p, c.dim);
-    for (int64_t e = 0; e < c.dim; ++e) sums[slot[p] * c.dim + e] += x[e];
-  }
-  const std::vector<int64_t> sizes = slot_sizes<scalar_t>(slot, k_count);
   std::vector<std::vector<scalar_t>> means(k_count, std::vector<scalar_t>(c.dim, scalar_t(0)));
-  for (int64_t k = 0; k < k_count; ++k)
-    for (int64_t e = 0; e < c.dim; ++e)
-      means[k][e] = static_cast<scalar_t>(sums[k * c.dim + e] / static_cast<double>(std::max<int64_t>(sizes[k], 1)));
+  move_to_slot_means(im, slot, c.dim, means);
   std::vector<scalar_t> near;
   closeness(im, means, c.dim, near);
   const std::vector<int64_t> asking = ambiguous_points(im, c, kept, near);
