@@ -844,6 +844,17 @@ def _neighbour_vote(points, image, points_per_image, slot_of_point, centres, kep
     return slot_of_point, kept
 
 
+def _instance_means(points, image, slot_of_point, batch, capacity):
+    """The mean of each (image, slot)'s points, (B, capacity, E), zero where a slot has none; summed
+    in float64 (as csrc/cpu/cluster.cpp's move_to_slot_means) so that both paths round the same
+    means."""
+    has_slot = slot_of_point >= 0
+    segment = image * capacity + slot_of_point.clamp(min=0)
+    sums = _segment_sum(points.double() * has_slot.unsqueeze(1), segment, batch * capacity)
+    sizes = _slot_sizes(slot_of_point, image, capacity, batch).reshape(-1, 1)
+    return (sums / sizes.clamp(min=1)).to(points.dtype).reshape(batch, capacity, -1)
+
+
 def _assign_to_nearest(points, image, points_per_image, centres, num_found, min_size, bandwidth_sq):
     """Every point to its nearest mode, whichever seed claimed it, then one Lloyd step.
 
@@ -873,10 +884,8 @@ def _assign_to_nearest(points, image, points_per_image, centres, num_found, min_
     # Points whose nearest mode was dropped join the nearest kept one.
     slot_of_point = _nearest_of(closeness.masked_fill(~_per_point(kept, image), -torch.inf))
 
-    segment = image * capacity + slot_of_point.clamp(min=0)
-    sums = _segment_sum(points * (slot_of_point >= 0).unsqueeze(1).to(points.dtype), segment, batch * capacity)
     sizes = _slot_sizes(slot_of_point, image, capacity, batch)
-    means = sums.reshape(batch, capacity, -1) / sizes.clamp(min=1).unsqueeze(2).to(points.dtype)
+    means = _instance_means(points, image, slot_of_point, batch, capacity)
     centres = torch.where((sizes > 0).unsqueeze(2), means, centres)
     closeness = _closeness(points, image, points_per_image, centres, kept, layout)
     slot_of_point = _nearest_of(closeness)
@@ -1035,16 +1044,6 @@ def _split_instances(points, image, points_per_image, slot_of_point, kept, centr
     return slot_of_point, kept, wide
 
 
-def _instance_means(points, image, slot_of_point, batch, capacity):
-    """The mean of each (image, slot)'s points, (B, capacity, E), zero where a slot has none; summed
-    in float64 (as csrc/cpu/cluster.cpp) so that both paths round the same means."""
-    has_slot = slot_of_point >= 0
-    segment = image * capacity + slot_of_point.clamp(min=0)
-    sums = _segment_sum(points.double() * has_slot.unsqueeze(1), segment, batch * capacity)
-    sizes = _slot_sizes(slot_of_point, image, capacity, batch).reshape(-1, 1)
-    return (sums / sizes.clamp(min=1)).to(points.dtype).reshape(batch, capacity, -1)
-
-
 def _quick_shift_links(points, image, points_per_image, asking, reference, density_sq, link_sq):
     """The quick-shift links of the ``asking`` points (M,) bool among the ``reference`` points (M,) bool.
 
@@ -1055,8 +1054,8 @@ def _quick_shift_links(points, image, points_per_image, asking, reference, densi
     as single linkage does, where the nearest centre can split the crowd from its own instance.
     Distances as the window test of _mean_shift_many: 2 x.r - |r|^2 >= |x|^2 - radius^2, from
     padded batched products of the rows (asking or reference points) with the reference points,
-    in chunks of rows. Returns (density (M,) float, -1 at points neither asking nor reference;
-    parent (M,) long, -1 where none or not asking); three host synchronisations size the tables.
+    in chunks of rows. Returns parent (M,) long, -1 where none or not asking; three host
+    synchronisations size the tables.
     """
     batch = points_per_image.shape[0]
     device = points.device
@@ -1101,7 +1100,7 @@ def _quick_shift_links(points, image, points_per_image, asking, reference, densi
     asking_index = asking.nonzero(as_tuple=True)[0]  # one synchronisation
     parent = torch.full_like(image, -1)
     if asking_index.numel() == 0:
-        return density, parent
+        return parent
     rows, row_squared, row_image, row_position = table_rows(asking_index)
     row_density = _padded(density.index_select(0, asking_index), row_image, torch.bincount(row_image, minlength=batch),
                           rows.shape[1]).unsqueeze(2)
@@ -1116,7 +1115,7 @@ def _quick_shift_links(points, image, points_per_image, asking, reference, densi
     found = torch.isfinite(_at(best.unsqueeze(2), row_image, row_position).reshape(-1))
     chosen = _at(torch.gather(global_index, 1, which).unsqueeze(2), row_image, row_position).reshape(-1)
     parent[asking_index] = torch.where(found, chosen, torch.full_like(chosen, -1))
-    return density, parent
+    return parent
 
 
 def _follow_parents(slot_of_point, parent):
@@ -1197,7 +1196,7 @@ def _refine_quickshift(points, image, points_per_image, slot_of_point, kept, ref
     means = _instance_means(points, image, slot_of_point, batch, capacity)
     closeness = _closeness(points, image, points_per_image, means, kept)
     asking = _ambiguous(points, closeness)
-    _, parent = _quick_shift_links(points, image, points_per_image, asking, reference, density_sq, link_sq)
+    parent = _quick_shift_links(points, image, points_per_image, asking, reference, density_sq, link_sq)
     moved = _follow_parents(slot_of_point, parent)
     changed = moved != slot_of_point
     slot_of_point = _image_vote(moved, changed, image, pixel, spatial, batch, capacity)
