@@ -17,6 +17,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include "../layout.h"
 #include "../math.h"
 #include "kernel_table.h"
@@ -127,13 +131,77 @@ static inline void prefetch_ahead(const void* p, int64_t bytes) {
   __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)));
 }
 
+#if defined(__SSE2__)
+// Labels as bytes: lanes of one label are equal exactly when all its bytes
+// are, so the first byte that differs from v's pattern lies in the first
+// label that differs, whatever the label type. kRunScanBytes at a time.
+// (GCC's target pragma does not define __AVX2__: the AVX2 and AVX-512
+// copies say so themselves.)
+#if defined(DISCLOSS_CPU_AVX2)
+using LabelBytes = __m256i;
+static inline LabelBytes label_load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+static inline LabelBytes label_eq(LabelBytes a, LabelBytes b) { return _mm256_cmpeq_epi8(a, b); }
+static inline LabelBytes label_and(LabelBytes a, LabelBytes b) { return _mm256_and_si256(a, b); }
+static inline uint32_t label_mask(LabelBytes a) { return uint32_t(_mm256_movemask_epi8(a)); }
+#else
+using LabelBytes = __m128i;
+static inline LabelBytes label_load(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+static inline LabelBytes label_eq(LabelBytes a, LabelBytes b) { return _mm_cmpeq_epi8(a, b); }
+static inline LabelBytes label_and(LabelBytes a, LabelBytes b) { return _mm_and_si128(a, b); }
+static inline uint32_t label_mask(LabelBytes a) { return uint32_t(_mm_movemask_epi8(a)) | 0xffff0000u; }
+#endif
+constexpr int64_t kLabelVec = int64_t(sizeof(LabelBytes));
+constexpr int64_t kLabelVecs = kRunScanBytes / kLabelVec;
+
+// v's bytes repeated over a vector.
+template <typename label_t>
+static inline LabelBytes label_pattern(label_t v) {
+  unsigned char bytes[kLabelVec];
+  for (int64_t i = 0; i < kLabelVec; i += int64_t(sizeof(label_t))) std::memcpy(bytes + i, &v, sizeof v);
+  return label_load(bytes);
+}
+
+// The first j' >= j with lab[j'] != v, or len, for contiguous labels.
+template <typename label_t>
+static inline int64_t contiguous_run_end(const label_t* lab, int64_t j, int64_t len, label_t v) {
+  constexpr int64_t kPer = kLabelVec / int64_t(sizeof(label_t));  // labels per vector
+  const LabelBytes pat = label_pattern(v);
+  while (j + kLabelVecs * kPer <= len) {
+    prefetch_ahead(lab + j, kLabelAhead);
+    prefetch_ahead(lab + j, kLabelAhead + 64);
+    LabelBytes eq[kLabelVecs];
+    for (int64_t i = 0; i < kLabelVecs; ++i) eq[i] = label_eq(label_load(lab + j + i * kPer), pat);
+    LabelBytes all = eq[0];
+    for (int64_t i = 1; i < kLabelVecs; ++i) all = label_and(all, eq[i]);
+    if (label_mask(all) != 0xffffffffu) {
+      for (int64_t i = 0;; ++i, j += kPer) {
+        const uint32_t differ = ~label_mask(eq[i]);
+        if (differ) return j + int64_t(__builtin_ctz(differ)) / int64_t(sizeof(label_t));
+      }
+    }
+    j += kLabelVecs * kPer;
+  }
+  while (j + kPer <= len) {
+    const uint32_t differ = ~label_mask(label_eq(label_load(lab + j), pat));
+    if (differ) return j + int64_t(__builtin_ctz(differ)) / int64_t(sizeof(label_t));
+    j += kPer;
+  }
+  while (j < len && lab[j] == v) ++j;
+  return j;
+}
+#endif
+
 // The end of a run of label v that goes on at position j: the first j' >= j
 // with lab[j'] != v, or len. Labels come in long runs (instances are
 // spatially coherent), so contiguous ones (kUnit) are compared kRunScanBytes
 // at a time: a long run costs a vector compare per 32 bytes of labels and no
-// per-pixel store. A strided loop would need a gather per vector: scalar.
+// per-pixel store, and the label that ends it is found from the compare's
+// mask. A strided loop would need a gather per vector: scalar.
 template <bool kUnit, typename label_t>
 static inline int64_t run_end(const label_t* lab, int64_t stride, int64_t j, int64_t len, label_t v) {
+#if defined(__SSE2__)
+  if (kUnit) return contiguous_run_end(lab, j, len, v);
+#else
   if (kUnit) {
     constexpr int64_t kW = kRunScanBytes / int64_t(sizeof(label_t));
     while (j + kW <= len) {
@@ -146,6 +214,7 @@ static inline int64_t run_end(const label_t* lab, int64_t stride, int64_t j, int
       j += kW;
     }
   }
+#endif
   while (j < len && lab[kUnit ? j : j * stride] == v) ++j;
   return j;
 }
@@ -332,40 +401,44 @@ static inline void finish_norms(const scalar_t* x, const PixelLayout& L,
   fix_l2_range<scalar_t, kUnit>(x, L, o, in, mu, s, t, r);
 }
 
+// r[j] (+)= the norm terms of planes x0 .. x0 + (kPlanes - 1) plane for
+// j in [s, t), added in plane order; kFirst starts from 0 instead of r (no
+// zeroed r needed, no memset per run).
+template <int64_t kPlanes, bool kFirst, int kNorm, typename scalar_t, bool kUnit>
+static inline void add_norm_terms(const scalar_t* x0, int64_t plane, const InnerStride<kUnit>& in,
+                                  const typename AccOf<scalar_t>::type* m, int64_t s, int64_t t,
+                                  typename AccOf<scalar_t>::type* r) {
+  using acc_t = typename AccOf<scalar_t>::type;
+#pragma omp simd
+  for (int64_t j = s; j < t; ++j) {
+    // (0 + term, not term: the compiler may contract a sum of products to
+    // FMAs, and which product it fuses must not change with kFirst.)
+    acc_t v = kFirst ? acc_t(0) : r[j];
+    v += norm_term<acc_t>(to_acc(x0[j * in.xs()]) - m[0], kNorm);
+    for (int64_t p = 1; p < kPlanes; ++p) v += norm_term<acc_t>(to_acc(x0[p * plane + j * in.xs()]) - m[p], kNorm);
+    r[j] = v;
+  }
+}
+
 // r[s .. t) = ||x_j - mu|| for the pixels of a run (L2: with the range fix).
+// Four planes per loop: r[j] is loaded and stored once per four terms,
+// added in the same order as one plane at a time.
 template <typename scalar_t, int kNorm, bool kUnit>
 static inline void run_norms(const scalar_t* x, const PixelLayout& L,
                              const PixelOffsets& o, const InnerStride<kUnit>& in,
                              const typename AccOf<scalar_t>::type* mu, int64_t s, int64_t t,
                              typename AccOf<scalar_t>::type* r) {
-  using acc_t = typename AccOf<scalar_t>::type;
-  for (int64_t j = s; j < t; ++j) r[j] = 0;
-  // Four planes per loop: r[j] is loaded and stored once per four terms,
-  // added in the same order as one plane at a time.
   const int64_t E = L.embed_dim, plane = L.x_embed_stride;
+  const scalar_t* xe = x + o.x;
   int64_t e = 0;
-  for (; e + 4 <= E; e += 4) {
-    const scalar_t* x0 = x + o.x + e * plane;
-    const scalar_t* x1 = x0 + plane;
-    const scalar_t* x2 = x1 + plane;
-    const scalar_t* x3 = x2 + plane;
-    const acc_t m0 = mu[e], m1 = mu[e + 1], m2 = mu[e + 2], m3 = mu[e + 3];
-#pragma omp simd
-    for (int64_t j = s; j < t; ++j) {
-      acc_t v = r[j];
-      v += norm_term<acc_t>(to_acc(x0[j * in.xs()]) - m0, kNorm);
-      v += norm_term<acc_t>(to_acc(x1[j * in.xs()]) - m1, kNorm);
-      v += norm_term<acc_t>(to_acc(x2[j * in.xs()]) - m2, kNorm);
-      v += norm_term<acc_t>(to_acc(x3[j * in.xs()]) - m3, kNorm);
-      r[j] = v;
-    }
+  if (E >= 4) {
+    add_norm_terms<4, true, kNorm>(xe, plane, in, mu, s, t, r);
+    for (e = 4; e + 4 <= E; e += 4) add_norm_terms<4, false, kNorm>(xe + e * plane, plane, in, mu + e, s, t, r);
+  } else {
+    add_norm_terms<1, true, kNorm>(xe, plane, in, mu, s, t, r);
+    e = 1;
   }
-  for (; e < E; ++e) {
-    const scalar_t* xe = x + o.x + e * plane;
-    const acc_t m = mu[e];
-#pragma omp simd
-    for (int64_t j = s; j < t; ++j) r[j] += norm_term<acc_t>(to_acc(xe[j * in.xs()]) - m, kNorm);
-  }
+  for (; e < E; ++e) add_norm_terms<1, false, kNorm>(xe + e * plane, plane, in, mu + e, s, t, r);
   finish_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r);
 }
 

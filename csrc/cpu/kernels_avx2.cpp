@@ -5,4 +5,5 @@
 #pragma GCC target("avx2,fma")
 #endif
 #define DISCLOSS_CPU_ISA avx2
+#define DISCLOSS_CPU_AVX2 1
 #include "kernels.h"

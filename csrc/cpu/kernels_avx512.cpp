@@ -7,4 +7,5 @@
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
 #endif
 #define DISCLOSS_CPU_ISA avx512
+#define DISCLOSS_CPU_AVX2 1
 #include "kernels.h"
