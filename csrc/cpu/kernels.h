@@ -296,6 +296,22 @@ struct InnerStride {
   int64_t gs() const { return kUnit ? 1 : grad; }
 };
 
+// ---- padded runs -----------------------------------------------------------
+// A run of contiguous pixels [s, t) is computed over [s, tp), tp = s +
+// (t - s) rounded up to kRunBlock, where that stays within the segment
+// (len): the vector loops then never take a scalar tail (a run of ~50 pixels
+// otherwise spends about as long in its tail as in its vectors). Pixels [t,
+// tp) belong to later runs of the segment: what is computed for them is
+// discarded (sums: masked lanes), or overwritten (norms and coefficients in
+// the scratch; the gradient, which the runs write in order and the push
+// after them).
+constexpr int64_t kRunBlock = 16;
+template <bool kUnit>
+static inline int64_t padded_end(int64_t s, int64_t t, int64_t len) {
+  const int64_t tp = s + (t - s + kRunBlock - 1) / kRunBlock * kRunBlock;
+  return kUnit && tp <= len ? tp : t;
+}
+
 // ---- sums over a run, planes four at a time --------------------------------
 // out[e] += sum over j in [s, t) of term(to_acc(x_e[j]) - m[e], j), for the
 // E planes x_e = x + e * plane. Each sum is kept in kSumLanes lanes (one
@@ -306,7 +322,9 @@ struct InnerStride {
 // Each plane's sum is formed in the same order as alone, so the result does
 // not depend on the grouping. The lanes are plain arrays, not an OpenMP
 // reduction: GCC kept those reductions' lanes on the stack, a store per
-// sum per step.
+// sum per step. When tp (padded_end) reaches a whole step past the last
+// one, the tail is one masked step (lanes past t keep their sum; the same
+// bits as pixel by pixel), else pixel by pixel.
 template <typename acc_t>
 constexpr int64_t kSumLanes = 32 / int64_t(sizeof(acc_t));
 
@@ -320,10 +338,11 @@ static inline acc_t lane_total(acc_t* a) {
 
 template <typename scalar_t, bool kUnit, typename Term>
 static inline void plane_sums(const scalar_t* x, int64_t plane, int64_t E, const InnerStride<kUnit>& in,
-                              const typename AccOf<scalar_t>::type* m, int64_t s, int64_t t,
+                              const typename AccOf<scalar_t>::type* m, int64_t s, int64_t t, int64_t tp,
                               typename AccOf<scalar_t>::type* out, Term term) {
   using acc_t = typename AccOf<scalar_t>::type;
   constexpr int64_t V = kSumLanes<acc_t>;
+  const bool masked_tail = (t - s) % V != 0 && tp >= s + (t - s + V - 1) / V * V;
   int64_t e = 0;
   for (; e + 4 <= E; e += 4) {
     const scalar_t* x0 = x + e * plane;
@@ -342,11 +361,26 @@ static inline void plane_sums(const scalar_t* x, int64_t plane, int64_t E, const
         a3[u] += term(to_acc(x3[(j + u) * in.xs()]) - m3, j + u);
       }
     }
-    for (int64_t u = 0; j < t; ++j, ++u) {
-      a0[u] += term(to_acc(x0[j * in.xs()]) - m0, j);
-      a1[u] += term(to_acc(x1[j * in.xs()]) - m1, j);
-      a2[u] += term(to_acc(x2[j * in.xs()]) - m2, j);
-      a3[u] += term(to_acc(x3[j * in.xs()]) - m3, j);
+    if (masked_tail) {
+      const int64_t n = t - j;
+#pragma omp simd
+      for (int64_t u = 0; u < V; ++u) {  // (a + term, then the select: contracts as the loop above)
+        const acc_t b0 = a0[u] + term(to_acc(x0[(j + u) * in.xs()]) - m0, j + u);
+        const acc_t b1 = a1[u] + term(to_acc(x1[(j + u) * in.xs()]) - m1, j + u);
+        const acc_t b2 = a2[u] + term(to_acc(x2[(j + u) * in.xs()]) - m2, j + u);
+        const acc_t b3 = a3[u] + term(to_acc(x3[(j + u) * in.xs()]) - m3, j + u);
+        a0[u] = u < n ? b0 : a0[u];
+        a1[u] = u < n ? b1 : a1[u];
+        a2[u] = u < n ? b2 : a2[u];
+        a3[u] = u < n ? b3 : a3[u];
+      }
+    } else {
+      for (int64_t u = 0; j < t; ++j, ++u) {
+        a0[u] += term(to_acc(x0[j * in.xs()]) - m0, j);
+        a1[u] += term(to_acc(x1[j * in.xs()]) - m1, j);
+        a2[u] += term(to_acc(x2[j * in.xs()]) - m2, j);
+        a3[u] += term(to_acc(x3[j * in.xs()]) - m3, j);
+      }
     }
     out[e] += lane_total(a0);
     out[e + 1] += lane_total(a1);
@@ -362,7 +396,16 @@ static inline void plane_sums(const scalar_t* x, int64_t plane, int64_t E, const
 #pragma omp simd
       for (int64_t u = 0; u < V; ++u) a[u] += term(to_acc(xe[(j + u) * in.xs()]) - me, j + u);
     }
-    for (int64_t u = 0; j < t; ++j, ++u) a[u] += term(to_acc(xe[j * in.xs()]) - me, j);
+    if (masked_tail) {
+      const int64_t n = t - j;
+#pragma omp simd
+      for (int64_t u = 0; u < V; ++u) {
+        const acc_t b = a[u] + term(to_acc(xe[(j + u) * in.xs()]) - me, j + u);
+        a[u] = u < n ? b : a[u];
+      }
+    } else {
+      for (int64_t u = 0; j < t; ++j, ++u) a[u] += term(to_acc(xe[j * in.xs()]) - me, j);
+    }
     out[e] += lane_total(a);
   }
 }
@@ -468,12 +511,13 @@ static inline void fix_overflowed_coefs(const scalar_t* x, const PixelLayout& L,
 
 // With r[s .. t) = ||x_j - mu|| (run_norms): (h_j, coef_j) = hinge_of(r_j),
 // grad[e] += sum_j coef_j u_je (u = x - mu for L2, its sign for L1), and the
-// sum of h_j^2 returned.
+// sum of h_j^2 returned. tp: padded_end (coef past t is read, then masked).
 template <typename scalar_t, int kNorm, bool kUnit, typename HingeOf>
 static inline typename AccOf<scalar_t>::type hinge_sums_of_norms(const scalar_t* x, const PixelLayout& L,
                                                                  const PixelOffsets& o, const InnerStride<kUnit>& in,
                                                                  const typename AccOf<scalar_t>::type* mu, int64_t s,
-                                                                 int64_t t, const typename AccOf<scalar_t>::type* r,
+                                                                 int64_t t, int64_t tp,
+                                                                 const typename AccOf<scalar_t>::type* r,
                                                                  typename AccOf<scalar_t>::type* coef,
                                                                  HingeOf hinge_of,
                                                                  typename AccOf<scalar_t>::type* grad) {
@@ -491,7 +535,7 @@ static inline typename AccOf<scalar_t>::type hinge_sums_of_norms(const scalar_t*
     fix_overflowed_coefs<scalar_t, kUnit>(x, L, o, in, mu, s, t, r, coef, hinge_of, acc_t(1),
                                           [&](int64_t, int64_t e, acc_t v) { grad[e] += v; });
   }
-  plane_sums<scalar_t, kUnit>(x + o.x, L.x_embed_stride, L.embed_dim, in, mu, s, t, grad, [&](acc_t d, int64_t j) {
+  plane_sums<scalar_t, kUnit>(x + o.x, L.x_embed_stride, L.embed_dim, in, mu, s, t, tp, grad, [&](acc_t d, int64_t j) {
     return coef[j] * (kNorm == 2 ? d : norm_grad(d, acc_t(0), 1));
   });
   return h2;
@@ -503,11 +547,11 @@ static inline typename AccOf<scalar_t>::type run_hinge_sums(const scalar_t* x, c
                                                             const PixelOffsets& o,
                                                             const InnerStride<kUnit>& in,
                                                             const typename AccOf<scalar_t>::type* mu, int64_t s,
-                                                            int64_t t, typename AccOf<scalar_t>::type* r,
+                                                            int64_t t, int64_t tp, typename AccOf<scalar_t>::type* r,
                                                             typename AccOf<scalar_t>::type* coef, HingeOf hinge_of,
                                                             typename AccOf<scalar_t>::type* grad) {
-  run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r);
-  return hinge_sums_of_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r, coef, hinge_of, grad);
+  run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, tp, r);
+  return hinge_sums_of_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, tp, r, coef, hinge_of, grad);
 }
 
 // ---- the unlabeled push: gathered pixels against the clusters ------------------
@@ -767,7 +811,7 @@ static void push_sums(const ChunkArgs& a, acc_t* U, int64_t n, acc_t* r, acc_t* 
   acc_t* push_grad = static_cast<acc_t*>(a.push_grad);
   for_each_push_block<acc_t, kNorm>(a, LU, U, n, r, [&](int64_t k, const acc_t* mu, int64_t u0, int64_t u1) {
     push[k] += hinge_sums_of_norms<acc_t, kNorm, true>(
-        U, LU, PixelOffsets{0, 0, 0}, InnerStride<true>{1, 1}, mu, u0, u1, r, coef,
+        U, LU, PixelOffsets{0, 0, 0}, InnerStride<true>{1, 1}, mu, u0, u1, u1, r, coef,
         [&](acc_t rj) { return unlabeled_hinge(rj, delta_d, kNorm); }, push_grad + k * E);
   });
 }
@@ -848,7 +892,8 @@ static void cluster_sums_impl(const ChunkArgs& a) {
         }
       }
       a.counts[k] += t - s;
-      plane_sums<scalar_t, kUnit>(x + o.x, L.x_embed_stride, E, in, pivots + k * E, s, t, sums + k * E,
+      plane_sums<scalar_t, kUnit>(x + o.x, L.x_embed_stride, E, in, pivots + k * E, s, t, padded_end<kUnit>(s, t, len),
+                                  sums + k * E,
                                   [](acc_t d, int64_t) { return d; });
     });
   });
@@ -871,13 +916,13 @@ static void hinge_sums_impl(const ChunkArgs& a) {
   const InnerStride<kUnit> in{L.x_strides[L.ndim - 1], 0};
   SlotRun runs[kTile];
   acc_t r[kTile];
-  acc_t coef[kTile];
+  acc_t coef[kTile] = {};  // (read past a run's end, then masked: never uninitialized)
   for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
     const int64_t nr =
         segment_runs(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, runs, nullptr);
     for_each_cluster_run(runs, nr, [&](int64_t s, int64_t t, int64_t k) {
       hinge[k] += run_hinge_sums<scalar_t, kNorm, kUnit>(
-          x, L, o, in, means + k * E, s, t, r, coef, [&](acc_t rj) { return pull_hinge(rj, delta_v, kNorm); },
+          x, L, o, in, means + k * E, s, t, padded_end<kUnit>(s, t, len), r, coef, [&](acc_t rj) { return pull_hinge(rj, delta_v, kNorm); },
           hinge_grad + k * E);
     });
     if (a.push == nullptr || a.num_present == 0) return;
@@ -932,16 +977,17 @@ static void write_grad_impl(const ChunkArgs& a) {
       const acc_t* mu = means + k * E;
       const acc_t* b = mean_coef + k * E;
       const acc_t av = var_coef[k];
-      run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r);
+      const int64_t tp = padded_end<kUnit>(s, t, len);  // (the gradient past t: written again by its own run)
+      run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, tp, r);
 #pragma omp simd
-      for (int64_t j = s; j < t; ++j) coef[j] = av * pull_hinge(r[j], delta_v, kNorm).coef;
+      for (int64_t j = s; j < tp; ++j) coef[j] = av * pull_hinge(r[j], delta_v, kNorm).coef;
       for (int64_t e = 0; e < E; ++e) {
         const scalar_t* xe = x + o.x + e * L.x_embed_stride;
         scalar_t* ge = grad + o.grad + e * L.grad_embed_stride;
         const acc_t m = mu[e];
         const acc_t be = b[e];
 #pragma omp simd
-        for (int64_t j = s; j < t; ++j) {
+        for (int64_t j = s; j < tp; ++j) {
           const acc_t d = to_acc(xe[j * in.xs()]) - m;
           const acc_t u = kNorm == 2 ? d : norm_grad(d, acc_t(0), 1);
           ge[j * in.gs()] = from_acc(coef[j] * u + be, static_cast<scalar_t*>(nullptr));
