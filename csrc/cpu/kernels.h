@@ -81,9 +81,12 @@ static inline Half from_acc(float f, Half*) {
 static inline BFloat16 from_acc(float f, BFloat16*) {
   uint32_t x;
   std::memcpy(&x, &f, sizeof x);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return {uint16_t((x >> 16) | 0x40u)};
-  x += 0x7fffu + ((x >> 16) & 1u);
-  return {uint16_t(x >> 16)};
+  // (Written branch-free, NaN tested as f != f: GCC's vector code for the
+  // gradient's store is a float compare and a blend, not an unsigned
+  // compare built from three integer operations.)
+  const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (x >> 16) | 0x40u;
+  return {uint16_t(f != f ? quiet_nan : rounded)};
 }
 static inline float from_acc(float f, float*) { return f; }
 static inline double from_acc(double f, double*) { return f; }
