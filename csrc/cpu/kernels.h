@@ -926,9 +926,8 @@ static void cluster_sums_impl(const ChunkArgs& a) {
         }
       }
       a.counts[k] += t - s;
-      plane_sums<scalar_t, kUnit>(x + o.x, L.x_embed_stride, E, in, pivots + k * E, s, t, padded_end<kUnit>(s, t, len),
-                                  sums + k * E,
-                                  [](acc_t d, int64_t) { return d; });
+      plane_sums<scalar_t, kUnit>(x + o.x, L.x_embed_stride, E, in, pivots + k * E, s, t,
+                                  padded_end<kUnit>(s, t, len), sums + k * E, [](acc_t d, int64_t) { return d; });
     });
   });
 }
@@ -956,8 +955,8 @@ static void hinge_sums_impl(const ChunkArgs& a) {
         segment_runs(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, runs, nullptr);
     for_each_cluster_run(runs, nr, [&](int64_t s, int64_t t, int64_t k) {
       hinge[k] += run_hinge_sums<scalar_t, kNorm, kUnit>(
-          x, L, o, in, means + k * E, s, t, padded_end<kUnit>(s, t, len), r, coef, [&](acc_t rj) { return pull_hinge(rj, delta_v, kNorm); },
-          hinge_grad + k * E);
+          x, L, o, in, means + k * E, s, t, padded_end<kUnit>(s, t, len), r, coef,
+          [&](acc_t rj) { return pull_hinge(rj, delta_v, kNorm); }, hinge_grad + k * E);
     });
     if (a.push == nullptr || a.num_present == 0) return;
     acc_t* U = static_cast<acc_t*>(a.push_scratch);
