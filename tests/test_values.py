@@ -123,6 +123,40 @@ def test_dtypes(device, dtype, label_dtype):
     assert_grad_close(grad, ref_grad, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("E", [3, 16, 40, 520])
+@pytest.mark.parametrize("norm", [1, 2])
+def test_half_types_with_runs_across_the_stage(dtype, E, norm):
+    # 16-bit inputs keep x - mu of a run's first look in a scratch of 8192
+    # values (kernels.h, staged differences): 512 pixels at E = 16, 192 at
+    # E = 40, none at E = 520. Runs shorter and longer than that, across the
+    # 4096-pixel segments, with the push on.
+    W = 4500 if E < 100 else 700
+    g = torch.Generator().manual_seed(E + norm)
+    lens = [W, 1, 17, 191, 193, 600, 1500, 33, 2000, 15, 16, 512, 513, 1]
+    ids = torch.repeat_interleave(torch.arange(len(lens)) % 6 + 1, torch.tensor(lens))
+    row = torch.cat([ids, torch.zeros(max(0, 3 * W - ids.numel()), dtype=torch.long)])[: 3 * W]
+    labels = row.reshape(1, 3, W).clone()
+    labels[0, 2, ::3] = 0  # scattered unlabeled pixels
+    scale = min(1.0, 16 / E)  # (the terms stay within float16's range)
+    x = ((torch.randn(1, E, 3, W, generator=g) + 2 * labels[:, None] / 6) * scale).to(dtype)
+    kw = dict(max_instances=7, norm=norm, unlabeled_push=0.5, gamma=0.1)
+    terms, grad = run(x, labels, **kw)
+    ref_terms, ref_grad = reference64(x, labels, **kw)
+    for a, b in zip(terms, ref_terms):
+        assert_close(a, b, dtype)
+    assert_grad_close(grad, ref_grad, dtype)
+    # 16-bit inputs are computed in float32 (DESIGN §3), by the same loops in
+    # the same order as float32 inputs: the results are the float32 path's
+    # on the same values, rounded once, bit for bit (a staged difference
+    # read from the wrong place moves the gradient by less than the
+    # tolerances above allow).
+    terms32, grad32 = run(x.float(), labels, **kw)
+    for a, b in zip(terms, terms32):
+        assert torch.equal(a, b.to(dtype))
+    assert torch.equal(grad, grad32.to(dtype))
+
+
 def _layouts(x):
     """(name, tensor) pairs holding the values of x (B, E, H, W) in other layouts."""
     yield "contiguous", x

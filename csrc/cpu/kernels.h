@@ -370,7 +370,13 @@ static inline acc_t lane_total(acc_t* a) {
   return a[0];
 }
 
-template <typename scalar_t, bool kUnit, typename Term>
+// to_acc(v) - m, or v already a difference (kDiff false: staged).
+template <bool kDiff, typename scalar_t, typename acc_t>
+static inline acc_t diff_of(scalar_t v, acc_t m) {
+  return kDiff ? to_acc(v) - m : to_acc(v);
+}
+
+template <typename scalar_t, bool kUnit, bool kDiff = true, typename Term>
 static inline void plane_sums(const scalar_t* x, int64_t plane, int64_t E, const InnerStride<kUnit>& in,
                               const typename AccOf<scalar_t>::type* m, int64_t s, int64_t t, int64_t tp,
                               typename AccOf<scalar_t>::type* out, Term term) {
@@ -389,20 +395,20 @@ static inline void plane_sums(const scalar_t* x, int64_t plane, int64_t E, const
     for (; j + V <= t; j += V) {
 #pragma omp simd
       for (int64_t u = 0; u < V; ++u) {
-        a0[u] += term(to_acc(x0[(j + u) * in.xs()]) - m0, j + u);
-        a1[u] += term(to_acc(x1[(j + u) * in.xs()]) - m1, j + u);
-        a2[u] += term(to_acc(x2[(j + u) * in.xs()]) - m2, j + u);
-        a3[u] += term(to_acc(x3[(j + u) * in.xs()]) - m3, j + u);
+        a0[u] += term(diff_of<kDiff>(x0[(j + u) * in.xs()], m0), j + u);
+        a1[u] += term(diff_of<kDiff>(x1[(j + u) * in.xs()], m1), j + u);
+        a2[u] += term(diff_of<kDiff>(x2[(j + u) * in.xs()], m2), j + u);
+        a3[u] += term(diff_of<kDiff>(x3[(j + u) * in.xs()], m3), j + u);
       }
     }
     if (masked_tail) {
       const int64_t n = t - j;
 #pragma omp simd
       for (int64_t u = 0; u < V; ++u) {  // (a + term, then the select: contracts as the loop above)
-        const acc_t b0 = a0[u] + term(to_acc(x0[(j + u) * in.xs()]) - m0, j + u);
-        const acc_t b1 = a1[u] + term(to_acc(x1[(j + u) * in.xs()]) - m1, j + u);
-        const acc_t b2 = a2[u] + term(to_acc(x2[(j + u) * in.xs()]) - m2, j + u);
-        const acc_t b3 = a3[u] + term(to_acc(x3[(j + u) * in.xs()]) - m3, j + u);
+        const acc_t b0 = a0[u] + term(diff_of<kDiff>(x0[(j + u) * in.xs()], m0), j + u);
+        const acc_t b1 = a1[u] + term(diff_of<kDiff>(x1[(j + u) * in.xs()], m1), j + u);
+        const acc_t b2 = a2[u] + term(diff_of<kDiff>(x2[(j + u) * in.xs()], m2), j + u);
+        const acc_t b3 = a3[u] + term(diff_of<kDiff>(x3[(j + u) * in.xs()], m3), j + u);
         a0[u] = u < n ? b0 : a0[u];
         a1[u] = u < n ? b1 : a1[u];
         a2[u] = u < n ? b2 : a2[u];
@@ -410,10 +416,10 @@ static inline void plane_sums(const scalar_t* x, int64_t plane, int64_t E, const
       }
     } else {
       for (int64_t u = 0; j < t; ++j, ++u) {
-        a0[u] += term(to_acc(x0[j * in.xs()]) - m0, j);
-        a1[u] += term(to_acc(x1[j * in.xs()]) - m1, j);
-        a2[u] += term(to_acc(x2[j * in.xs()]) - m2, j);
-        a3[u] += term(to_acc(x3[j * in.xs()]) - m3, j);
+        a0[u] += term(diff_of<kDiff>(x0[j * in.xs()], m0), j);
+        a1[u] += term(diff_of<kDiff>(x1[j * in.xs()], m1), j);
+        a2[u] += term(diff_of<kDiff>(x2[j * in.xs()], m2), j);
+        a3[u] += term(diff_of<kDiff>(x3[j * in.xs()], m3), j);
       }
     }
     out[e] += lane_total(a0);
@@ -428,17 +434,17 @@ static inline void plane_sums(const scalar_t* x, int64_t plane, int64_t E, const
     int64_t j = s;
     for (; j + V <= t; j += V) {
 #pragma omp simd
-      for (int64_t u = 0; u < V; ++u) a[u] += term(to_acc(xe[(j + u) * in.xs()]) - me, j + u);
+      for (int64_t u = 0; u < V; ++u) a[u] += term(diff_of<kDiff>(xe[(j + u) * in.xs()], me), j + u);
     }
     if (masked_tail) {
       const int64_t n = t - j;
 #pragma omp simd
       for (int64_t u = 0; u < V; ++u) {
-        const acc_t b = a[u] + term(to_acc(xe[(j + u) * in.xs()]) - me, j + u);
+        const acc_t b = a[u] + term(diff_of<kDiff>(xe[(j + u) * in.xs()], me), j + u);
         a[u] = u < n ? b : a[u];
       }
     } else {
-      for (int64_t u = 0; j < t; ++j, ++u) a[u] += term(to_acc(xe[j * in.xs()]) - me, j);
+      for (int64_t u = 0; j < t; ++j, ++u) a[u] += term(diff_of<kDiff>(xe[j * in.xs()], me), j);
     }
     out[e] += lane_total(a);
   }
@@ -478,44 +484,68 @@ static inline void finish_norms(const scalar_t* x, const PixelLayout& L,
   fix_l2_range<scalar_t, kUnit>(x, L, o, in, mu, s, t, r);
 }
 
+// ---- staged differences (16-bit types) ---------------------------------------
+// A bfloat16 or half value costs a widening and a shift per 8 to convert.
+// Where a run's pixels are looked at twice, the first look (the norms) can
+// keep d = to_acc(x) - mu, in the accumulation type, in a scratch D that
+// stays in L1, and the second read d from there: the same d, so the same
+// bits, without converting x again. D holds kStageValues values: rows of
+// stage_pixels(E) pixels, one per plane.
+constexpr int64_t kStageValues = 8192;  // 32 KiB of float
+template <typename scalar_t>
+constexpr bool kStaged = sizeof(scalar_t) == 2;
+// Pixels a stage holds: a whole number of kRunBlock (0: E too large to stage).
+static inline int64_t stage_pixels(int64_t E) { return kStageValues / E / kRunBlock * kRunBlock; }
+
 // r[j] (+)= the norm terms of planes x0 .. x0 + (kPlanes - 1) plane for
 // j in [s, t), added in plane order; kFirst starts from 0 instead of r (no
-// zeroed r needed, no memset per run).
-template <int64_t kPlanes, bool kFirst, int kNorm, typename scalar_t, bool kUnit>
+// zeroed r needed, no memset per run). kStage: D[p * ds + j - s] = the
+// difference of plane p.
+template <int64_t kPlanes, bool kFirst, int kNorm, bool kStage, typename scalar_t, bool kUnit>
 static inline void add_norm_terms(const scalar_t* x0, int64_t plane, const InnerStride<kUnit>& in,
                                   const typename AccOf<scalar_t>::type* m, int64_t s, int64_t t,
-                                  typename AccOf<scalar_t>::type* r) {
+                                  typename AccOf<scalar_t>::type* r, typename AccOf<scalar_t>::type* D,
+                                  int64_t ds) {
   using acc_t = typename AccOf<scalar_t>::type;
 #pragma omp simd
   for (int64_t j = s; j < t; ++j) {
     // (0 + term, not term: the compiler may contract a sum of products to
     // FMAs, and which product it fuses must not change with kFirst.)
     acc_t v = kFirst ? acc_t(0) : r[j];
-    v += norm_term<acc_t>(to_acc(x0[j * in.xs()]) - m[0], kNorm);
-    for (int64_t p = 1; p < kPlanes; ++p) v += norm_term<acc_t>(to_acc(x0[p * plane + j * in.xs()]) - m[p], kNorm);
+    for (int64_t p = 0; p < kPlanes; ++p) {
+      const acc_t d = to_acc(x0[p * plane + j * in.xs()]) - m[p];
+      if (kStage) D[p * ds + j - s] = d;
+      v += norm_term<acc_t>(d, kNorm);
+    }
     r[j] = v;
   }
 }
 
 // r[s .. t) = ||x_j - mu|| for the pixels of a run (L2: with the range fix).
 // Four planes per loop: r[j] is loaded and stored once per four terms,
-// added in the same order as one plane at a time.
-template <typename scalar_t, int kNorm, bool kUnit>
+// added in the same order as one plane at a time. kStage: D[e * ds + j - s]
+// = x_ej - mu_e as well (staged differences).
+template <typename scalar_t, int kNorm, bool kUnit, bool kStage = false>
 static inline void run_norms(const scalar_t* x, const PixelLayout& L,
                              const PixelOffsets& o, const InnerStride<kUnit>& in,
                              const typename AccOf<scalar_t>::type* mu, int64_t s, int64_t t,
-                             typename AccOf<scalar_t>::type* r) {
+                             typename AccOf<scalar_t>::type* r, typename AccOf<scalar_t>::type* D = nullptr,
+                             int64_t ds = 0) {
   const int64_t E = L.embed_dim, plane = L.x_embed_stride;
   const scalar_t* xe = x + o.x;
   int64_t e = 0;
   if (E >= 4) {
-    add_norm_terms<4, true, kNorm>(xe, plane, in, mu, s, t, r);
-    for (e = 4; e + 4 <= E; e += 4) add_norm_terms<4, false, kNorm>(xe + e * plane, plane, in, mu + e, s, t, r);
+    add_norm_terms<4, true, kNorm, kStage>(xe, plane, in, mu, s, t, r, D, ds);
+    for (e = 4; e + 4 <= E; e += 4) {
+      add_norm_terms<4, false, kNorm, kStage>(xe + e * plane, plane, in, mu + e, s, t, r, D + e * ds, ds);
+    }
   } else {
-    add_norm_terms<1, true, kNorm>(xe, plane, in, mu, s, t, r);
+    add_norm_terms<1, true, kNorm, kStage>(xe, plane, in, mu, s, t, r, D, ds);
     e = 1;
   }
-  for (; e < E; ++e) add_norm_terms<1, false, kNorm>(xe + e * plane, plane, in, mu + e, s, t, r);
+  for (; e < E; ++e) {
+    add_norm_terms<1, false, kNorm, kStage>(xe + e * plane, plane, in, mu + e, s, t, r, D + e * ds, ds);
+  }
   finish_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r);
 }
 
@@ -554,7 +584,9 @@ static inline typename AccOf<scalar_t>::type hinge_sums_of_norms(const scalar_t*
                                                                  const typename AccOf<scalar_t>::type* r,
                                                                  typename AccOf<scalar_t>::type* coef,
                                                                  HingeOf hinge_of,
-                                                                 typename AccOf<scalar_t>::type* grad) {
+                                                                 typename AccOf<scalar_t>::type* grad,
+                                                                 const typename AccOf<scalar_t>::type* D = nullptr,
+                                                                 int64_t ds = 0) {
   using acc_t = typename AccOf<scalar_t>::type;
   acc_t h2 = 0;
   int overflow = 0;
@@ -568,6 +600,13 @@ static inline typename AccOf<scalar_t>::type hinge_sums_of_norms(const scalar_t*
   if (kNorm == 2 && overflow) {
     fix_overflowed_coefs<scalar_t, kUnit>(x, L, o, in, mu, s, t, r, coef, hinge_of, acc_t(1),
                                           [&](int64_t, int64_t e, acc_t v) { grad[e] += v; });
+  }
+  if (D != nullptr) {  // (staged: the differences of pixels s .. tp in D's rows, from 0)
+    plane_sums<acc_t, true, false>(D, ds, L.embed_dim, InnerStride<true>{1, 1}, mu, 0, t - s, tp - s, grad,
+                                   [&](acc_t d, int64_t j) {
+                                     return coef[s + j] * (kNorm == 2 ? d : norm_grad(d, acc_t(0), 1));
+                                   });
+    return h2;
   }
   plane_sums<scalar_t, kUnit>(x + o.x, L.x_embed_stride, L.embed_dim, in, mu, s, t, tp, grad, [&](acc_t d, int64_t j) {
     return coef[j] * (kNorm == 2 ? d : norm_grad(d, acc_t(0), 1));
@@ -583,7 +622,12 @@ static inline typename AccOf<scalar_t>::type run_hinge_sums(const scalar_t* x, c
                                                             const typename AccOf<scalar_t>::type* mu, int64_t s,
                                                             int64_t t, int64_t tp, typename AccOf<scalar_t>::type* r,
                                                             typename AccOf<scalar_t>::type* coef, HingeOf hinge_of,
-                                                            typename AccOf<scalar_t>::type* grad) {
+                                                            typename AccOf<scalar_t>::type* grad,
+                                                            typename AccOf<scalar_t>::type* D, int64_t ds) {
+  if (kStaged<scalar_t> && tp - s <= ds) {
+    run_norms<scalar_t, kNorm, kUnit, true>(x, L, o, in, mu, s, tp, r, D, ds);
+    return hinge_sums_of_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, tp, r, coef, hinge_of, grad, D, ds);
+  }
   run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, tp, r);
   return hinge_sums_of_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, tp, r, coef, hinge_of, grad);
 }
@@ -950,13 +994,15 @@ static void hinge_sums_impl(const ChunkArgs& a) {
   SlotRun runs[kTile];
   acc_t r[kTile];
   acc_t coef[kTile] = {};  // (read past a run's end, then masked: never uninitialized)
+  acc_t D[kStaged<scalar_t> ? kStageValues : 1];
+  const int64_t stage_px = kStaged<scalar_t> ? stage_pixels(E) : 0;
   for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
     const int64_t nr =
         segment_runs(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, runs, nullptr);
     for_each_cluster_run(runs, nr, [&](int64_t s, int64_t t, int64_t k) {
       hinge[k] += run_hinge_sums<scalar_t, kNorm, kUnit>(
           x, L, o, in, means + k * E, s, t, padded_end<kUnit>(s, t, len), r, coef,
-          [&](acc_t rj) { return pull_hinge(rj, delta_v, kNorm); }, hinge_grad + k * E);
+          [&](acc_t rj) { return pull_hinge(rj, delta_v, kNorm); }, hinge_grad + k * E, D, stage_px);
     });
     if (a.push == nullptr || a.num_present == 0) return;
     acc_t* U = static_cast<acc_t*>(a.push_scratch);
@@ -968,6 +1014,22 @@ static void hinge_sums_impl(const ChunkArgs& a) {
       push_sums<acc_t, kNorm>(a, U, n, r, coef);
     }
   });
+}
+
+// ge[j] = from_acc(coef[j] * u_j + be), j in [0, n): u_j = d_j (L2) or its
+// sign (L1), d_j = diff_of<kDiff>(xe[j], m) (kDiff false: xe holds the
+// differences, staged). kUnitX, kUnitG: unit strides.
+template <int kNorm, bool kDiff, bool kUnitX, bool kUnitG, typename src_t, typename scalar_t>
+static inline void plane_grad(const src_t* xe, int64_t xs, typename AccOf<scalar_t>::type m,
+                              typename AccOf<scalar_t>::type be, const typename AccOf<scalar_t>::type* coef, int64_t n,
+                              scalar_t* ge, int64_t gs) {
+  using acc_t = typename AccOf<scalar_t>::type;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t d = diff_of<kDiff>(xe[j * (kUnitX ? 1 : xs)], m);
+    const acc_t u = kNorm == 2 ? d : norm_grad(d, acc_t(0), 1);
+    ge[j * (kUnitG ? 1 : gs)] = from_acc(coef[j] * u + be, static_cast<scalar_t*>(nullptr));
+  }
 }
 
 // ---- pass 3: the gradient ----------------------------------------------------
@@ -992,6 +1054,8 @@ static void write_grad_impl(const ChunkArgs& a) {
   acc_t r[kTile];
   acc_t coef[kTile];
   const bool with_push = push_coef != nullptr && a.num_present > 0;
+  acc_t D[kStaged<scalar_t> ? kStageValues : 1];
+  const int64_t stage_px = kStaged<scalar_t> ? stage_pixels(E) : 0;
   acc_t* U = static_cast<acc_t*>(a.push_scratch);
   acc_t* push_buf = U + push_scratch_elems(L.embed_dim, a.config->num_slots, false);
   for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
@@ -1013,19 +1077,26 @@ static void write_grad_impl(const ChunkArgs& a) {
       const acc_t* b = mean_coef + k * E;
       const acc_t av = var_coef[k];
       const int64_t tp = padded_end<kUnit>(s, t, len);  // (the gradient past t: written again by its own run)
-      run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, tp, r);
+      // 16-bit types: the run in stages of stage_px pixels, the norms keeping
+      // their differences in D (staged differences); else the run at once.
+      const bool staged = kStaged<scalar_t> && stage_px > 0;
+      for (int64_t sb = s; sb < tp; sb = staged ? sb + stage_px : tp) {
+        const int64_t se = staged && tp - sb > stage_px ? sb + stage_px : tp;
+        if (staged) {
+          run_norms<scalar_t, kNorm, kUnit, true>(x, L, o, in, mu, sb, se, r, D, stage_px);
+        } else {
+          run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, sb, se, r);
+        }
 #pragma omp simd
-      for (int64_t j = s; j < tp; ++j) coef[j] = av * pull_hinge(r[j], delta_v, kNorm).coef;
-      for (int64_t e = 0; e < E; ++e) {
-        const scalar_t* xe = x + o.x + e * L.x_embed_stride;
-        scalar_t* ge = grad + o.grad + e * L.grad_embed_stride;
-        const acc_t m = mu[e];
-        const acc_t be = b[e];
-#pragma omp simd
-        for (int64_t j = s; j < tp; ++j) {
-          const acc_t d = to_acc(xe[j * in.xs()]) - m;
-          const acc_t u = kNorm == 2 ? d : norm_grad(d, acc_t(0), 1);
-          ge[j * in.gs()] = from_acc(coef[j] * u + be, static_cast<scalar_t*>(nullptr));
+        for (int64_t j = sb; j < se; ++j) coef[j] = av * pull_hinge(r[j], delta_v, kNorm).coef;
+        for (int64_t e = 0; e < E; ++e) {
+          scalar_t* ge = grad + o.grad + e * L.grad_embed_stride + sb * in.gs();
+          if (staged) {
+            plane_grad<kNorm, false, true, kUnit>(D + e * stage_px, 1, acc_t(0), b[e], coef + sb, se - sb, ge, in.gs());
+          } else {
+            plane_grad<kNorm, true, kUnit, kUnit>(x + o.x + e * L.x_embed_stride + sb * in.xs(), in.xs(), mu[e], b[e],
+                                                  coef + sb, se - sb, ge, in.gs());
+          }
         }
       }
     }
