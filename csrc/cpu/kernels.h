@@ -299,15 +299,17 @@ struct InnerStride {
   int64_t gs() const { return kUnit ? 1 : grad; }
 };
 
-// ---- the gradient's lines, fetched for writing ahead of the runs ------------
+// ---- the gradient's lines, fetched ahead of the runs ---------------------------
 // Pass 3 writes E gradient planes a run at a time; each store that finds
 // its line out of cache waits for the line to be read first, and the
 // hardware's prefetchers do not run ahead of E interleaved write streams
 // that advance ~100 bytes at a time (perf puts half of the gradient loop's
 // samples on its store). So pass 3 keeps a cursor kGradAhead bytes ahead of
-// its runs in every plane and asks for each line, for writing, once as the
-// runs reach it. (The same for the planes of x, in every pass, measured no
-// faster: the reads stream well enough.)
+// its runs in every plane and asks for each line once as the runs reach it.
+// It is a read prefetch (prefetcht0): a line no other core holds arrives
+// exclusive, so the store needs no second request. (prefetchw, with the
+// PRFCHW target, measured no faster; the same cursor for the planes of x,
+// in every pass, no faster either: the reads stream well enough.)
 #ifndef DISCLOSS_GRAD_AHEAD
 #define DISCLOSS_GRAD_AHEAD 512
 #endif
@@ -324,7 +326,7 @@ struct GradAhead {
     const int64_t target = j * int64_t(sizeof(T)) + kGradAhead;
     for (; next < target; next += 64) {
       for (int64_t e = 0; e < E; ++e) {  // (an integer address: it may lie past the gradient's end)
-        __builtin_prefetch(reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p + e * plane) + uintptr_t(next)), 1, 3);
+        __builtin_prefetch(reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p + e * plane) + uintptr_t(next)), 0, 3);
       }
     }
   }
