@@ -42,6 +42,8 @@ def available_isas():
         isas.append("avx2")
         if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
             isas.append("avx512")
+            if "avx512_bf16" in flags:
+                isas.append("avx512bf16")
     return isas
 
 
@@ -73,7 +75,7 @@ def test_a_bad_instruction_set_is_named():
             "discloss.discriminative_loss(torch.randn(1, 2, 8), torch.ones(1, 8, dtype=torch.long), max_instances=2)")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert "DISCLOSS_CPU_ISA: expected generic, avx2 or avx512, got 'sse9'" in result.stderr
+    assert "DISCLOSS_CPU_ISA: expected generic, avx2, avx512 or avx512bf16, got 'sse9'" in result.stderr
 
 
 def test_the_variable_changes_the_kernels_not_the_values():

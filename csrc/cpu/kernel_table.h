@@ -138,6 +138,9 @@ ChunkKernels chunk_kernels(ScalarKind kind);
 namespace avx512 {
 ChunkKernels chunk_kernels(ScalarKind kind);
 }
+namespace avx512bf16 {
+ChunkKernels chunk_kernels(ScalarKind kind);
+}
 
 }  // namespace cpu
 }  // namespace discloss

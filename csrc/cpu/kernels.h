@@ -1,7 +1,8 @@
 // The three streaming passes of DESIGN §3 over a chunk of pixels of one image,
-// on raw pointers. This header is compiled three times (kernels_default.cpp,
-// kernels_avx2.cpp, kernels_avx512.cpp) with different instruction sets, each
-// copy in its own namespace, and loss.cpp picks one at run time. It must
+// on raw pointers. This header is compiled four times (kernels_default.cpp,
+// kernels_avx2.cpp, kernels_avx512.cpp, kernels_avx512bf16.cpp) with
+// different instruction sets, each copy in its own namespace, and loss.cpp
+// picks among them at run time. It must
 // therefore not pull in torch headers or call library templates that may be
 // compiled out of line (their code would be compiled for AVX2 in one copy and
 // could be picked by the linker for another).
@@ -16,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -1018,6 +1020,29 @@ static void hinge_sums_impl(const ChunkArgs& a) {
   });
 }
 
+#if defined(DISCLOSS_CPU_BF16)
+// plane_grad for bfloat16 from staged differences d (L2): 16 values per
+// vcvtne2ps2bf16, which rounds to nearest even as from_acc does but flushes
+// subnormal inputs to zero and keeps a NaN's payload; a block of 16 with a
+// NaN or a subnormal (one vfpclassps test per 8) takes from_acc instead.
+// The same FMA as the loop in plane_grad, so the same bits.
+static inline void bf16_plane_grad(const float* d, float be, const float* coef, int64_t n, BFloat16* ge) {
+  constexpr int kNanOrSubnormal = 0x01 | 0x20 | 0x80;  // quiet NaN, subnormal, signalling NaN
+  const __m256 vb = _mm256_set1_ps(be);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256 g0 = _mm256_fmadd_ps(_mm256_loadu_ps(coef + j), _mm256_loadu_ps(d + j), vb);
+    const __m256 g1 = _mm256_fmadd_ps(_mm256_loadu_ps(coef + j + 8), _mm256_loadu_ps(d + j + 8), vb);
+    if ((_mm256_fpclass_ps_mask(g0, kNanOrSubnormal) | _mm256_fpclass_ps_mask(g1, kNanOrSubnormal)) == 0) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ge + j), reinterpret_cast<__m256i>(_mm256_cvtne2ps_pbh(g1, g0)));
+      continue;
+    }
+    for (int64_t u = j; u < j + 16; ++u) ge[u] = from_acc(__builtin_fmaf(coef[u], d[u], be), static_cast<BFloat16*>(nullptr));
+  }
+  for (; j < n; ++j) ge[j] = from_acc(__builtin_fmaf(coef[j], d[j], be), static_cast<BFloat16*>(nullptr));
+}
+#endif
+
 // ge[j] = from_acc(coef[j] * u_j + be), j in [0, n): u_j = d_j (L2) or its
 // sign (L1), d_j = diff_of<kDiff>(xe[j], m) (kDiff false: xe holds the
 // differences, staged). kUnitX, kUnitG: unit strides.
@@ -1026,6 +1051,12 @@ static inline void plane_grad(const src_t* xe, int64_t xs, typename AccOf<scalar
                               typename AccOf<scalar_t>::type be, const typename AccOf<scalar_t>::type* coef, int64_t n,
                               scalar_t* ge, int64_t gs) {
   using acc_t = typename AccOf<scalar_t>::type;
+#if defined(DISCLOSS_CPU_BF16)
+  if constexpr (std::is_same_v<scalar_t, BFloat16> && kNorm == 2 && !kDiff && kUnitX && kUnitG) {
+    bf16_plane_grad(xe, be, coef, n, ge);
+    return;
+  }
+#endif
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const acc_t d = diff_of<kDiff>(xe[j * (kUnitX ? 1 : xs)], m);

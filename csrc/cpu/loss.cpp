@@ -44,16 +44,16 @@ int64_t grain_for(int64_t work_per_item) {
 }
 
 // The instruction sets the chunk kernels are built for (kernels_*.cpp).
-enum class CpuIsa { Generic = 0, Avx2 = 1, Avx512 = 2 };
+enum class CpuIsa { Generic = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
 
 // The best one this processor runs, capped by the environment variable
-// DISCLOSS_CPU_ISA (generic, avx2 or avx512) so that tests and benchmarks
-// can run the others.
+// DISCLOSS_CPU_ISA (generic, avx2, avx512 or avx512bf16) so that tests and
+// benchmarks can run the others.
 CpuIsa cpu_isa() {
   const char* env = std::getenv("DISCLOSS_CPU_ISA");
-  const std::string cap = env != nullptr ? env : "avx512";
-  TORCH_CHECK(cap == "generic" || cap == "avx2" || cap == "avx512",
-              "DISCLOSS_CPU_ISA: expected generic, avx2 or avx512, got '", cap, "'");
+  const std::string cap = env != nullptr ? env : "avx512bf16";
+  TORCH_CHECK(cap == "generic" || cap == "avx2" || cap == "avx512" || cap == "avx512bf16",
+              "DISCLOSS_CPU_ISA: expected generic, avx2, avx512 or avx512bf16, got '", cap, "'");
   if (cap == "generic") return CpuIsa::Generic;
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
@@ -61,7 +61,9 @@ CpuIsa cpu_isa() {
   if (cap == "avx2") return CpuIsa::Avx2;
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return avx512 ? CpuIsa::Avx512 : CpuIsa::Avx2;
+  if (!avx512) return CpuIsa::Avx2;
+  if (cap == "avx512" || !__builtin_cpu_supports("avx512bf16")) return CpuIsa::Avx512;
+  return CpuIsa::Avx512Bf16;
 #else
   return CpuIsa::Generic;
 #endif
@@ -70,13 +72,18 @@ CpuIsa cpu_isa() {
 ChunkKernels kernels_for_isa(CpuIsa isa, ScalarKind kind) {
   if (isa == CpuIsa::Generic) return generic::chunk_kernels(kind);
   ChunkKernels k = avx2::chunk_kernels(kind);
-  if (isa == CpuIsa::Avx512) {
+  if (isa >= CpuIsa::Avx512) {
     // AVX-512 for the pair step only: 512-bit vectors made it 10-25% faster
     // at C = 32768, and the pixel passes slower (bfloat16's forward 16-18 ->
     // 20-22 ms at the headline configuration; benchmarks/NOTES.md).
     const ChunkKernels wide = avx512::chunk_kernels(kind);
     k.pair_rows = wide.pair_rows;
     k.pair_grads = wide.pair_grads;
+  }
+  if (isa == CpuIsa::Avx512Bf16 && kind == ScalarKind::BFloat16) {
+    // bfloat16's pass 3 rounds its gradient with vcvtne2ps2bf16 (the same
+    // bits; pass 3 0.85x as long, benchmarks/NOTES.md).
+    k.write_grad = avx512bf16::chunk_kernels(kind).write_grad;
   }
   return k;
 }
