@@ -1037,9 +1037,9 @@ static inline void bf16_plane_grad(const float* d, float be, const float* coef, 
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(ge + j), reinterpret_cast<__m256i>(_mm256_cvtne2ps_pbh(g1, g0)));
       continue;
     }
-    for (int64_t u = j; u < j + 16; ++u) ge[u] = from_acc(__builtin_fmaf(coef[u], d[u], be), static_cast<BFloat16*>(nullptr));
+    for (int64_t u = j; u < j + 16; ++u) ge[u] = from_acc(__builtin_fmaf(coef[u], d[u], be), ge);
   }
-  for (; j < n; ++j) ge[j] = from_acc(__builtin_fmaf(coef[j], d[j], be), static_cast<BFloat16*>(nullptr));
+  for (; j < n; ++j) ge[j] = from_acc(__builtin_fmaf(coef[j], d[j], be), ge);
 }
 #endif
 
