@@ -619,6 +619,10 @@ static inline typename AccOf<scalar_t>::type hinge_sums_of_norms(const scalar_t*
 }
 
 // The same for a run of pixels, norms included. The pull (pass 2) uses it.
+// 16-bit types stage a run that fits in D (ds = stage_pixels(E) pixels) and
+// sum its gradient from there; a longer run converts x again, since its sum
+// lanes would have to live across stages (pass 3, whose pixels are
+// independent, stages every run a row of D at a time).
 template <typename scalar_t, int kNorm, bool kUnit, typename HingeOf>
 static inline typename AccOf<scalar_t>::type run_hinge_sums(const scalar_t* x, const PixelLayout& L,
                                                             const PixelOffsets& o,
