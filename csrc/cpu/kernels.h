@@ -902,41 +902,105 @@ static void push_sums(const ChunkArgs& a, acc_t* U, int64_t n, acc_t* r, acc_t* 
   });
 }
 
+// buf[(e + p) * kPushStride + block + v] += sum over the kept clusters i,
+// in order, of cw[i][v] * (U[e + p][block + v] - mt[e + p][i]), for kP
+// components from e: push_grads' sums of a block of lanes (kV vectors of kW).
+template <int kP, typename Vec, int64_t kV, int64_t kW, typename acc_t>
+static inline void add_kept_planes(const acc_t* U, acc_t* buf, const acc_t* cw, const acc_t* mt, int64_t e,
+                                   int64_t K, int64_t block, int64_t kept) {
+  Vec sum[kP][kV], u[kP][kV];
+  for (int p = 0; p < kP; ++p) {
+    for (int64_t h = 0; h < kV; ++h) {
+      std::memcpy(&sum[p][h], buf + (e + p) * kPushStride + block + h * kW, sizeof(Vec));
+      std::memcpy(&u[p][h], U + (e + p) * kPushStride + block + h * kW, sizeof(Vec));
+    }
+  }
+  for (int64_t i = 0; i < kept; ++i) {
+    Vec c[kV];
+    for (int64_t h = 0; h < kV; ++h) std::memcpy(&c[h], cw + i * kPushCoefLanes + h * kW, sizeof(Vec));
+    for (int p = 0; p < kP; ++p) {
+      const acc_t m = mt[(e + p) * K + i];
+      for (int64_t h = 0; h < kV; ++h) sum[p][h] += c[h] * (u[p][h] - m);
+    }
+  }
+  for (int p = 0; p < kP; ++p) {
+    for (int64_t h = 0; h < kV; ++h) std::memcpy(buf + (e + p) * kPushStride + block + h * kW, &sum[p][h], sizeof(Vec));
+  }
+}
+
 // Pass 3: buf[e * kPushStride + u] = w * sum over the clusters of d(q^2)/dx_e
-// for the n pixels in U (clusters in present order for each pixel).
+// for the n pixels in U (clusters in present order for each pixel). A block
+// of lanes meets its clusters one at a time (for_each_push_block); their
+// coefficients and means are kept (cw: K rows of kPushCoefLanes, mt: E rows
+// of K) and added when the block is done, a component at a time over all
+// its clusters, the lanes' sums held in registers: each term added in the
+// same order as cluster by cluster, so the same bits, with each component
+// of U and of the sums loaded once per block instead of once per cluster.
 template <typename acc_t, int kNorm>
 static void push_grads(const ChunkArgs& a, acc_t* U, int64_t n, acc_t w, acc_t* r, acc_t* coef, acc_t* buf) {
+  constexpr int64_t kL = kPushLanes<acc_t>;
+  static_assert(kL <= kPushCoefLanes, "the coefficient rows hold a block of lanes");
   const PixelLayout LU = gathered_layout(*a.layout);
-  const int64_t E = LU.embed_dim;
+  const int64_t E = LU.embed_dim, K = a.config->num_slots;
   const acc_t delta_d = acc_t(a.config->delta_d);
   const InnerStride<true> in{1, 1};
+  acc_t* cw = buf + E * kPushStride;
+  acc_t* mt = cw + K * kPushCoefLanes;
+  const int64_t padded = (n + kL - 1) / kL * kL;
   for (int64_t e = 0; e < E; ++e) {
-    for (int64_t u = 0; u < n; ++u) buf[e * kPushStride + u] = 0;
+    for (int64_t u = 0; u < padded; ++u) buf[e * kPushStride + u] = 0;
   }
+  int64_t block = -1, kept = 0;  // the block being met (its u0), its clusters kept
+  auto add_kept = [&]() {
+    if (kept == 0) return;
+    if constexpr (kNorm == 2) {
+      // The block's lanes in GCC vectors of 32 bytes, four components at a
+      // time: eight chains of FMAs side by side (an array with omp simd was
+      // kept on the stack, a store and a load per cluster; one component at
+      // a time waits on the FMA's latency).
+      typedef acc_t Vec __attribute__((vector_size(32)));
+      constexpr int64_t kW = 32 / int64_t(sizeof(acc_t)), kV = kL / kW;
+      int64_t e = 0;
+      for (; e + 4 <= E; e += 4) add_kept_planes<4, Vec, kV, kW>(U, buf, cw, mt, e, K, block, kept);
+      for (; e < E; ++e) add_kept_planes<1, Vec, kV, kW>(U, buf, cw, mt, e, K, block, kept);
+    } else {
+      for (int64_t e = 0; e < E; ++e) {
+        const acc_t* ue = U + e * kPushStride + block;
+        acc_t* be = buf + e * kPushStride + block;
+        for (int64_t i = 0; i < kept; ++i) {
+          const acc_t m = mt[e * K + i];
+          const acc_t* c = cw + i * kPushCoefLanes;
+#pragma omp simd
+          for (int64_t v = 0; v < kL; ++v) be[v] += c[v] * norm_grad(ue[v] - m, acc_t(0), 1);
+        }
+      }
+    }
+    kept = 0;
+  };
   for_each_push_block<acc_t, kNorm>(a, LU, U, n, r, [&](int64_t, const acc_t* mu, int64_t u0, int64_t u1) {
+    if (u0 != block) {
+      add_kept();
+      block = u0;
+    }
     int overflow = 0;
 #pragma omp simd reduction(| : overflow)
     for (int64_t u = u0; u < u1; ++u) {
       coef[u] = w * unlabeled_hinge(r[u], delta_d, kNorm).coef;
       overflow |= coef_overflowed(coef[u], r[u]) ? 1 : 0;
     }
-    if (kNorm == 2 && overflow) {
+    if (kNorm == 2 && overflow) {  // (rare) these go in now, after the terms of the clusters before
+      add_kept();
       fix_overflowed_coefs<acc_t, true>(
           U, LU, PixelOffsets{0, 0, 0}, in, mu, u0, u1, r, coef,
           [&](acc_t rj) { return unlabeled_hinge(rj, delta_d, kNorm); }, w,
           [&](int64_t u, int64_t e, acc_t v) { buf[e * kPushStride + u] += v; });
     }
-    for (int64_t e = 0; e < E; ++e) {
-      const acc_t* ue = U + e * kPushStride;
-      acc_t* be = buf + e * kPushStride;
-      const acc_t m = mu[e];
-#pragma omp simd
-      for (int64_t u = u0; u < u1; ++u) {
-        const acc_t d = ue[u] - m;
-        be[u] += coef[u] * (kNorm == 2 ? d : norm_grad(d, acc_t(0), 1));
-      }
-    }
+    acc_t* c = cw + kept * kPushCoefLanes;
+    for (int64_t v = 0; v < kL; ++v) c[v] = v < u1 - u0 ? coef[u0 + v] : acc_t(0);
+    for (int64_t e = 0; e < E; ++e) mt[e * K + kept] = mu[e];
+    ++kept;
   });
+  add_kept();
 }
 
 // Positions of a segment's unlabeled pixels (slot kIgnored), ascending; their count.
