@@ -664,6 +664,20 @@ constexpr int kPushGroup = 4;
 // U[e * kPushStride + u] = x_e at segment position at[u], u < n; the lanes
 // up to the next multiple of kPushLanes are zeroed (computed, never used).
 // Rows E and E + 1 of U: the pixels' squared norms and norms (the tests).
+// The positions at[0 .. n) as stretches of consecutive ones: stretch i is
+// u in [first[i], first[i + 1]), at position at[first[i]] + u - first[i];
+// first[count] = n. Returns their count (unlabeled regions are coherent in
+// most label maps: few stretches; scattered pixels: about one per pixel).
+static inline int64_t position_stretches(const int32_t* at, int64_t n, int32_t* first) {
+  int64_t count = 0;
+  for (int64_t u = 0; u < n; ++u) {
+    first[count] = int32_t(u);
+    count += u == 0 || at[u] != at[u - 1] + 1 ? 1 : 0;
+  }
+  first[count] = int32_t(n);
+  return count;
+}
+
 template <typename scalar_t, bool kUnit>
 static inline void gather_pixels(const scalar_t* x, const PixelLayout& L,
                                  const PixelOffsets& o, const InnerStride<kUnit>& in,
@@ -673,10 +687,22 @@ static inline void gather_pixels(const scalar_t* x, const PixelLayout& L,
   const int64_t padded = (n + kL - 1) / kL * kL;
   acc_t* sq = U + L.embed_dim * kPushStride;
   for (int64_t u = 0; u < padded; ++u) sq[u] = 0;
+  int32_t first[kPushBlock + 1];
+  const int64_t stretches = kUnit ? position_stretches(at, n, first) : 0;
   for (int64_t e = 0; e < L.embed_dim; ++e) {
     const scalar_t* xe = x + o.x + e * L.x_embed_stride;
     acc_t* ue = U + e * kPushStride;
-    for (int64_t u = 0; u < n; ++u) ue[u] = to_acc(xe[at[u] * in.xs()]);
+    if (kUnit && stretches * 4 <= n) {  // (contiguous copies where the stretches are long enough)
+      for (int64_t i = 0; i < stretches; ++i) {
+        const int64_t u0 = first[i], len = first[i + 1] - u0;
+        const scalar_t* src = xe + at[u0];
+        acc_t* dst = ue + u0;
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) dst[j] = to_acc(src[j]);
+      }
+    } else {
+      for (int64_t u = 0; u < n; ++u) ue[u] = to_acc(xe[at[u] * in.xs()]);
+    }
     for (int64_t u = n; u < padded; ++u) ue[u] = 0;
 #pragma omp simd
     for (int64_t u = 0; u < padded; ++u) sq[u] += ue[u] * ue[u];
@@ -823,6 +849,50 @@ static inline unsigned push_norm_terms(const acc_t* U, int64_t E, int64_t u0, co
   return mask;
 }
 
+// The clusters 0 .. C - 1 in order: cand[i] = i; their count.
+static inline int64_t all_candidates(int64_t C, int32_t* cand) {
+  for (int64_t i = 0; i < C; ++i) cand[i] = int32_t(i);
+  return C;
+}
+
+// The clusters (norms nm[0 .. C)) that the norm test may not rule out for
+// every one of a block's nv pixels (norms nx), in order, in cand; their
+// count. One test per cluster from the block's smallest and largest norms
+// instead of one per pixel: a cluster is out when all the pixels' norms lie
+// on one side of its norm and the test as push_norms_near computes it, at
+// the nearest of them, clears its bound by a further kappa (nx_max + nm).
+// The computed test is within 3u (nx + nm) of the exact one, which grows
+// away from nm on either side, and kappa = 4 (E + 2) u is at least 12u: so
+// every pixel's computed test clears the bound, and push_norms_near rules
+// the cluster out too. The blocks' results are the same, with fewer tests.
+// A pixel with a NaN or infinite norm keeps every cluster (the test fails).
+template <typename acc_t>
+static inline int64_t push_candidates(const acc_t* nx, int64_t nv, const acc_t* nm, int64_t C,
+                                      PushTests<acc_t> test, int32_t* far, int32_t* cand) {
+  acc_t lo = nx[0], hi = nx[0];
+  bool finite = true;
+  for (int64_t v = 0; v < nv; ++v) {
+    finite = finite && nx[v] - nx[v] == acc_t(0);
+    lo = nx[v] < lo ? nx[v] : lo;
+    hi = nx[v] > hi ? nx[v] : hi;
+  }
+  if (!finite) return all_candidates(C, cand);
+  const acc_t kappa = test.kappa, bound = test.norm_bound;
+#pragma omp simd
+  for (int64_t i = 0; i < C; ++i) {
+    const acc_t m = nm[i], w = kappa * (hi + m);
+    const acc_t above = std::fabs(lo - m) - kappa * (lo + m) - w;  // every pixel at or above m
+    const acc_t below = std::fabs(hi - m) - kappa * (hi + m) - w;  // every pixel at or below m
+    far[i] = int32_t(int(lo >= m) & int(above >= bound)) | int32_t(int(hi <= m) & int(below >= bound));
+  }
+  int64_t n = 0;
+  for (int64_t i = 0; i < C; ++i) {
+    cand[n] = int32_t(i);
+    n += far[i] ? 0 : 1;
+  }
+  return n;
+}
+
 // For the n pixels in U (the push scratch, filled by gather_pixels): calls
 // fn(k, mu, u0, u1) for each (cluster k present, lanes [u0, u1)) block with
 // a pixel that may lie within delta_d of the mean mu, r[u0 .. u1) its
@@ -849,32 +919,37 @@ static inline void for_each_push_block(const ChunkArgs& a, const PixelLayout& LU
     }
   }
   acc_t* centre = norm_mu + a.config->num_slots;
+  int32_t* far = reinterpret_cast<int32_t*>(centre + E);  // (K values of acc_t hold K int32)
+  int32_t* cand = reinterpret_cast<int32_t*>(centre + E + a.config->num_slots);
   const InnerStride<true> in{1, 1};
   acc_t d[kPushGroup][kL];
   for (int64_t u0 = 0; u0 < n; u0 += kL) {
     const int64_t u1 = n < u0 + kL ? n : u0 + kL;
-    const acc_t rho = tests.on ? lanes_ball(U, E, u0, u1 - u0, centre) : acc_t(0);
-    for (int64_t pi = 0; pi < C; pi += kPushGroup) {
+    const int64_t nc = tests.on ? push_candidates<acc_t>(norm_x + u0, u1 - u0, norm_mu, C, tests, far, cand)
+                                : all_candidates(C, cand);
+    acc_t rho = -1;  // the lanes' ball, computed when a group first needs it
+    for (int64_t ci = 0; ci < nc; ci += kPushGroup) {
       const acc_t* mu[kPushGroup];
       acc_t sq_g[kPushGroup], norm_g[kPushGroup];
       for (int g = 0; g < kPushGroup; ++g) {
-        const int64_t i = pi + g < C ? pi + g : C - 1;
+        const int64_t i = cand[ci + g < nc ? ci + g : nc - 1];
         mu[g] = means + a.present[i] * E;
         sq_g[g] = sq_mu[i];
         norm_g[g] = norm_mu[i];
       }
-      if (tests.on && (push_norms_near<acc_t>(norm_x + u0, u1 - u0, norm_g, tests) == 0 ||
-                       push_ball_near<acc_t>(centre, rho, E, mu, tests) == 0 ||
-                       push_gram_near<acc_t>(U, E, u0, u1 - u0, mu, sq_g, tests) == 0)) {
-        continue;
+      if (tests.on) {
+        if (push_norms_near<acc_t>(norm_x + u0, u1 - u0, norm_g, tests) == 0) continue;
+        if (rho < 0) rho = lanes_ball(U, E, u0, u1 - u0, centre);
+        if (push_ball_near<acc_t>(centre, rho, E, mu, tests) == 0) continue;
+        if (push_gram_near<acc_t>(U, E, u0, u1 - u0, mu, sq_g, tests) == 0) continue;
       }
       const unsigned near = push_norm_terms<acc_t, kNorm>(U, E, u0, mu, u1 - u0, bound, d);
       if (near == 0) continue;
-      for (int g = 0; g < kPushGroup && pi + g < C; ++g) {
+      for (int g = 0; g < kPushGroup && ci + g < nc; ++g) {
         if (!(near >> g & 1u)) continue;
         for (int64_t v = 0; v < u1 - u0; ++v) r[u0 + v] = d[g][v];
         finish_norms<acc_t, kNorm, true>(U, LU, PixelOffsets{0, 0, 0}, in, mu[g], u0, u1, r);
-        fn(a.present[pi + g], mu[g], u0, u1);
+        fn(a.present[cand[ci + g]], mu[g], u0, u1);
       }
     }
   }
@@ -1288,10 +1363,21 @@ static void write_grad_impl(const ChunkArgs& a) {
       const int64_t n = nu - b0 < kPushBlock ? nu - b0 : kPushBlock;
       gather_pixels<scalar_t, kUnit>(x, L, o, in, at + b0, n, U);
       push_grads<acc_t, kNorm>(a, U, n, push_coef[0], r, coef, push_buf);
+      int32_t first[kPushBlock + 1];
+      const int64_t stretches = kUnit ? position_stretches(at + b0, n, first) : 0;
       for (int64_t e = 0; e < E; ++e) {
         scalar_t* ge = grad + o.grad + e * L.grad_embed_stride;
         const acc_t* be = push_buf + e * kPushStride;
-        for (int64_t u = 0; u < n; ++u) ge[at[b0 + u] * in.gs()] = from_acc(be[u], static_cast<scalar_t*>(nullptr));
+        if (kUnit && stretches * 4 <= n) {
+          for (int64_t i = 0; i < stretches; ++i) {
+            const int64_t u0 = first[i], len = first[i + 1] - u0;
+            scalar_t* dst = ge + at[b0 + u0];
+#pragma omp simd
+            for (int64_t j = 0; j < len; ++j) dst[j] = from_acc(be[u0 + j], static_cast<scalar_t*>(nullptr));
+          }
+        } else {
+          for (int64_t u = 0; u < n; ++u) ge[at[b0 + u] * in.gs()] = from_acc(be[u], static_cast<scalar_t*>(nullptr));
+        }
       }
     }
   });
