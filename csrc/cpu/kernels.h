@@ -775,22 +775,6 @@ static inline acc_t lanes_ball(const acc_t* U, int64_t E, int64_t u0, int64_t nv
   return std::sqrt(rho2);
 }
 
-// Bit g set when the ball (centre, rho) cannot be ruled out against mean g:
-// ||c - mu|| - rho - kappa (||c - mu|| + rho) < the norm test's bound, or NaN.
-template <typename acc_t>
-static inline unsigned push_ball_near(const acc_t* centre, acc_t rho, int64_t E, const acc_t* const* mu,
-                                      PushTests<acc_t> test) {
-  unsigned mask = 0;
-  for (int g = 0; g < kPushGroup; ++g) {
-    acc_t s = 0;
-    for (int64_t e = 0; e < E; ++e) s += (centre[e] - mu[g][e]) * (centre[e] - mu[g][e]);
-    const acc_t dc = std::sqrt(s);
-    const acc_t t = dc - rho - test.kappa * (dc + rho);
-    mask |= !(t >= test.norm_bound) ? 1u << g : 0u;
-  }
-  return mask;
-}
-
 // Bit g set when the Gram test cannot rule out pixel u0 + v (v < nv) of U
 // against mu[g] (norms sq_mu[g]), for kPushGroup means and kPushLanes pixels.
 template <typename acc_t>
@@ -893,6 +877,37 @@ static inline int64_t push_candidates(const acc_t* nx, int64_t nv, const acc_t* 
   return n;
 }
 
+// The candidates cand[0 .. nc) that the ball test does not rule out, in
+// order; their count. A cluster is out when its mean lies far from the
+// lanes' ball (centre, rho): ||c - mu|| - rho - kappa (||c - mu|| + rho) >=
+// the norm test's bound (NaN: kept). The distances for all C clusters at
+// once, the clusters across the vector lanes (means by component:
+// by_comp[e * C + i]), each summed over the components in order.
+template <typename acc_t>
+static inline int64_t ball_candidates(const acc_t* centre, acc_t rho, const acc_t* by_comp, int64_t E, int64_t C,
+                                      PushTests<acc_t> test, acc_t* sq, int32_t* near, int32_t* cand, int64_t nc) {
+  for (int64_t i = 0; i < C; ++i) sq[i] = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const acc_t c = centre[e];
+    const acc_t* me = by_comp + e * C;
+#pragma omp simd
+    for (int64_t i = 0; i < C; ++i) sq[i] += (c - me[i]) * (c - me[i]);
+  }
+  const acc_t kappa = test.kappa, bound = test.norm_bound;
+#pragma omp simd
+  for (int64_t i = 0; i < C; ++i) {
+    const acc_t dc = std::sqrt(sq[i]);
+    const acc_t t = dc - rho - kappa * (dc + rho);
+    near[i] = !(t >= bound) ? 1 : 0;
+  }
+  int64_t n = 0;
+  for (int64_t j = 0; j < nc; ++j) {
+    cand[n] = cand[j];
+    n += near[cand[j]];
+  }
+  return n;
+}
+
 // For the n pixels in U (the push scratch, filled by gather_pixels): calls
 // fn(k, mu, u0, u1) for each (cluster k present, lanes [u0, u1)) block with
 // a pixel that may lie within delta_d of the mean mu, r[u0 .. u1) its
@@ -921,13 +936,23 @@ static inline void for_each_push_block(const ChunkArgs& a, const PixelLayout& LU
   acc_t* centre = norm_mu + a.config->num_slots;
   int32_t* far = reinterpret_cast<int32_t*>(centre + E);  // (K values of acc_t hold K int32)
   int32_t* cand = reinterpret_cast<int32_t*>(centre + E + a.config->num_slots);
+  acc_t* by_comp = centre + E + 2 * a.config->num_slots;  // E rows of C: the means by component
+  acc_t* ball_sq = by_comp + E * a.config->num_slots;
+  if (tests.on) {
+    for (int64_t i = 0; i < C; ++i) {
+      for (int64_t e = 0; e < E; ++e) by_comp[e * C + i] = means[a.present[i] * E + e];
+    }
+  }
   const InnerStride<true> in{1, 1};
   acc_t d[kPushGroup][kL];
   for (int64_t u0 = 0; u0 < n; u0 += kL) {
     const int64_t u1 = n < u0 + kL ? n : u0 + kL;
-    const int64_t nc = tests.on ? push_candidates<acc_t>(norm_x + u0, u1 - u0, norm_mu, C, tests, far, cand)
-                                : all_candidates(C, cand);
-    acc_t rho = -1;  // the lanes' ball, computed when a group first needs it
+    int64_t nc = tests.on ? push_candidates<acc_t>(norm_x + u0, u1 - u0, norm_mu, C, tests, far, cand)
+                          : all_candidates(C, cand);
+    if (tests.on && nc > 0) {  // (the lanes' ball only for a block with candidates left)
+      const acc_t rho = lanes_ball(U, E, u0, u1 - u0, centre);
+      nc = ball_candidates<acc_t>(centre, rho, by_comp, E, C, tests, ball_sq, far, cand, nc);
+    }
     for (int64_t ci = 0; ci < nc; ci += kPushGroup) {
       const acc_t* mu[kPushGroup];
       acc_t sq_g[kPushGroup], norm_g[kPushGroup];
@@ -937,10 +962,8 @@ static inline void for_each_push_block(const ChunkArgs& a, const PixelLayout& LU
         sq_g[g] = sq_mu[i];
         norm_g[g] = norm_mu[i];
       }
-      if (tests.on) {
+      if (tests.on) {  // (the ball test was made for the whole block: ball_candidates)
         if (push_norms_near<acc_t>(norm_x + u0, u1 - u0, norm_g, tests) == 0) continue;
-        if (rho < 0) rho = lanes_ball(U, E, u0, u1 - u0, centre);
-        if (push_ball_near<acc_t>(centre, rho, E, mu, tests) == 0) continue;
         if (push_gram_near<acc_t>(U, E, u0, u1 - u0, mu, sq_g, tests) == 0) continue;
       }
       const unsigned near = push_norm_terms<acc_t, kNorm>(U, E, u0, mu, u1 - u0, bound, d);
