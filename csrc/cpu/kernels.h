@@ -1110,8 +1110,8 @@ static inline void add_kept_planes(const acc_t* U, acc_t* buf, const acc_t* cw, 
 // for the n pixels in U (clusters in present order for each pixel). A block
 // of lanes meets its clusters one at a time (for_each_push_block); their
 // coefficients and means are kept (cw: K rows of kPushCoefLanes, mt: E rows
-// of K) and added when the block is done, a component at a time over all
-// its clusters, the lanes' sums held in registers: each term added in the
+// of K) and added when the block is done, four components at a time over
+// all its clusters, the lanes' sums held in registers: each term added in the
 // same order as cluster by cluster, so the same bits, with each component
 // of U and of the sums loaded once per block instead of once per cluster.
 template <typename acc_t, int kNorm>
