@@ -994,19 +994,20 @@ static inline PixelLayout gathered_layout(const PixelLayout& L) {
 typedef float Vec8f __attribute__((vector_size(32)));
 typedef int Vec8i __attribute__((vector_size(32)));
 
-static inline Vec8f load8(const float* p) {
-  Vec8f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
+// (The helpers take and give vectors by reference: by value, the copy
+// compiled without AVX would warn that their ABI differs from AVX's.)
+static inline void load8(const float* p, Vec8f& v) { std::memcpy(&v, p, sizeof v); }
+
+// out lane v: c0[v] (ue[v] - m) + c1[v] (ue[8 + v] - m).
+static inline void block_terms(const float* ue, float m, const Vec8f& c0, const Vec8f& c1, Vec8f& out) {
+  Vec8f a, b;
+  load8(ue, a);
+  load8(ue + 8, b);
+  out = c0 * (a - m) + c1 * (b - m);
 }
 
-// Lane v: c0[v] (ue[v] - m) + c1[v] (ue[8 + v] - m).
-static inline Vec8f block_terms(const float* ue, float m, Vec8f c0, Vec8f c1) {
-  return c0 * (load8(ue) - m) + c1 * (load8(ue + 8) - m);
-}
-
-// Lane p: the sum of the 8 lanes of v[p], added in a fixed order.
-static inline Vec8f lane_sums8(const Vec8f* v) {
+// out lane p: the sum of the 8 lanes of v[p], added in a fixed order.
+static inline void lane_sums8(const Vec8f* v, Vec8f& out) {
   const Vec8i lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
   Vec8f pair[4];
   for (int i = 0; i < 4; ++i) {
@@ -1016,7 +1017,7 @@ static inline Vec8f lane_sums8(const Vec8f* v) {
   const Vec8f quad0 = __builtin_shuffle(pair[0], pair[1], lo2) + __builtin_shuffle(pair[0], pair[1], hi2);
   const Vec8f quad1 = __builtin_shuffle(pair[2], pair[3], lo2) + __builtin_shuffle(pair[2], pair[3], hi2);
   const Vec8i lo3 = {0, 1, 2, 3, 8, 9, 10, 11}, hi3 = {4, 5, 6, 7, 12, 13, 14, 15};
-  return __builtin_shuffle(quad0, quad1, lo3) + __builtin_shuffle(quad0, quad1, hi3);
+  out = __builtin_shuffle(quad0, quad1, lo3) + __builtin_shuffle(quad0, quad1, hi3);
 }
 
 // The push's pass 2 for one cluster (mean mu) and the full block of lanes
@@ -1042,18 +1043,20 @@ static inline float push_block_sums(const float* U, const PixelLayout& LU, const
     fix_overflowed_coefs<float, true>(U, LU, PixelOffsets{0, 0, 0}, InnerStride<true>{1, 1}, mu, u0, u0 + kL, r,
                                       coef, hinge_of, 1.0f, [&](int64_t, int64_t e, float v) { grad[e] += v; });
   }
-  const Vec8f c0 = load8(coef + u0), c1 = load8(coef + u0 + 8);
+  Vec8f c0, c1, sums;
+  load8(coef + u0, c0);
+  load8(coef + u0 + 8, c1);
   int64_t e = 0;
   for (; e + 8 <= E; e += 8) {
     Vec8f v[8];
-    for (int p = 0; p < 8; ++p) v[p] = block_terms(U + (e + p) * kPushStride + u0, mu[e + p], c0, c1);
-    const Vec8f sums = lane_sums8(v);
+    for (int p = 0; p < 8; ++p) block_terms(U + (e + p) * kPushStride + u0, mu[e + p], c0, c1, v[p]);
+    lane_sums8(v, sums);
     for (int p = 0; p < 8; ++p) grad[e + p] += sums[p];
   }
   if (e < E) {
     Vec8f v[8] = {};
-    for (int p = 0; e + p < E; ++p) v[p] = block_terms(U + (e + p) * kPushStride + u0, mu[e + p], c0, c1);
-    const Vec8f sums = lane_sums8(v);
+    for (int p = 0; e + p < E; ++p) block_terms(U + (e + p) * kPushStride + u0, mu[e + p], c0, c1, v[p]);
+    lane_sums8(v, sums);
     for (int p = 0; e + p < E; ++p) grad[e + p] += sums[p];
   }
   return h2;
