@@ -78,9 +78,9 @@ constexpr int64_t kPushStride = kPushBlock + 16;
 // squared norms and norms (2 x kPushStride), the means' squared norms and
 // norms (2 x K), a centre (E), a flag and an index per cluster (2 x K, as
 // int32), the means by component (E x K) and a sum per cluster (K), and in
-// pass 3 the gradient accumulators (E x
-// kPushStride), then a block's coefficients (K x kPushCoefLanes) and its
-// clusters' means by component (E x K).
+// pass 3 the gradient accumulators (E x kPushStride), then a block's
+// coefficients (K x kPushCoefLanes) and its clusters' means by component
+// (E x K).
 constexpr int64_t kPushCoefLanes = 16;  // kPushLanes of float, the most of any type
 constexpr int64_t push_scratch_elems(int64_t E, int64_t K, bool pass3) {
   return (E + 2) * kPushStride + 5 * K + E + E * K + (pass3 ? E * kPushStride + K * kPushCoefLanes + E * K : 0);

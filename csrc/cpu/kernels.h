@@ -661,9 +661,6 @@ constexpr int kPushGroup = 4;
 // The exact test's bound (push_skip_bound) and the three tests' margins
 // (push_tests) are in math.h, shared with the CUDA push.
 
-// U[e * kPushStride + u] = x_e at segment position at[u], u < n; the lanes
-// up to the next multiple of kPushLanes are zeroed (computed, never used).
-// Rows E and E + 1 of U: the pixels' squared norms and norms (the tests).
 // The positions at[0 .. n) as stretches of consecutive ones: stretch i is
 // u in [first[i], first[i + 1]), at position at[first[i]] + u - first[i];
 // first[count] = n. Returns their count (unlabeled regions are coherent in
@@ -678,6 +675,9 @@ static inline int64_t position_stretches(const int32_t* at, int64_t n, int32_t* 
   return count;
 }
 
+// U[e * kPushStride + u] = x_e at segment position at[u], u < n; the lanes
+// up to the next multiple of kPushLanes are zeroed (computed, never used).
+// Rows E and E + 1 of U: the pixels' squared norms and norms (the tests).
 template <typename scalar_t, bool kUnit>
 static inline void gather_pixels(const scalar_t* x, const PixelLayout& L,
                                  const PixelOffsets& o, const InnerStride<kUnit>& in,
