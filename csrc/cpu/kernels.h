@@ -493,13 +493,21 @@ static inline void finish_norms(const scalar_t* x, const PixelLayout& L,
 // Where a run's pixels are looked at twice, the first look (the norms) can
 // keep d = to_acc(x) - mu, in the accumulation type, in a scratch D that
 // stays in L1, and the second read d from there: the same d, so the same
-// bits, without converting x again. D holds kStageValues values: rows of
-// stage_pixels(E) pixels, one per plane.
+// bits, without converting x again. D holds rows of stage_pixels(E)
+// pixels, one per plane, within kStageAlloc values.
 constexpr int64_t kStageValues = 8192;  // 32 KiB of float
 template <typename scalar_t>
 constexpr bool kStaged = sizeof(scalar_t) == 2;
 // Pixels a stage holds: a whole number of kRunBlock (0: E too large to stage).
-static inline int64_t stage_pixels(int64_t E) { return kStageValues / E / kRunBlock * kRunBlock; }
+// Its rows lie a cache line further apart (stage_stride): rows 2 KiB apart
+// would fall in 2 of the L1's 64 sets, eight rows to a set.
+constexpr int64_t kStagePadRows = 64;
+static inline int64_t stage_pixels(int64_t E) {
+  const int64_t px = kStageValues / E / kRunBlock * kRunBlock;
+  return E <= kStagePadRows ? px : std::max<int64_t>(px - kRunBlock, 0);
+}
+static inline int64_t stage_stride(int64_t E) { return stage_pixels(E) + kRunBlock; }
+constexpr int64_t kStageAlloc = kStageValues + kRunBlock * kStagePadRows;
 
 // r[j] (+)= the norm terms of planes x0 .. x0 + (kPlanes - 1) plane for
 // j in [s, t), added in plane order; kFirst starts from 0 instead of r (no
@@ -527,28 +535,27 @@ static inline void add_norm_terms(const scalar_t* x0, int64_t plane, const Inner
 
 // r[s .. t) = ||x_j - mu|| for the pixels of a run (L2: with the range fix).
 // Four planes per loop: r[j] is loaded and stored once per four terms,
-// added in the same order as one plane at a time. kStage: D[e * ds + j - s]
-// = x_ej - mu_e as well (staged differences).
-template <typename scalar_t, int kNorm, bool kUnit, bool kStage = false>
+// added in the same order as one plane at a time. (16-bit types take
+// stage_norms, below, which also keeps the differences.)
+template <typename scalar_t, int kNorm, bool kUnit>
 static inline void run_norms(const scalar_t* x, const PixelLayout& L,
                              const PixelOffsets& o, const InnerStride<kUnit>& in,
                              const typename AccOf<scalar_t>::type* mu, int64_t s, int64_t t,
-                             typename AccOf<scalar_t>::type* r, typename AccOf<scalar_t>::type* D = nullptr,
-                             int64_t ds = 0) {
+                             typename AccOf<scalar_t>::type* r) {
   const int64_t E = L.embed_dim, plane = L.x_embed_stride;
   const scalar_t* xe = x + o.x;
   int64_t e = 0;
   if (E >= 4) {
-    add_norm_terms<4, true, kNorm, kStage>(xe, plane, in, mu, s, t, r, D, ds);
+    add_norm_terms<4, true, kNorm, false>(xe, plane, in, mu, s, t, r, nullptr, 0);
     for (e = 4; e + 4 <= E; e += 4) {
-      add_norm_terms<4, false, kNorm, kStage>(xe + e * plane, plane, in, mu + e, s, t, r, D + e * ds, ds);
+      add_norm_terms<4, false, kNorm, false>(xe + e * plane, plane, in, mu + e, s, t, r, nullptr, 0);
     }
   } else {
-    add_norm_terms<1, true, kNorm, kStage>(xe, plane, in, mu, s, t, r, D, ds);
+    add_norm_terms<1, true, kNorm, false>(xe, plane, in, mu, s, t, r, nullptr, 0);
     e = 1;
   }
   for (; e < E; ++e) {
-    add_norm_terms<1, false, kNorm, kStage>(xe + e * plane, plane, in, mu + e, s, t, r, D + e * ds, ds);
+    add_norm_terms<1, false, kNorm, false>(xe + e * plane, plane, in, mu + e, s, t, r, nullptr, 0);
   }
   finish_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, r);
 }
@@ -618,26 +625,65 @@ static inline typename AccOf<scalar_t>::type hinge_sums_of_norms(const scalar_t*
   return h2;
 }
 
-// The same for a run of pixels, norms included. The pull (pass 2) uses it.
-// 16-bit types stage a run that fits in D (ds = stage_pixels(E) pixels) and
-// sum its gradient from there; a longer run converts x again, since its sum
-// lanes would have to live across stages (pass 3, whose pixels are
-// independent, stages every run a row of D at a time).
-template <typename scalar_t, int kNorm, bool kUnit, typename HingeOf>
-static inline typename AccOf<scalar_t>::type run_hinge_sums(const scalar_t* x, const PixelLayout& L,
-                                                            const PixelOffsets& o,
-                                                            const InnerStride<kUnit>& in,
-                                                            const typename AccOf<scalar_t>::type* mu, int64_t s,
-                                                            int64_t t, int64_t tp, typename AccOf<scalar_t>::type* r,
-                                                            typename AccOf<scalar_t>::type* coef, HingeOf hinge_of,
-                                                            typename AccOf<scalar_t>::type* grad,
-                                                            typename AccOf<scalar_t>::type* D, int64_t ds) {
-  if (kStaged<scalar_t> && tp - s <= ds) {
-    run_norms<scalar_t, kNorm, kUnit, true>(x, L, o, in, mu, s, tp, r, D, ds);
-    return hinge_sums_of_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, tp, r, coef, hinge_of, grad, D, ds);
+// ---- stages of runs (16-bit types) -------------------------------------------
+// The pixels of a segment's planes at one position share their cache sets
+// (planes a multiple of 4 KiB apart), so E planes read or written a run
+// at a time evict one another's lines, and the prefetchers' lines, before
+// the next run uses them. Passes 2 and 3 therefore stage runs together:
+// a piece [s, tp) of a run of slot k takes the columns c .. c + (tp - s)
+// of r, coef and D, and the stage's norms are summed four planes at a time
+// across its pieces (stage_norms), then used piece by piece (pass 2) or a
+// plane at a time across the pieces (pass 3): each plane is a stream. Each
+// pixel's terms are summed in the order of run_norms: the same bits.
+struct StagePiece {
+  int64_t s, t, tp, k, c;  // k < 0: no cluster (pass 3 writes zeros over [s, t))
+};
+constexpr int64_t kMaxPieces = 64;
+
+// The offsets of the segment's pixel s, as the segment's pixel 0.
+template <bool kUnit>
+static inline PixelOffsets offsets_from(const PixelOffsets& o, int64_t s, const InnerStride<kUnit>& in) {
+  return PixelOffsets{o.x + s * in.xs(), o.label, o.grad + s * in.gs()};
+}
+
+// add_norm_terms of planes e0 .. e0 + kPlanes - 1 for every piece with k >= 0.
+template <int64_t kPlanes, bool kFirst, int kNorm, typename scalar_t, bool kUnit>
+static inline void stage_norm_terms(const scalar_t* x, const PixelLayout& L, const PixelOffsets& o,
+                                    const InnerStride<kUnit>& in, const typename AccOf<scalar_t>::type* means,
+                                    const StagePiece* pieces, int64_t np, int64_t e0,
+                                    typename AccOf<scalar_t>::type* r, typename AccOf<scalar_t>::type* D,
+                                    int64_t ds) {
+  const int64_t E = L.embed_dim, plane = L.x_embed_stride;
+  for (int64_t i = 0; i < np; ++i) {
+    const StagePiece& q = pieces[i];
+    if (q.k < 0) continue;
+    add_norm_terms<kPlanes, kFirst, kNorm, true>(x + o.x + e0 * plane + q.s * in.xs(), plane, in,
+                                                 means + q.k * E + e0, 0, q.tp - q.s, r + q.c, D + e0 * ds + q.c, ds);
   }
-  run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, tp, r);
-  return hinge_sums_of_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, t, tp, r, coef, hinge_of, grad);
+}
+
+// r[c .. c + tp - s) = the norms of every piece with k >= 0 (as run_norms:
+// the same planes in groups of four), D[e * ds + c ..] their differences.
+template <typename scalar_t, int kNorm, bool kUnit>
+static inline void stage_norms(const scalar_t* x, const PixelLayout& L, const PixelOffsets& o,
+                               const InnerStride<kUnit>& in, const typename AccOf<scalar_t>::type* means,
+                               const StagePiece* pieces, int64_t np, typename AccOf<scalar_t>::type* r,
+                               typename AccOf<scalar_t>::type* D, int64_t ds) {
+  const int64_t E = L.embed_dim;
+  int64_t e = 0;
+  if (E >= 4) {
+    stage_norm_terms<4, true, kNorm>(x, L, o, in, means, pieces, np, 0, r, D, ds);
+    for (e = 4; e + 4 <= E; e += 4) stage_norm_terms<4, false, kNorm>(x, L, o, in, means, pieces, np, e, r, D, ds);
+  } else {
+    stage_norm_terms<1, true, kNorm>(x, L, o, in, means, pieces, np, 0, r, D, ds);
+    e = 1;
+  }
+  for (; e < E; ++e) stage_norm_terms<1, false, kNorm>(x, L, o, in, means, pieces, np, e, r, D, ds);
+  for (int64_t i = 0; i < np; ++i) {
+    const StagePiece& q = pieces[i];
+    if (q.k < 0) continue;
+    finish_norms<scalar_t, kNorm, kUnit>(x, L, offsets_from(o, q.s, in), in, means + q.k * E, 0, q.tp - q.s, r + q.c);
+  }
 }
 
 // ---- the unlabeled push: gathered pixels against the clusters ------------------
@@ -1223,9 +1269,18 @@ static void cluster_sums_impl(const ChunkArgs& a) {
         }
       }
       a.counts[k] += t - s;
-      plane_sums<scalar_t, kUnit>(x + o.x, L.x_embed_stride, E, in, pivots + k * E, s, t,
-                                  padded_end<kUnit>(s, t, len), sums + k * E, [](acc_t d, int64_t) { return d; });
     });
+    // Four planes at a time across the segment's runs, so that each plane is
+    // read as a stream (stages of runs, below): each run's sum of each plane
+    // as before, added to its slot in run order, so the same bits.
+    for (int64_t e0 = 0; e0 < E; e0 += 4) {
+      const int64_t ne = std::min<int64_t>(4, E - e0);
+      for_each_cluster_run(runs, nr, [&](int64_t s, int64_t t, int64_t k) {
+        plane_sums<scalar_t, kUnit>(x + o.x + e0 * L.x_embed_stride, L.x_embed_stride, ne, in, pivots + k * E + e0, s,
+                                    t, padded_end<kUnit>(s, t, len), sums + k * E + e0,
+                                    [](acc_t d, int64_t) { return d; });
+      });
+    }
   });
 }
 
@@ -1247,16 +1302,41 @@ static void hinge_sums_impl(const ChunkArgs& a) {
   SlotRun runs[kTile];
   acc_t r[kTile];
   acc_t coef[kTile] = {};  // (read past a run's end, then masked: never uninitialized)
-  acc_t D[kStaged<scalar_t> ? kStageValues : 1];
-  const int64_t stage_px = kStaged<scalar_t> ? stage_pixels(E) : 0;
+  acc_t D[kStaged<scalar_t> ? kStageAlloc : 1];
+  // 16-bit types: runs of up to stage_cap padded pixels in stages (above),
+  // a longer run alone, unstaged (its sum lanes would live across stages).
+  const int64_t stage_cap = kStaged<scalar_t> ? std::min(stage_pixels(E), kTile) : 0;
+  const int64_t ds = stage_stride(E);
+  StagePiece pieces[kMaxPieces];
+  int64_t np = 0, cols = 0;
+  auto hinge_of = [&](acc_t rj) { return pull_hinge(rj, delta_v, kNorm); };
   for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
     const int64_t nr =
         segment_runs(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, runs, nullptr);
+    auto flush = [&]() {
+      stage_norms<scalar_t, kNorm, kUnit>(x, L, o, in, means, pieces, np, r, D, ds);
+      for (int64_t i = 0; i < np; ++i) {  // (in run order: each slot's sums added as run by run)
+        const StagePiece& q = pieces[i];
+        hinge[q.k] += hinge_sums_of_norms<scalar_t, kNorm, kUnit>(x, L, offsets_from(o, q.s, in), in, means + q.k * E, 0,
+                                                                  q.t - q.s, q.tp - q.s, r + q.c, coef + q.c, hinge_of,
+                                                                  hinge_grad + q.k * E, D + q.c, ds);
+      }
+      np = cols = 0;
+    };
     for_each_cluster_run(runs, nr, [&](int64_t s, int64_t t, int64_t k) {
-      hinge[k] += run_hinge_sums<scalar_t, kNorm, kUnit>(
-          x, L, o, in, means + k * E, s, t, padded_end<kUnit>(s, t, len), r, coef,
-          [&](acc_t rj) { return pull_hinge(rj, delta_v, kNorm); }, hinge_grad + k * E, D, stage_px);
+      const int64_t tp = padded_end<kUnit>(s, t, len);
+      if (tp - s <= stage_cap) {
+        if (np == kMaxPieces || cols + (tp - s) > stage_cap) flush();
+        pieces[np++] = StagePiece{s, t, tp, k, cols};
+        cols += tp - s;
+        return;
+      }
+      if (np > 0) flush();
+      run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, means + k * E, s, tp, r);
+      hinge[k] += hinge_sums_of_norms<scalar_t, kNorm, kUnit>(x, L, o, in, means + k * E, s, t, tp, r, coef, hinge_of,
+                                                              hinge_grad + k * E);
     });
+    if (np > 0) flush();
     if (a.push == nullptr || a.num_present == 0) return;
     acc_t* U = static_cast<acc_t*>(a.push_scratch);
     int32_t at[kTile];
@@ -1336,18 +1416,64 @@ static void write_grad_impl(const ChunkArgs& a) {
   acc_t r[kTile];
   acc_t coef[kTile];
   const bool with_push = push_coef != nullptr && a.num_present > 0;
-  acc_t D[kStaged<scalar_t> ? kStageValues : 1];
-  const int64_t stage_px = kStaged<scalar_t> ? stage_pixels(E) : 0;
+  acc_t D[kStaged<scalar_t> ? kStageAlloc : 1];
+  // 16-bit types: in stages of stage_cap columns (above), a run cut where a
+  // stage is full (its pixels are independent); pieces with k < 0 write
+  // zeros. The pieces' gradient is written in run order, so that what a
+  // padded piece writes past its run is written again by the piece after it.
+  const int64_t stage_cap = kStaged<scalar_t> ? std::min(stage_pixels(E), kTile) : 0;
+  const int64_t ds = stage_stride(E);
+  StagePiece pieces[kMaxPieces];
+  int64_t np = 0, cols = 0;
   acc_t* U = static_cast<acc_t*>(a.push_scratch);
   acc_t* push_buf = U + push_scratch_elems(L.embed_dim, a.config->num_slots, false);
   for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
     const int64_t nr =
         segment_runs(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, runs, a.bad);
     GradAhead<scalar_t> ahead(grad + o.grad, L.grad_embed_stride, kUnit ? E : 0);
+    auto flush = [&]() {
+      stage_norms<scalar_t, kNorm, kUnit>(x, L, o, in, means, pieces, np, r, D, ds);
+      for (int64_t i = 0; i < np; ++i) {
+        const StagePiece& q = pieces[i];
+        if (q.k < 0) continue;
+        const acc_t av = var_coef[q.k];
+#pragma omp simd
+        for (int64_t j = q.c; j < q.c + (q.tp - q.s); ++j) coef[j] = av * pull_hinge(r[j], delta_v, kNorm).coef;
+      }
+      for (int64_t e = 0; e < E; ++e) {
+        scalar_t* ge = grad + o.grad + e * L.grad_embed_stride;
+        for (int64_t i = 0; i < np; ++i) {
+          const StagePiece& q = pieces[i];
+          if (q.k < 0) {
+            for (int64_t j = q.s; j < q.t; ++j) ge[j * in.gs()] = from_acc(acc_t(0), static_cast<scalar_t*>(nullptr));
+          } else {
+            plane_grad<kNorm, false, true, kUnit>(D + e * ds + q.c, 1, acc_t(0), mean_coef[q.k * E + e], coef + q.c,
+                                                  q.tp - q.s, ge + q.s * in.gs(), in.gs());
+          }
+        }
+      }
+      np = cols = 0;
+    };
     for (int64_t ri = 0; ri < nr; ++ri) {
       const int64_t s = runs[ri].start, t = runs[ri].end, k = runs[ri].slot;
       ahead.reach(t);
       if (k == kIgnored && with_push) continue;  // below
+      const int64_t tp = padded_end<kUnit>(s, t, len);  // (the gradient past t: written again by its own run)
+      if (stage_cap > 0 && k < 0) {
+        if (np == kMaxPieces) flush();
+        pieces[np++] = StagePiece{s, t, t, k, cols};
+        continue;
+      }
+      if (stage_cap > 0) {
+        for (int64_t sb = s; sb < tp;) {
+          if (np == kMaxPieces || cols == stage_cap) flush();
+          const int64_t se = std::min(tp, sb + (stage_cap - cols));
+          pieces[np++] = StagePiece{sb, se, se, k, cols};
+          cols += se - sb;
+          sb = se;
+        }
+        continue;
+      }
       if (k < 0) {
         for (int64_t e = 0; e < E; ++e) {
           scalar_t* ge = grad + o.grad + e * L.grad_embed_stride;
@@ -1358,30 +1484,16 @@ static void write_grad_impl(const ChunkArgs& a) {
       const acc_t* mu = means + k * E;
       const acc_t* b = mean_coef + k * E;
       const acc_t av = var_coef[k];
-      const int64_t tp = padded_end<kUnit>(s, t, len);  // (the gradient past t: written again by its own run)
-      // 16-bit types: the run in stages of stage_px pixels, the norms keeping
-      // their differences in D (staged differences); else the run at once.
-      const bool staged = kStaged<scalar_t> && stage_px > 0;
-      for (int64_t sb = s; sb < tp; sb = staged ? sb + stage_px : tp) {
-        const int64_t se = staged && tp - sb > stage_px ? sb + stage_px : tp;
-        if (staged) {
-          run_norms<scalar_t, kNorm, kUnit, true>(x, L, o, in, mu, sb, se, r, D, stage_px);
-        } else {
-          run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, sb, se, r);
-        }
+      run_norms<scalar_t, kNorm, kUnit>(x, L, o, in, mu, s, tp, r);
 #pragma omp simd
-        for (int64_t j = sb; j < se; ++j) coef[j] = av * pull_hinge(r[j], delta_v, kNorm).coef;
-        for (int64_t e = 0; e < E; ++e) {
-          scalar_t* ge = grad + o.grad + e * L.grad_embed_stride + sb * in.gs();
-          if (staged) {
-            plane_grad<kNorm, false, true, kUnit>(D + e * stage_px, 1, acc_t(0), b[e], coef + sb, se - sb, ge, in.gs());
-          } else {
-            plane_grad<kNorm, true, kUnit, kUnit>(x + o.x + e * L.x_embed_stride + sb * in.xs(), in.xs(), mu[e], b[e],
-                                                  coef + sb, se - sb, ge, in.gs());
-          }
-        }
+      for (int64_t j = s; j < tp; ++j) coef[j] = av * pull_hinge(r[j], delta_v, kNorm).coef;
+      for (int64_t e = 0; e < E; ++e) {
+        scalar_t* ge = grad + o.grad + e * L.grad_embed_stride + s * in.gs();
+        plane_grad<kNorm, true, kUnit, kUnit>(x + o.x + e * L.x_embed_stride + s * in.xs(), in.xs(), mu[e], b[e],
+                                              coef + s, tp - s, ge, in.gs());
       }
     }
+    if (np > 0) flush();
     if (!with_push) return;
     int32_t at[kTile];
     const int64_t nu = unlabeled_positions(runs, nr, at);
