@@ -302,16 +302,20 @@ struct InnerStride {
 };
 
 // ---- the gradient's lines, fetched ahead of the runs ---------------------------
-// Pass 3 writes E gradient planes a run at a time; each store that finds
-// its line out of cache waits for the line to be read first, and the
-// hardware's prefetchers do not run ahead of E interleaved write streams
+// Pass 3 (unstaged types: float, double) writes E gradient planes a run at
+// a time; each store that finds its line out of cache waits for the line
+// to be read first, and the hardware's prefetchers do not run ahead of E
+// interleaved write streams
 // that advance ~100 bytes at a time (perf puts half of the gradient loop's
 // samples on its store). So pass 3 keeps a cursor kGradAhead bytes ahead of
 // its runs in every plane and asks for each line once as the runs reach it.
 // It is a read prefetch (prefetcht0): a line no other core holds arrives
 // exclusive, so the store needs no second request. (prefetchw, with the
 // PRFCHW target, measured no faster; the same cursor for the planes of x,
-// in every pass, no faster either: the reads stream well enough.)
+// in every pass, no faster either: the reads stream well enough.) Staged
+// types write each plane as a stream and take no cursor: there its burst
+// of E prefetches per line of progress stalled the runs' loop (perf: a
+// fifth of pass 3's samples; without it, pass 3 0.97x).
 #ifndef DISCLOSS_GRAD_AHEAD
 #define DISCLOSS_GRAD_AHEAD 512
 #endif
@@ -1430,7 +1434,7 @@ static void write_grad_impl(const ChunkArgs& a) {
   for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
     const int64_t nr =
         segment_runs(a, a.image * L.label_batch_stride + o.label, L.label_strides[L.ndim - 1], len, runs, a.bad);
-    GradAhead<scalar_t> ahead(grad + o.grad, L.grad_embed_stride, kUnit ? E : 0);
+    GradAhead<scalar_t> ahead(grad + o.grad, L.grad_embed_stride, kUnit && stage_cap == 0 ? E : 0);
     auto flush = [&]() {
       stage_norms<scalar_t, kNorm, kUnit>(x, L, o, in, means, pieces, np, r, D, ds);
       for (int64_t i = 0; i < np; ++i) {
