@@ -305,9 +305,9 @@ struct InnerStride {
 // Pass 3 (unstaged types: float, double) writes E gradient planes a run at
 // a time; each store that finds its line out of cache waits for the line
 // to be read first, and the hardware's prefetchers do not run ahead of E
-// interleaved write streams
-// that advance ~100 bytes at a time (perf puts half of the gradient loop's
-// samples on its store). So pass 3 keeps a cursor kGradAhead bytes ahead of
+// interleaved write streams that advance ~100 bytes at a time (perf puts
+// half of the gradient loop's samples on its store). So pass 3 keeps a
+// cursor kGradAhead bytes ahead of
 // its runs in every plane and asks for each line once as the runs reach it.
 // It is a read prefetch (prefetcht0): a line no other core holds arrives
 // exclusive, so the store needs no second request. (prefetchw, with the
