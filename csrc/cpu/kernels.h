@@ -307,9 +307,8 @@ struct InnerStride {
 // to be read first, and the hardware's prefetchers do not run ahead of E
 // interleaved write streams that advance ~100 bytes at a time (perf puts
 // half of the gradient loop's samples on its store). So pass 3 keeps a
-// cursor kGradAhead bytes ahead of
-// its runs in every plane and asks for each line once as the runs reach it.
-// It is a read prefetch (prefetcht0): a line no other core holds arrives
+// cursor kGradAhead bytes ahead of its runs in every plane and asks for
+// each line once as the runs reach it. It is a read prefetch (prefetcht0): a line no other core holds arrives
 // exclusive, so the store needs no second request. (prefetchw, with the
 // PRFCHW target, measured no faster; the same cursor for the planes of x,
 // in every pass, no faster either: the reads stream well enough.) Staged
