@@ -308,13 +308,14 @@ struct InnerStride {
 // interleaved write streams that advance ~100 bytes at a time (perf puts
 // half of the gradient loop's samples on its store). So pass 3 keeps a
 // cursor kGradAhead bytes ahead of its runs in every plane and asks for
-// each line once as the runs reach it. It is a read prefetch (prefetcht0): a line no other core holds arrives
-// exclusive, so the store needs no second request. (prefetchw, with the
-// PRFCHW target, measured no faster; the same cursor for the planes of x,
-// in every pass, no faster either: the reads stream well enough.) Staged
-// types write each plane as a stream and take no cursor: there its burst
-// of E prefetches per line of progress stalled the runs' loop (perf: a
-// fifth of pass 3's samples; without it, pass 3 0.97x).
+// each line once as the runs reach it. It is a read prefetch (prefetcht0):
+// a line no other core holds arrives exclusive, so the store needs no
+// second request. (prefetchw, with the PRFCHW target, measured no faster;
+// the same cursor for the planes of x, in every pass, no faster either:
+// the reads stream well enough.) Staged types write each plane as a stream
+// and take no cursor: there its bursts of E prefetches per line of
+// progress stalled the runs' loop (perf: a fifth of pass 3's samples;
+// without it, pass 3 0.97x).
 #ifndef DISCLOSS_GRAD_AHEAD
 #define DISCLOSS_GRAD_AHEAD 512
 #endif
