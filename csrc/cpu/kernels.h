@@ -1321,9 +1321,10 @@ static void hinge_sums_impl(const ChunkArgs& a) {
       stage_norms<scalar_t, kNorm, kUnit>(x, L, o, in, means, pieces, np, r, D, ds);
       for (int64_t i = 0; i < np; ++i) {  // (in run order: each slot's sums added as run by run)
         const StagePiece& q = pieces[i];
-        hinge[q.k] += hinge_sums_of_norms<scalar_t, kNorm, kUnit>(x, L, offsets_from(o, q.s, in), in, means + q.k * E, 0,
-                                                                  q.t - q.s, q.tp - q.s, r + q.c, coef + q.c, hinge_of,
-                                                                  hinge_grad + q.k * E, D + q.c, ds);
+        hinge[q.k] += hinge_sums_of_norms<scalar_t, kNorm, kUnit>(x, L, offsets_from(o, q.s, in), in,
+                                                                  means + q.k * E, 0, q.t - q.s, q.tp - q.s, r + q.c,
+                                                                  coef + q.c, hinge_of, hinge_grad + q.k * E, D + q.c,
+                                                                  ds);
       }
       np = cols = 0;
     };
