@@ -126,11 +126,14 @@ def test_dtypes(device, dtype, label_dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("E", [3, 16, 40, 520])
 @pytest.mark.parametrize("norm", [1, 2])
-def test_half_types_with_runs_across_the_stage(dtype, E, norm):
-    # 16-bit inputs keep x - mu of a run's first look in a scratch of 8192
-    # values (kernels.h, staged differences): 512 pixels at E = 16, 192 at
-    # E = 40, none at E = 520. Runs shorter and longer than that, across the
-    # 4096-pixel segments, with the push on.
+@pytest.mark.parametrize("push", [0.0, 0.5])
+def test_half_types_with_runs_across_the_stage(dtype, E, norm, push):
+    # 16-bit inputs take a segment's runs in stages and keep x - mu of their
+    # first look in a scratch of 8192 values (kernels.h, staged differences
+    # and stages of runs): 512 pixels at E = 16, 192 at E = 40, none at E =
+    # 520. Runs shorter and longer than that, across the 4096-pixel
+    # segments; with the push on, and off (the unlabeled pixels then take a
+    # zero gradient within the stages).
     W = 4500 if E < 100 else 700
     g = torch.Generator().manual_seed(E + norm)
     lens = [W, 1, 17, 191, 193, 600, 1500, 33, 2000, 15, 16, 512, 513, 1]
@@ -140,7 +143,7 @@ def test_half_types_with_runs_across_the_stage(dtype, E, norm):
     labels[0, 2, ::3] = 0  # scattered unlabeled pixels
     scale = min(1.0, 16 / E)  # (the terms stay within float16's range)
     x = ((torch.randn(1, E, 3, W, generator=g) + 2 * labels[:, None] / 6) * scale).to(dtype)
-    kw = dict(max_instances=7, norm=norm, unlabeled_push=0.5, gamma=0.1)
+    kw = dict(max_instances=7, norm=norm, unlabeled_push=push, gamma=0.1)
     terms, grad = run(x, labels, **kw)
     ref_terms, ref_grad = reference64(x, labels, **kw)
     for a, b in zip(terms, ref_terms):
