@@ -1430,6 +1430,9 @@ static void write_grad_impl(const ChunkArgs& a) {
   const int64_t ds = stage_stride(E);
   StagePiece pieces[kMaxPieces];
   int64_t np = 0, cols = 0;
+  auto zero_grad = [&](scalar_t* ge, int64_t s, int64_t t) {  // (ignored pixels)
+    for (int64_t j = s; j < t; ++j) ge[j * in.gs()] = from_acc(acc_t(0), static_cast<scalar_t*>(nullptr));
+  };
   acc_t* U = static_cast<acc_t*>(a.push_scratch);
   acc_t* push_buf = U + push_scratch_elems(L.embed_dim, a.config->num_slots, false);
   for_each_segment(L, a.begin, a.end, [&](PixelOffsets o, int64_t len) {
@@ -1450,7 +1453,7 @@ static void write_grad_impl(const ChunkArgs& a) {
         for (int64_t i = 0; i < np; ++i) {
           const StagePiece& q = pieces[i];
           if (q.k < 0) {
-            for (int64_t j = q.s; j < q.t; ++j) ge[j * in.gs()] = from_acc(acc_t(0), static_cast<scalar_t*>(nullptr));
+            zero_grad(ge, q.s, q.t);
           } else {
             plane_grad<kNorm, false, true, kUnit>(D + e * ds + q.c, 1, acc_t(0), mean_coef[q.k * E + e], coef + q.c,
                                                   q.tp - q.s, ge + q.s * in.gs(), in.gs());
@@ -1464,12 +1467,12 @@ static void write_grad_impl(const ChunkArgs& a) {
       ahead.reach(t);
       if (k == kIgnored && with_push) continue;  // below
       const int64_t tp = padded_end<kUnit>(s, t, len);  // (the gradient past t: written again by its own run)
-      if (stage_cap > 0 && k < 0) {
-        if (np == kMaxPieces) flush();
-        pieces[np++] = StagePiece{s, t, t, k, cols};
-        continue;
-      }
       if (stage_cap > 0) {
+        if (k < 0) {
+          if (np == kMaxPieces) flush();
+          pieces[np++] = StagePiece{s, t, t, k, cols};
+          continue;
+        }
         for (int64_t sb = s; sb < tp;) {
           if (np == kMaxPieces || cols == stage_cap) flush();
           const int64_t se = std::min(tp, sb + (stage_cap - cols));
@@ -1482,7 +1485,7 @@ static void write_grad_impl(const ChunkArgs& a) {
       if (k < 0) {
         for (int64_t e = 0; e < E; ++e) {
           scalar_t* ge = grad + o.grad + e * L.grad_embed_stride;
-          for (int64_t j = s; j < t; ++j) ge[j * in.gs()] = from_acc(acc_t(0), static_cast<scalar_t*>(nullptr));
+          zero_grad(ge, s, t);
         }
         continue;
       }
