@@ -129,14 +129,14 @@ def test_dtypes(device, dtype, label_dtype):
 @pytest.mark.parametrize("push", [0.0, 0.5])
 def test_half_types_with_runs_across_the_stage(dtype, E, norm, push):
     # 16-bit inputs take a segment's runs in stages and keep x - mu of their
-    # first look in a scratch of 8192 values (kernels.h, staged differences
-    # and stages of runs): 512 pixels at E = 16, 192 at E = 40, none at E =
+    # first look in a scratch of 32768 values (kernels.h, staged differences
+    # and stages of runs): 2048 pixels at E = 16, 816 at E = 40, 32 at E =
     # 520. Runs shorter and longer than that, across the 4096-pixel
     # segments; with the push on, and off (the unlabeled pixels then take a
     # zero gradient within the stages).
     W = 4500 if E < 100 else 700
     g = torch.Generator().manual_seed(E + norm)
-    lens = [W, 1, 17, 191, 193, 600, 1500, 33, 2000, 15, 16, 512, 513, 1]
+    lens = [W, 1, 17, 31, 33, 600, 817, 815, 2000, 15, 16, 2049, 512, 513, 1]
     ids = torch.repeat_interleave(torch.arange(len(lens)) % 6 + 1, torch.tensor(lens))
     row = torch.cat([ids, torch.zeros(max(0, 3 * W - ids.numel()), dtype=torch.long)])[: 3 * W]
     labels = row.reshape(1, 3, W).clone()
@@ -164,7 +164,8 @@ def test_bfloat16_gradient_rounds_subnormals_and_keeps_nan():
     # bfloat16 gradients are rounded to nearest even, subnormals included.
     # Where the processor has AVX512-BF16, pass 3 rounds with
     # vcvtne2ps2bf16, which flushes subnormals: its blocks with a subnormal
-    # or a NaN round in software. Against the float32 path's gradient,
+    # or a NaN round in software. Under AVX2 it rounds 16 values at a time
+    # with integer operations: its blocks with a NaN round in software. Against the float32 path's gradient,
     # rounded here bit by bit. Image 0: values from 1e-42 to 1e-30 (gradients
     # normal and subnormal); image 1: one NaN (a NaN gradient).
     g = torch.Generator().manual_seed(11)

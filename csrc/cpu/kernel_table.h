@@ -66,7 +66,13 @@ struct ChunkArgs {
   // With the push, the chunk's scratch of push_scratch_elems values of the
   // accumulation type (kernels.h).
   void* push_scratch;
+  // 16-bit types, passes 2 and 3: the stages' differences, kStageScratch
+  // floats (kernels.h, stages of runs).
+  float* stage_scratch;
 };
+
+// The stages' scratch (kernels.h: kStageValues plus a line per row).
+constexpr int64_t kStageScratch = 32768 + 16 * 64;
 
 // Unlabeled pixels gathered at a time for the push (kernels.h), and the
 // row stride of their E components: 16 times an odd number, so that the

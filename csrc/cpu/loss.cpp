@@ -700,6 +700,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (ids.defined()) check_slot_map_values(ids, nids, K);
 
   const ChunkKernels& kern = chunk_kernels_for(x.scalar_type());
+  const bool staged = x.element_size() == 2;  // (16-bit types: stages of runs, kernels.h)
   const ChunkPlan plan = plan_chunks(L, K * (E + 1) * (with_push ? 2 : 1));
   const int64_t tasks = B * plan.per_image;
   at::Tensor part = at::zeros({tasks, K, E}, acc_opts);
@@ -777,6 +778,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       a.means = means_p + a.image * K * E;
       a.hinge = part_hinge_p + t * K;
       a.hinge_grad = part_p + t * K * E;
+      const auto stage = staged ? std::make_unique_for_overwrite<float[]>(kStageScratch) : nullptr;
+      a.stage_scratch = stage.get();
       std::vector<acc_t> scratch;
       if (with_push) {
         scratch.resize(static_cast<size_t>(push_scratch_elems(E, K, false)));
@@ -848,6 +851,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_var, const at::Tensor& grad_dist,
                              : std::vector<std::vector<int64_t>>(B);
 
   const ChunkKernels& kern = chunk_kernels_for(x.scalar_type());
+  const bool staged = x.element_size() == 2;  // (16-bit types: stages of runs, kernels.h)
   AT_DISPATCH_FLOATING_TYPES(acc_type, "discloss_backward_cpu", [&] {
     using acc_t = scalar_t;
     acc_t* push_coef_p = with_push ? push_coef.data_ptr<acc_t>() : nullptr;
@@ -875,6 +879,8 @@ at::Tensor backward_cpu(const at::Tensor& grad_var, const at::Tensor& grad_dist,
       a.means = means_p + a.image * K * E;
       a.var_coef = var_coef_p + a.image * K;
       a.mean_coef = mean_coef_p + a.image * K * E;
+      const auto stage = staged ? std::make_unique_for_overwrite<float[]>(kStageScratch) : nullptr;
+      a.stage_scratch = stage.get();
       std::vector<acc_t> scratch;
       if (with_push) {
         scratch.resize(static_cast<size_t>(push_scratch_elems(E, K, true)));
