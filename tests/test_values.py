@@ -164,8 +164,7 @@ def test_bfloat16_gradient_rounds_subnormals_and_keeps_nan():
     # bfloat16 gradients are rounded to nearest even, subnormals included.
     # Where the processor has AVX512-BF16, pass 3 rounds with
     # vcvtne2ps2bf16, which flushes subnormals: its blocks with a subnormal
-    # or a NaN round in software. Under AVX2 it rounds 16 values at a time
-    # with integer operations: its blocks with a NaN round in software. Against the float32 path's gradient,
+    # or a NaN round in software. Against the float32 path's gradient,
     # rounded here bit by bit. Image 0: values from 1e-42 to 1e-30 (gradients
     # normal and subnormal); image 1: one NaN (a NaN gradient).
     g = torch.Generator().manual_seed(11)

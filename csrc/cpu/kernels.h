@@ -1429,36 +1429,6 @@ static void hinge_sums_impl(const ChunkArgs& a) {
   });
 }
 
-#if defined(DISCLOSS_CPU_AVX2) && !defined(DISCLOSS_CPU_BF16)
-// plane_grad for bfloat16 from staged differences d (L2) without
-// AVX512-BF16: from_acc's rounding on 8 lanes at a time (the carry of the
-// dropped half, then the shift), two vectors packed into one store, and a
-// block of 16 with a NaN (one unordered compare) takes from_acc instead.
-// GCC's own vector code for from_acc computed the quiet NaN of every lane and
-// blended it in: about 1.5x the instructions. The same FMA and the same
-// rounding as the loop in plane_grad, so the same bits.
-static inline __m256i bf16_round8(__m256 g) {
-  const __m256i x = _mm256_castps_si256(g);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
-  return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7fff)), odd), 16);
-}
-static inline void bf16_plane_grad(const float* d, float be, const float* coef, int64_t n, BFloat16* ge) {
-  const __m256 vb = _mm256_set1_ps(be);
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m256 g0 = _mm256_fmadd_ps(_mm256_loadu_ps(coef + j), _mm256_loadu_ps(d + j), vb);
-    const __m256 g1 = _mm256_fmadd_ps(_mm256_loadu_ps(coef + j + 8), _mm256_loadu_ps(d + j + 8), vb);
-    if (_mm256_movemask_ps(_mm256_cmp_ps(g0, g1, _CMP_UNORD_Q)) == 0) {
-      const __m256i h = _mm256_packus_epi32(bf16_round8(g0), bf16_round8(g1));  // (lanes 0-3, 8-11, 4-7, 12-15)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ge + j), _mm256_permute4x64_epi64(h, 0xd8));
-      continue;
-    }
-    for (int64_t u = j; u < j + 16; ++u) ge[u] = from_acc(__builtin_fmaf(coef[u], d[u], be), ge);
-  }
-  for (; j < n; ++j) ge[j] = from_acc(__builtin_fmaf(coef[j], d[j], be), ge);
-}
-#endif
-
 #if defined(DISCLOSS_CPU_BF16)
 // plane_grad for bfloat16 from staged differences d (L2): 16 values per
 // vcvtne2ps2bf16, which rounds to nearest even as from_acc does but flushes
@@ -1490,7 +1460,7 @@ static inline void plane_grad(const src_t* xe, int64_t xs, typename AccOf<scalar
                               typename AccOf<scalar_t>::type be, const typename AccOf<scalar_t>::type* coef, int64_t n,
                               scalar_t* ge, int64_t gs) {
   using acc_t = typename AccOf<scalar_t>::type;
-#if defined(DISCLOSS_CPU_AVX2)
+#if defined(DISCLOSS_CPU_BF16)
   if constexpr (std::is_same_v<scalar_t, BFloat16> && kNorm == 2 && !kDiff && kUnitX && kUnitG) {
     bf16_plane_grad(xe, be, coef, n, ge);
     return;
