@@ -418,14 +418,19 @@ static inline void plane_sums(const scalar_t* x, int64_t plane, int64_t E, const
     const scalar_t* x3 = x2 + plane;
     const acc_t m0 = m[e], m1 = m[e + 1], m2 = m[e + 2], m3 = m[e + 3];
     acc_t a0[V] = {}, a1[V] = {}, a2[V] = {}, a3[V] = {};
-    int64_t j = s;
-    if constexpr (kWidenBlock<scalar_t, kUnit, kDiff>) {
-      for (; j + V <= t; j += V) {
-        acc_t c0[V], c1[V], c2[V], c3[V];
+    acc_t c0[V], c1[V], c2[V], c3[V];  // (kWidenBlock: a step's values)
+    auto widen_step = [&](int64_t j) {
+      if constexpr (kWidenBlock<scalar_t, kUnit, kDiff>) {
         widen_block(x0 + j, c0);
         widen_block(x1 + j, c1);
         widen_block(x2 + j, c2);
         widen_block(x3 + j, c3);
+      }
+    };
+    int64_t j = s;
+    if constexpr (kWidenBlock<scalar_t, kUnit, kDiff>) {
+      for (; j + V <= t; j += V) {
+        widen_step(j);
 #pragma omp simd
         for (int64_t u = 0; u < V; ++u) {
           a0[u] += term(c0[u] - m0, j + u);
@@ -446,13 +451,7 @@ static inline void plane_sums(const scalar_t* x, int64_t plane, int64_t E, const
     }
     if (masked_tail && kWidenBlock<scalar_t, kUnit, kDiff>) {
       const int64_t n = t - j;
-      acc_t c0[V], c1[V], c2[V], c3[V];
-      if constexpr (kWidenBlock<scalar_t, kUnit, kDiff>) {
-        widen_block(x0 + j, c0);
-        widen_block(x1 + j, c1);
-        widen_block(x2 + j, c2);
-        widen_block(x3 + j, c3);
-      }
+      widen_step(j);
 #pragma omp simd
       for (int64_t u = 0; u < V; ++u) {
         const acc_t b0 = a0[u] + term(c0[u] - m0, j + u);
