@@ -181,6 +181,12 @@ at::Tensor empty_gradient_like(const at::Tensor& x) {
   return at::empty({0}, x.options()).set_(storage, 0, x.sizes(), x.strides());
 }
 
+// A chunk's scratch for the differences of its stages (kernels.h): 16-bit
+// embeddings only, none for the others.
+std::unique_ptr<float[]> stage_scratch_for(const at::Tensor& x) {
+  return x.element_size() == 2 ? std::make_unique_for_overwrite<float[]>(kStageScratch) : nullptr;
+}
+
 // out[b, i] = sum over chunks c (in order) of partial[b, c, i].
 template <typename T>
 void add_partials(const T* partial, int64_t batch, int64_t per_image, int64_t row, T* out) {
@@ -700,7 +706,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (ids.defined()) check_slot_map_values(ids, nids, K);
 
   const ChunkKernels& kern = chunk_kernels_for(x.scalar_type());
-  const bool staged = x.element_size() == 2;  // (16-bit types: stages of runs, kernels.h)
   const ChunkPlan plan = plan_chunks(L, K * (E + 1) * (with_push ? 2 : 1));
   const int64_t tasks = B * plan.per_image;
   at::Tensor part = at::zeros({tasks, K, E}, acc_opts);
@@ -778,7 +783,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       a.means = means_p + a.image * K * E;
       a.hinge = part_hinge_p + t * K;
       a.hinge_grad = part_p + t * K * E;
-      const auto stage = staged ? std::make_unique_for_overwrite<float[]>(kStageScratch) : nullptr;
+      const auto stage = stage_scratch_for(x);
       a.stage_scratch = stage.get();
       std::vector<acc_t> scratch;
       if (with_push) {
@@ -851,7 +856,6 @@ at::Tensor backward_cpu(const at::Tensor& grad_var, const at::Tensor& grad_dist,
                              : std::vector<std::vector<int64_t>>(B);
 
   const ChunkKernels& kern = chunk_kernels_for(x.scalar_type());
-  const bool staged = x.element_size() == 2;  // (16-bit types: stages of runs, kernels.h)
   AT_DISPATCH_FLOATING_TYPES(acc_type, "discloss_backward_cpu", [&] {
     using acc_t = scalar_t;
     acc_t* push_coef_p = with_push ? push_coef.data_ptr<acc_t>() : nullptr;
@@ -879,7 +883,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_var, const at::Tensor& grad_dist,
       a.means = means_p + a.image * K * E;
       a.var_coef = var_coef_p + a.image * K;
       a.mean_coef = mean_coef_p + a.image * K * E;
-      const auto stage = staged ? std::make_unique_for_overwrite<float[]>(kStageScratch) : nullptr;
+      const auto stage = stage_scratch_for(x);
       a.stage_scratch = stage.get();
       std::vector<acc_t> scratch;
       if (with_push) {
